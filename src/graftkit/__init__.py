@@ -1,0 +1,69 @@
+"""graftkit: parameter-efficient fine-tuning for PyTorch and Hugging Face transformers.
+
+Public API (names as in the Hugging Face ecosystem); re-exports only.
+"""
+
+from .auto import (
+    AutoPeftModel,
+    AutoPeftModelForCausalLM,
+    AutoPeftModelForFeatureExtraction,
+    AutoPeftModelForQuestionAnswering,
+    AutoPeftModelForSeq2SeqLM,
+    AutoPeftModelForSequenceClassification,
+    AutoPeftModelForTokenClassification,
+)
+from .config import PeftConfig, PeftType, TaskType
+from .errors import (
+    AdapterNameError,
+    CheckpointError,
+    ConfigError,
+    GraftkitError,
+    MissingPackageError,
+    TargetError,
+    UnsupportedError,
+)
+from .methods import LoraConfig
+from .model import (
+    PeftModel,
+    PeftModelForCausalLM,
+    PeftModelForFeatureExtraction,
+    PeftModelForQuestionAnswering,
+    PeftModelForSeq2SeqLM,
+    PeftModelForSequenceClassification,
+    PeftModelForTokenClassification,
+    get_peft_model,
+    inject_adapter_in_model,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AdapterNameError",
+    "AutoPeftModel",
+    "AutoPeftModelForCausalLM",
+    "AutoPeftModelForFeatureExtraction",
+    "AutoPeftModelForQuestionAnswering",
+    "AutoPeftModelForSeq2SeqLM",
+    "AutoPeftModelForSequenceClassification",
+    "AutoPeftModelForTokenClassification",
+    "CheckpointError",
+    "ConfigError",
+    "GraftkitError",
+    "LoraConfig",
+    "MissingPackageError",
+    "PeftConfig",
+    "PeftModel",
+    "PeftModelForCausalLM",
+    "PeftModelForFeatureExtraction",
+    "PeftModelForQuestionAnswering",
+    "PeftModelForSeq2SeqLM",
+    "PeftModelForSequenceClassification",
+    "PeftModelForTokenClassification",
+    "PeftType",
+    "TargetError",
+    "TaskType",
+    "UnsupportedError",
+    "get_peft_model",
+    "inject_adapter_in_model",
+    "__version__",
+]

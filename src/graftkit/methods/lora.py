@@ -1,0 +1,388 @@
+"""LoRA: low-rank adaptation (Hu et al. 2021), with rsLoRA scaling and DoRA (Liu et al. 2024).
+
+::
+
+            ┌──────────── W (frozen) ────────────┐
+    x ──────┤                                    ├──(+)──► y = W x + s · B A x
+            └─ dropout ─► A (r×in) ─► B (out×r) ─┘
+                                       s = alpha / r   (rsLoRA: alpha / sqrt(r))
+
+A starts random and B at zero, so training starts from the base model. Merging writes W + s·BA into the
+base weight. DoRA splits the adapted weight into a direction and a learned magnitude ``m`` per output:
+
+    W' = m ⊙ (W + s·BA) / ‖W + s·BA‖_row        (the norm is treated as a constant in backward, §4.3)
+
+Forward adds ``(m/‖·‖ − 1) ⊙ (W x) + (m/‖·‖) ⊙ s·B A x`` to the base output, so a quantized base is still
+called as it is. Adapters on ``nn.Embedding`` look up rows of Aᵀ; on ``nn.Conv2d`` A is a conv with the
+base's kernel and B a 1×1 conv.
+
+Parameter names (``lora_A.weight``, ``lora_embedding_A``, ``lora_magnitude_vector`` ...) are the on-disk
+tensor names of the ecosystem's format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import PeftType, TunerConfig
+from ..errors import ConfigError, UnsupportedError
+from ..layer import AdaptedLayer
+from ..registry import Method, register
+from ..weights import get_weight
+
+_INIT_CHOICES = (True, False, "gaussian")
+
+
+@dataclasses.dataclass
+class LoraConfig(TunerConfig):
+    """Config of a LoRA adapter (field names and meanings as in the HF ecosystem).
+
+    Args:
+        r: rank of the update BA.
+        lora_alpha: scale numerator: the update is multiplied by ``lora_alpha / r``.
+        lora_dropout: dropout on the adapter's input (0 means no dropout and no copy of x).
+        fan_in_fan_out: the base weight is stored (in, out), as transformers' ``Conv1D`` does; detected
+            from the layer type, so this only needs setting for custom layers.
+        bias: ``"none"``, ``"all"`` (train every bias of the model) or ``"lora_only"`` (biases of adapted layers).
+        use_rslora: scale by ``lora_alpha / sqrt(r)`` (rank-stabilised LoRA).
+        use_dora: weight-decomposed LoRA (a learned magnitude per output feature).
+        init_lora_weights: ``True`` (A Kaiming-uniform, B zero), ``"gaussian"`` (A normal with std 1/r, B zero)
+            or ``False`` (both random: the adapter changes the output from the start; for tests).
+        rank_pattern / alpha_pattern: per-module ``r`` / ``lora_alpha``; keys are regexes matched against the
+            end of the module path.
+    """
+
+    peft_type: str | PeftType | None = PeftType.LORA
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init_lora_weights: bool | str = True
+    rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    peft_only_fields: ClassVar[dict[str, Any]] = {
+        "alora_invocation_tokens": None,
+        "arrow_config": None,
+        "corda_config": None,
+        "ensure_weight_tying": False,
+        "eva_config": None,
+        "kasa_config": None,
+        "layer_replication": None,
+        "loftq_config": {},
+        "lora_bias": False,
+        "lora_ga_config": None,
+        "megatron_config": None,
+        "megatron_core": "megatron.core",
+        "monteclora_config": None,
+        "qalora_group_size": 16,
+        "target_parameters": None,
+        "trainable_token_indices": None,
+        "use_bdlora": None,
+        "use_qalora": False,
+        "velora_config": None,
+    }
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.LORA
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            raise ConfigError(f"LoraConfig.r must be a positive int, got {self.r!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ConfigError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
+        if self.init_lora_weights not in _INIT_CHOICES:
+            raise UnsupportedError(
+                f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not implemented in graftkit; "
+                f"use one of {list(_INIT_CHOICES)}"
+            )
+        for key, value in self.rank_pattern.items():
+            if not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"LoraConfig.rank_pattern[{key!r}] must be a positive int, got {value!r}")
+
+    def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
+        """``r`` and ``lora_alpha`` for one module path, after ``rank_pattern`` / ``alpha_pattern``."""
+        return (
+            _pattern_value(self.rank_pattern, module_name, self.r),
+            _pattern_value(self.alpha_pattern, module_name, self.lora_alpha),
+        )
+
+
+def _pattern_value(patterns: dict[str, Any], module_name: str, default: Any) -> Any:
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return value
+    return default
+
+
+def _scaling(r: int, alpha: float, use_rslora: bool) -> float:
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
+    # Adapter weights are fp32 masters over half-precision bases (optimizer updates survive); the forward
+    # casts them to the activation dtype instead of casting the (much larger) activations to fp32.
+    if weight.dtype in (torch.float16, torch.bfloat16) or not weight.dtype.is_floating_point:
+        return torch.float32
+    return weight.dtype
+
+
+class LoraLinear(nn.Module):
+    """LoRA (optionally DoRA) on a linear layer: ``nn.Linear`` or transformers ``Conv1D`` (fan_in_fan_out)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        r: int,
+        alpha: float,
+        dropout: float,
+        use_rslora: bool,
+        use_dora: bool,
+        init: bool | str,
+        fan_in_fan_out: bool,
+    ) -> None:
+        super().__init__()
+        weight = get_weight(base_layer)
+        out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        self.lora_A = nn.Linear(in_features, r, bias=False, **kw)
+        self.lora_B = nn.Linear(r, out_features, bias=False, **kw)
+        self.scaling = _scaling(r, alpha, use_rslora)
+        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fan_in_fan_out = fan_in_fan_out
+        _init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
+        self.use_dora = use_dora
+        if use_dora:
+            norm = self._row_norm(weight.to(kw["dtype"]), self.delta_weight().to(kw["dtype"]))
+            self.lora_magnitude_vector = nn.Parameter(norm)  # (out,)
+        self._dora_merge_scale: torch.Tensor | None = None
+
+    # The base weight as (out, in), whatever the layer stores.
+    def _oi(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.fan_in_fan_out else weight
+
+    @staticmethod
+    def _row_norm(weight_oi: torch.Tensor, delta_oi: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(weight_oi + delta_oi, dim=1)  # (out,)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s · B A as (out, in)."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        dtype = x.dtype
+        a = self.lora_A.weight.to(dtype)
+        b = self.lora_B.weight.to(dtype)
+        h = self.dropout(x)
+        lora = F.linear(F.linear(h, a) * self.scaling, b)  # (..., r) scaled before the wide matmul
+        if not self.use_dora:
+            return y + lora
+        w = self._oi(get_weight(base_layer).to(dtype))  # (out, in)
+        with torch.no_grad():  # DoRA §4.3: the norm is a constant in backward
+            norm = self._row_norm(w, (b @ a) * self.scaling)
+        scale = self.lora_magnitude_vector.to(dtype) / norm  # (out,)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            bias = getattr(base_layer, "bias", None)
+            base_out = y if bias is None else y - bias
+        else:
+            base_out = F.linear(h, w)
+        return y + (scale - 1) * base_out + scale * lora
+
+    def merge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        delta = self.delta_weight().to(weight.dtype)
+        if not self.use_dora:
+            return weight + (delta.T if self.fan_in_fan_out else delta)
+        w = self._oi(weight)
+        norm = self._row_norm(w, delta)
+        scale = (self.lora_magnitude_vector.to(weight.dtype) / norm).detach()
+        self._dora_merge_scale = scale
+        return self._oi(scale[:, None] * (w + delta))
+
+    def unmerge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        delta = self.delta_weight().to(weight.dtype)
+        if not self.use_dora:
+            return weight - (delta.T if self.fan_in_fan_out else delta)
+        if self._dora_merge_scale is None:
+            raise RuntimeError("DoRA unmerge without a recorded merge scale")
+        w = self._oi(weight) / self._dora_merge_scale[:, None] - delta
+        self._dora_merge_scale = None
+        return self._oi(w)
+
+
+class LoraEmbedding(nn.Module):
+    """LoRA on ``nn.Embedding``: the update for token t is s · B A[:, t]."""
+
+    def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, use_rslora: bool, init: bool | str) -> None:
+        super().__init__()
+        weight = base_layer.weight
+        kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        num, dim = weight.shape
+        self.lora_embedding_A = nn.Parameter(torch.empty(r, num, **kw))
+        self.lora_embedding_B = nn.Parameter(torch.empty(dim, r, **kw))
+        self.scaling = _scaling(r, alpha, use_rslora)
+        with torch.no_grad():
+            if init is False:
+                nn.init.normal_(self.lora_embedding_A)
+                nn.init.normal_(self.lora_embedding_B)
+            else:  # A is the lookup table here, so it is the zero half
+                nn.init.zeros_(self.lora_embedding_A)
+                nn.init.normal_(self.lora_embedding_B)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s · (B A)ᵀ as (num_embeddings, dim)."""
+        return (self.lora_embedding_B @ self.lora_embedding_A).T * self.scaling
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        a = self.lora_embedding_A.to(y.dtype)
+        b = self.lora_embedding_B.to(y.dtype)
+        h = F.embedding(
+            x, a.T, base_layer.padding_idx, base_layer.max_norm, base_layer.norm_type,
+            base_layer.scale_grad_by_freq, base_layer.sparse,
+        )  # (..., r)
+        return y + (h * self.scaling) @ b.T
+
+    def merge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return weight + self.delta_weight().to(weight.dtype)
+
+    def unmerge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return weight - self.delta_weight().to(weight.dtype)
+
+
+class LoraConv2d(nn.Module):
+    """LoRA on ``nn.Conv2d``: A is a conv with the base's kernel/stride/padding, B a 1×1 conv."""
+
+    def __init__(
+        self, base_layer: nn.Conv2d, r: int, alpha: float, dropout: float, use_rslora: bool, init: bool | str
+    ) -> None:
+        super().__init__()
+        weight = base_layer.weight
+        kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        self.lora_A = nn.Conv2d(
+            base_layer.in_channels, r, base_layer.kernel_size, base_layer.stride, base_layer.padding,
+            bias=False, **kw,
+        )
+        self.lora_B = nn.Conv2d(r, base_layer.out_channels, (1, 1), (1, 1), bias=False, **kw)
+        self.scaling = _scaling(r, alpha, use_rslora)
+        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        _init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
+
+    def delta_weight(self) -> torch.Tensor:
+        """s · B∘A as a conv weight (out, in, kh, kw)."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if a.shape[2:] == (1, 1):
+            return (b.flatten(1) @ a.flatten(1))[:, :, None, None] * self.scaling
+        # Compose the two convs: B is 1×1, so the result is B's channel mix applied to A's kernels.
+        return F.conv2d(a.permute(1, 0, 2, 3), b).permute(1, 0, 2, 3) * self.scaling
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        a = self.lora_A.weight.to(x.dtype)
+        b = self.lora_B.weight.to(x.dtype)
+        la = self.lora_A
+        h = F.conv2d(self.dropout(x), a, None, la.stride, la.padding)
+        return y + F.conv2d(h, b) * self.scaling
+
+    def merge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return weight + self.delta_weight().to(weight.dtype)
+
+    def unmerge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return weight - self.delta_weight().to(weight.dtype)
+
+
+def _init_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> None:
+    with torch.no_grad():
+        if init == "gaussian":
+            nn.init.normal_(a, std=1 / r)
+        else:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        if init is False:
+            nn.init.kaiming_uniform_(b, a=math.sqrt(5))
+        else:
+            nn.init.zeros_(b)
+
+
+_QKV = ["q_proj", "v_proj"]
+
+
+@register
+class Lora(Method):
+    peft_type = PeftType.LORA.value
+    config_class = LoraConfig
+    default_targets: ClassVar[dict[str, list[str]]] = {
+        **{t: _QKV for t in (
+            "llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
+            "gemma3_text", "opt", "gptj", "bart", "mbart", "phi", "stablelm", "olmo", "olmo2", "granite",
+            "starcoder2", "cohere", "smollm3", "gpt_oss", "m2m_100", "blenderbot", "whisper",
+        )},
+        "gpt2": ["c_attn"],
+        "gpt_bigcode": ["c_attn"],
+        "gpt_neox": ["query_key_value"],
+        "bloom": ["query_key_value"],
+        "falcon": ["query_key_value"],
+        "phi3": ["qkv_proj"],
+        "codegen": ["qkv_proj"],
+        "mpt": ["Wqkv"],
+        "bert": ["query", "value"],
+        "roberta": ["query", "value"],
+        "xlm-roberta": ["query", "value"],
+        "electra": ["query", "value"],
+        "camembert": ["query", "value"],
+        "distilbert": ["q_lin", "v_lin"],
+        "deberta": ["in_proj"],
+        "deberta-v2": ["query_proj", "value_proj"],
+        "t5": ["q", "v"],
+        "mt5": ["q", "v"],
+        "umt5": ["q", "v"],
+        "vit": ["query", "value"],
+    }
+
+    @classmethod
+    def supported_layers(cls) -> str:
+        return "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv2d"
+
+    @classmethod
+    def create_adapter(cls, base_layer: nn.Module, config: LoraConfig, module_name: str) -> nn.Module | None:
+        r, alpha = config.rank_and_alpha(module_name)
+        init = config.init_lora_weights
+        kind = type(base_layer).__name__
+        if isinstance(base_layer, nn.Embedding) or isinstance(base_layer, nn.Conv2d):
+            if config.use_dora:
+                raise UnsupportedError(
+                    f"DoRA on {kind} ('{module_name}') is not implemented in graftkit; DoRA supports linear "
+                    "layers: exclude this module (exclude_modules) or set use_dora=False"
+                )
+            if isinstance(base_layer, nn.Embedding):
+                return LoraEmbedding(base_layer, r, alpha, config.use_rslora, init)
+            if base_layer.groups != 1:
+                raise UnsupportedError(f"LoRA on grouped Conv2d ('{module_name}', groups={base_layer.groups})")
+            return LoraConv2d(base_layer, r, alpha, config.lora_dropout, config.use_rslora, init)
+        if isinstance(base_layer, nn.Linear) or kind == "Conv1D" or hasattr(base_layer, "in_features"):
+            fan_in_fan_out = kind == "Conv1D"
+            return LoraLinear(
+                base_layer, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora, init, fan_in_fan_out
+            )
+        return None
+
+    @classmethod
+    def extra_trainable(cls, model: nn.Module, config: LoraConfig) -> Iterator[tuple[str, nn.Parameter]]:
+        if config.bias == "all":
+            for name, param in model.named_parameters():
+                if name.endswith("bias") and ".adapters." not in name:
+                    yield name, param
+        elif config.bias == "lora_only":
+            for name, module in model.named_modules():
+                if isinstance(module, AdaptedLayer):
+                    bias = getattr(module.base_layer, "bias", None)
+                    if isinstance(bias, nn.Parameter):
+                        yield f"{name}.base_layer.bias", bias

@@ -1,0 +1,574 @@
+"""``PeftModel``: a base model with named adapters, and the functions that build one.
+
+Layout (the same module paths as the ecosystem, so tensor names and user code carry over)::
+
+    PeftModel
+      .base_model : AdapterModel
+          .model : the transformers model, with AdaptedLayer / ModulesToSave wrappers swapped in
+
+Saved tensor names are the model's own parameter paths under ``base_model.model.``, with the adapter
+container and name dropped: ``<path>.adapters.<name>.lora_A.weight`` is saved as ``<path>.lora_A.weight``
+and ``<path>.modules_to_save.<name>.weight`` as ``<path>.weight``. Adapters other than ``"default"`` are
+saved in a subfolder named after them.
+
+Task classes differ only in what truly differs per task (default ``modules_to_save`` of classifier heads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .config import PeftConfig, TaskType, TunerConfig
+from .errors import AdapterNameError, CheckpointError, ConfigError, TargetError
+from .inject import find_modules_to_save, inject, iter_modules
+from .io import load_adapter_tensors, resolve_adapter_dir, save_adapter_files
+from .layer import AdaptedLayer, ModulesToSave
+from .registry import method_for
+
+PREFIX = "base_model.model."
+EMBEDDING_NAMES = ("embed_tokens", "lm_head")
+
+
+# ---------------------------------------------------------------------------------------------- model-level helpers
+def wrappers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer | ModulesToSave]]:
+    """Every graftkit wrapper in ``model`` with its module path."""
+    for name, module in iter_modules(model):
+        if isinstance(module, (AdaptedLayer, ModulesToSave)):
+            yield name, module
+
+
+def activate(model: nn.Module, names: list[str]) -> None:
+    """Make ``names`` the active adapters of every wrapper (a wrapper skips the names it does not hold)."""
+    for _, module in wrappers(model):
+        if isinstance(module, AdaptedLayer):
+            module.active = [n for n in names if n in module.adapters]
+        else:
+            module.active = next((n for n in names if n in module.modules_to_save), None)
+
+
+def mark_trainable(model: nn.Module, configs: dict[str, PeftConfig], names: list[str]) -> None:
+    """Freeze everything, then unfreeze what the active, trainable adapters own."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for name in names:
+        config = configs[name]
+        if config.inference_mode:
+            continue
+        for _, module in wrappers(model):
+            if isinstance(module, AdaptedLayer) and name in module.adapters:
+                module.adapters[name].requires_grad_(True)
+            elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
+                module.modules_to_save[name].requires_grad_(True)
+        for _, param in method_for(config).extra_trainable(model, config):
+            param.requires_grad_(True)
+
+
+def adapter_tensors(model: nn.Module, name: str, config: PeftConfig) -> dict[str, torch.Tensor]:
+    """Adapter ``name``'s tensors under their saved names (live tensors, not copies)."""
+    out: dict[str, torch.Tensor] = {}
+    for path, module in wrappers(model):
+        if isinstance(module, AdaptedLayer) and name in module.adapters:
+            part = module.adapters[name]
+        elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
+            part = module.modules_to_save[name]
+        else:
+            continue
+        for key, tensor in part.state_dict(keep_vars=True).items():
+            out[f"{PREFIX}{path}.{key}"] = tensor
+    for key, param in method_for(config).extra_trainable(model, config):
+        out[PREFIX + key] = param
+    return out
+
+
+def embedding_base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Base weights of adapted input/output embeddings (saved beside the adapter, as the ecosystem does)."""
+    layers = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        fn = getattr(model, getter, None)
+        with contextlib.suppress(NotImplementedError, AttributeError):
+            layers.append(fn() if callable(fn) else None)
+    out = {}
+    for path, module in wrappers(model):
+        if isinstance(module, AdaptedLayer) and any(module is layer or module.base_layer is layer for layer in layers):
+            out[f"{PREFIX}{path}.base_layer.weight"] = module.base_layer.weight
+    return out
+
+
+def _targets_embeddings(config: PeftConfig) -> bool:
+    targets = getattr(config, "target_modules", None)
+    if targets is None:
+        return False
+    return any(name in targets for name in EMBEDDING_NAMES)
+
+
+# ---------------------------------------------------------------------------------------------- classes
+class AdapterModel(nn.Module):
+    """The module at ``PeftModel.base_model``: holds the adapted transformers model as ``.model``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self._modules["model"], name)
+
+
+class PeftModel(nn.Module):
+    """A base model with named adapters.
+
+    Args:
+        model: the base model (a transformers ``PreTrainedModel`` or any ``nn.Module``); changed in place.
+        peft_config: the first adapter's config.
+        adapter_name: the first adapter's name.
+        autocast_adapter_dtype: keep adapter weights in fp32 over fp16/bf16 bases (compute still runs in the
+            activation dtype); ``False`` creates them in the base weight dtype.
+    """
+
+    default_modules_to_save: ClassVar[list[str]] = []
+    task_type: ClassVar[TaskType | None] = None
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        super().__init__()
+        self.base_model = AdapterModel(model)
+        self.peft_config: dict[str, PeftConfig] = {}
+        self._active: list[str] = []
+        self._autocast_adapter_dtype = autocast_adapter_dtype
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self._modules["base_model"], name)
+
+    @property
+    def model(self) -> nn.Module:  # the adapted model (the name peft users reach through base_model)
+        return self.base_model.model
+
+    # ------------------------------------------------------------------ adapters
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    def _prepare_config(self, config: PeftConfig) -> PeftConfig:
+        config = config.copy()
+        if not isinstance(config, TunerConfig):
+            raise ConfigError(f"{type(config).__name__} is not a layer-wrapping config graftkit can inject")
+        if self.default_modules_to_save:
+            extra = [m for m in self.default_modules_to_save if m not in (config.modules_to_save or [])]
+            config.modules_to_save = list(config.modules_to_save or []) + extra
+        if config.task_type is None and self.task_type is not None:
+            config.task_type = self.task_type
+        if config.base_model_name_or_path is None:
+            name = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+            config.base_model_name_or_path = name or None
+        return config
+
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+        """Add a new adapter (not activated: use :meth:`set_adapter`).
+
+        Raises:
+            AdapterNameError: the name is taken.
+            TargetError: its targets match nothing, or an unsupported layer kind.
+        """
+        if adapter_name in self.peft_config:
+            raise AdapterNameError(f"adapter '{adapter_name}' already exists; delete_adapter() it or pick another name")
+        config = self._prepare_config(peft_config)
+        user_names = [m for m in (config.modules_to_save or []) if m not in self.default_modules_to_save]
+        missing = [m for m in user_names if not find_modules_to_save(self.model, [m])]
+        if missing:
+            raise TargetError(
+                f"modules_to_save {missing} match no module of {type(self.model).__name__}; check the names"
+            )
+        try:
+            inject(self.model, config, adapter_name)
+        except BaseException:
+            self._remove_modules(adapter_name)
+            raise
+        if not self._autocast_adapter_dtype:  # adapters in the base weight dtype instead of fp32 masters
+            for _, module in wrappers(self.model):
+                if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
+                    dtype = next(module.base_layer.parameters()).dtype
+                    if dtype.is_floating_point:
+                        module.adapters[adapter_name].to(dtype)
+        self.peft_config[adapter_name] = config
+        mark_trainable(self.model, self.peft_config, self._active)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Activate one adapter (or several, applied in order); only active adapters train."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        for name in names:
+            if name not in self.peft_config:
+                raise AdapterNameError(f"no adapter named '{name}'; adapters: {sorted(self.peft_config)}")
+        self._active = names
+        activate(self.model, names)
+        mark_trainable(self.model, self.peft_config, names)
+
+    def _remove_modules(self, adapter_name: str) -> None:
+        for path, module in list(wrappers(self.model)):
+            if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
+                module.remove(adapter_name)
+                if not module.adapters:
+                    _replace(self.model, path, module.base_layer)
+            elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
+                module.remove(adapter_name)
+                if not module.modules_to_save:
+                    _replace(self.model, path, module.original_module)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter and its modules; the remaining active adapters stay active."""
+        if adapter_name not in self.peft_config:
+            raise AdapterNameError(f"no adapter named '{adapter_name}'; adapters: {sorted(self.peft_config)}")
+        self._remove_modules(adapter_name)
+        del self.peft_config[adapter_name]
+        self._active = [n for n in self._active if n != adapter_name]
+        activate(self.model, self._active)
+        mark_trainable(self.model, self.peft_config, self._active)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Context manager: inside it the model is the base model (adapters skipped, merged ones taken out)."""
+        self.disable_adapter_layers()
+        try:
+            yield
+        finally:
+            self.enable_adapter_layers()
+
+    def disable_adapter_layers(self) -> None:
+        for _, module in wrappers(self.model):
+            module.disabled = True
+
+    def enable_adapter_layers(self) -> None:
+        for _, module in wrappers(self.model):
+            module.disabled = False
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model.model.generate(*args, **kwargs)
+
+    def get_base_model(self) -> nn.Module:
+        """The transformers model (with adapters in it; see :meth:`unload` for a clean one)."""
+        return self.base_model.model
+
+    # ------------------------------------------------------------------ counting
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts; tied weights counted once, 4-bit weights at their unpacked size."""
+        trainable = total = 0
+        for _, param in self.named_parameters():
+            count = param.numel()
+            if type(param).__name__ == "Params4bit":
+                # 4-bit storage packs two values per byte of its storage dtype
+                itemsize = param.element_size() if hasattr(param, "element_size") else 1
+                count = count * 2 * itemsize
+            total += count
+            if param.requires_grad:
+                trainable += count
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        share = 100 * trainable / total if total else 0.0
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
+
+    # ------------------------------------------------------------------ merge / unload
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights; :meth:`unmerge_adapter` undoes it."""
+        self._merge_all(adapter_names, safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        for _, module in wrappers(self.model):
+            if isinstance(module, AdaptedLayer):
+                module.unmerge()
+
+    def _merge_all(self, adapter_names: list[str] | None, safe_merge: bool) -> None:
+        names = adapter_names if adapter_names is not None else self._active
+        for name in names:
+            if name not in self.peft_config:
+                raise AdapterNameError(f"no adapter named '{name}'; adapters: {sorted(self.peft_config)}")
+        layers = [(p, m) for p, m in wrappers(self.model) if isinstance(m, AdaptedLayer)]
+        done: list[AdaptedLayer] = []
+        try:
+            for path, module in layers:
+                module.merge(names, safe_merge=safe_merge, module_name=path)
+                done.append(module)
+        except BaseException:
+            for module in done:  # leave the model as it was
+                module.unmerge()
+            raise
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        """Merge adapters into the base weights and return the plain base model (no graftkit modules left).
+
+        Raises:
+            GraftkitError: with ``safe_merge``, if a merged weight would hold NaN/Inf (the model is unchanged).
+        """
+        self._merge_all(adapter_names, safe_merge)
+        return self._unwrap(merge=True)
+
+    def unload(self) -> nn.Module:
+        """Remove every adapter without merging and return the original base model."""
+        self.unmerge_adapter()
+        return self._unwrap(merge=False)
+
+    def _unwrap(self, merge: bool) -> nn.Module:
+        for path, module in list(wrappers(self.model)):
+            if isinstance(module, AdaptedLayer):
+                _replace(self.model, path, module.base_layer)
+            else:
+                _replace(self.model, path, module.current() if merge else module.original_module)
+        return self.model
+
+    # ------------------------------------------------------------------ save / load
+    def get_adapter_state_dict(self, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+        """Adapter tensors under their saved names (what ``save_pretrained`` writes, without embeddings)."""
+        if adapter_name not in self.peft_config:
+            raise AdapterNameError(f"no adapter named '{adapter_name}'; adapters: {sorted(self.peft_config)}")
+        return adapter_tensors(self.model, adapter_name, self.peft_config[adapter_name])
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike[str],
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: bool | str = "auto",
+        is_main_process: bool = True,
+        **_: Any,
+    ) -> None:
+        """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.
+
+        ``"default"`` goes into ``save_directory``, other adapters into ``save_directory/<name>``. Files are
+        replaced atomically: a failed save leaves the previous checkpoint intact.
+
+        Args:
+            save_embedding_layers: also save the base weights of adapted input/output embeddings;
+                ``"auto"`` does so when ``target_modules`` names ``embed_tokens`` or ``lm_head``.
+        """
+        if not is_main_process:
+            return
+        save_directory = os.fspath(save_directory)
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        for name in names:
+            if name not in self.peft_config:
+                raise AdapterNameError(f"no adapter named '{name}' to save; adapters: {sorted(self.peft_config)}")
+        for name in names:
+            config = self.peft_config[name].copy()
+            config.inference_mode = True
+            if config.task_type is None:
+                base = self.model
+                config.auto_mapping = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
+            tensors = adapter_tensors(self.model, name, config)
+            with_embeddings = save_embedding_layers is True or (
+                save_embedding_layers == "auto" and _targets_embeddings(config)
+            )
+            if with_embeddings:
+                tensors.update(embedding_base_tensors(self.model))
+            out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
+            save_adapter_files(out_dir, config.to_json_string(), tensors, safe_serialization)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike[str],
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        strict: bool = True,
+        allow_pickle: bool = False,
+        autocast_adapter_dtype: bool = True,
+        **hub_kwargs: Any,
+    ) -> PeftModel:
+        """Load a saved adapter onto ``model``.
+
+        Args:
+            model_id: a folder written by ``save_pretrained`` (or a Hub id present in the local HF cache).
+            is_trainable: load for further training; by default the adapter is frozen.
+            strict: missing or unexpected tensor names are errors; ``False`` loads the tensors that match.
+            allow_pickle: accept an ``adapter_model.bin`` (read with ``torch.load(weights_only=True)``).
+
+        Raises:
+            ConfigError / CheckpointError: bad config, missing files, mismatched names or shapes. On error the
+                model is left as it was.
+        """
+        directory = resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
+        if config is None:
+            config = PeftConfig.from_pretrained(directory)
+        config = config.copy()
+        config.inference_mode = not is_trainable
+        tensors = load_adapter_tensors(directory, allow_pickle=allow_pickle)
+        target_cls = cls
+        if cls is PeftModel and config.task_type is not None:
+            target_cls = TASK_CLASSES.get(TaskType(config.task_type), PeftModel)
+        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        try:
+            peft_model._load_tensors(adapter_name, tensors, strict=strict, source=directory)
+        except BaseException:
+            peft_model.unload()
+            raise
+        return peft_model
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike[str],
+        adapter_name: str,
+        is_trainable: bool = False,
+        *,
+        subfolder: str | None = None,
+        revision: str | None = None,
+        strict: bool = True,
+        allow_pickle: bool = False,
+        **hub_kwargs: Any,
+    ) -> None:
+        """Load another saved adapter under ``adapter_name`` (not activated: use :meth:`set_adapter`)."""
+        directory = resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
+        config = PeftConfig.from_pretrained(directory)
+        config.inference_mode = not is_trainable
+        tensors = load_adapter_tensors(directory, allow_pickle=allow_pickle)
+        self.add_adapter(adapter_name, config)
+        try:
+            self._load_tensors(adapter_name, tensors, strict=strict, source=directory)
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+
+    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], strict: bool, source: str) -> None:
+        expected = adapter_tensors(self.model, adapter_name, self.peft_config[adapter_name])
+        optional = embedding_base_tensors(self.model)
+        if tensors and not any(k.startswith(PREFIX) for k in tensors):
+            tensors = {PREFIX + k: v for k, v in tensors.items()}  # writers that drop the wrapper prefix
+        missing = sorted(set(expected) - set(tensors))
+        unexpected = sorted(set(tensors) - set(expected) - set(optional))
+        if strict and (missing or unexpected):
+            parts = []
+            if missing:
+                parts.append(f"{len(missing)} missing tensor(s), e.g. {missing[:5]}")
+            if unexpected:
+                parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:5]}")
+            raise CheckpointError(
+                f"{source}: the adapter does not fit {type(self.model).__name__}: {'; '.join(parts)}. Was it trained "
+                "on another base model or with other target_modules? Pass strict=False to load what matches"
+            )
+        if missing or unexpected:
+            warnings.warn(f"{source}: loaded non-strictly; missing {missing[:5]}, unexpected {unexpected[:5]}",
+                          stacklevel=3)
+        for key, src in tensors.items():
+            dst = expected.get(key, optional.get(key))
+            if dst is None:
+                continue
+            if tuple(dst.shape) != tuple(src.shape):
+                raise CheckpointError(
+                    f"{source}: tensor '{key}' has shape {tuple(src.shape)} in the file but "
+                    f"{tuple(dst.shape)} in the model; check r / rank_pattern and the base model"
+                )
+        with torch.no_grad():
+            for key, src in tensors.items():
+                dst = expected.get(key, optional.get(key))
+                if dst is not None:
+                    dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
+
+
+def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_name, _, child = path.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+class PeftModelForCausalLM(PeftModel):
+    task_type = TaskType.CAUSAL_LM
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    task_type = TaskType.SEQ_2_SEQ_LM
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    task_type = TaskType.SEQ_CLS
+    default_modules_to_save: ClassVar[list[str]] = ["classifier", "score"]
+
+
+class PeftModelForTokenClassification(PeftModel):
+    task_type = TaskType.TOKEN_CLS
+    default_modules_to_save: ClassVar[list[str]] = ["classifier", "score"]
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    task_type = TaskType.QUESTION_ANS
+    default_modules_to_save: ClassVar[list[str]] = ["qa_outputs"]
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    task_type = TaskType.FEATURE_EXTRACTION
+
+
+TASK_CLASSES: dict[TaskType, type[PeftModel]] = {
+    cls.task_type: cls
+    for cls in (
+        PeftModelForCausalLM,
+        PeftModelForSeq2SeqLM,
+        PeftModelForSequenceClassification,
+        PeftModelForTokenClassification,
+        PeftModelForQuestionAnswering,
+        PeftModelForFeatureExtraction,
+    )
+}
+
+
+def get_peft_model(
+    model: nn.Module,
+    peft_config: PeftConfig,
+    adapter_name: str = "default",
+    autocast_adapter_dtype: bool = True,
+    **_: Any,
+) -> PeftModel:
+    """Wrap ``model`` with a new adapter; the task class follows ``peft_config.task_type``."""
+    cls = TASK_CLASSES.get(TaskType(peft_config.task_type), PeftModel) if peft_config.task_type else PeftModel
+    return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+
+
+def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_name: str = "default") -> nn.Module:
+    """Add an adapter to ``model`` in place, without a :class:`PeftModel` around it.
+
+    The adapter is active; only its parameters (and ``modules_to_save``) require grad.
+    """
+    if not isinstance(peft_config, TunerConfig):
+        raise ConfigError(f"{type(peft_config).__name__} cannot be injected into layers")
+    inject(model, peft_config, adapter_name)
+    activate(model, [adapter_name])
+    mark_trainable(model, {adapter_name: peft_config}, [adapter_name])
+    return model

@@ -1,0 +1,88 @@
+"""The method registry: each method file registers itself; nothing else lists methods.
+
+A *method* tells core three things: which config class it reads, how to build the adapter module that
+sits on one base layer, and which extra base parameters (if any) it trains. Core does the rest:
+matching targets, wrapping layers, trainability, save/load, merge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, ClassVar
+
+from torch import nn
+
+from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .config import PeftConfig, TunerConfig
+
+
+class Method:
+    """Base class of a layer-wrapping method (LoRA, IA3, ...). Methods are stateless: class methods only.
+
+    Attributes:
+        peft_type: the ``peft_type`` string in ``adapter_config.json``.
+        config_class: the dataclass that holds the method's fields.
+        default_targets: ``model_type`` -> module names adapted when ``target_modules`` is ``None``.
+    """
+
+    peft_type: ClassVar[str]
+    config_class: ClassVar[type[TunerConfig]]
+    default_targets: ClassVar[dict[str, list[str]]] = {}
+
+    @classmethod
+    def create_adapter(cls, base_layer: nn.Module, config: TunerConfig, module_name: str) -> nn.Module | None:
+        """Build the adapter for one base layer, or ``None`` if this layer kind is not supported.
+
+        The returned module is called as ``adapter(x, y, base_layer) -> y'`` (``y = base_layer(x)``), and
+        offers ``merge(w, base_layer) -> w'`` / ``unmerge(w', base_layer) -> w`` on the dense base weight.
+        """
+        raise NotImplementedError
+
+    @classmethod
+    def supported_layers(cls) -> str:
+        """Human-readable list of layer kinds, for error messages."""
+        return "see the method's documentation"
+
+    @classmethod
+    def extra_trainable(cls, model: nn.Module, config: TunerConfig) -> Iterator[tuple[str, nn.Parameter]]:
+        """Base-model parameters (name, param) this method trains and saves besides its adapters."""
+        return iter(())
+
+
+_METHODS: dict[str, type[Method]] = {}
+
+
+def register(method: type[Method]) -> type[Method]:
+    """Class decorator: make ``method`` known under its ``peft_type``."""
+    _METHODS[method.peft_type] = method
+    return method
+
+
+def _ensure_loaded() -> None:
+    from . import methods  # noqa: F401  (importing the package registers every method file)
+
+
+def get_method(peft_type: str, *, source: str = "config") -> type[Method]:
+    """The registered method for ``peft_type``.
+
+    Raises:
+        ConfigError: no method is registered under that name.
+    """
+    _ensure_loaded()
+    key = str(getattr(peft_type, "value", peft_type))
+    try:
+        return _METHODS[key]
+    except KeyError:
+        raise ConfigError(
+            f"{source}: peft_type={key!r} is not a method graftkit implements; known: {sorted(_METHODS)}"
+        ) from None
+
+
+def config_class(peft_type: str, *, source: str = "config") -> type[PeftConfig]:
+    return get_method(peft_type, source=source).config_class
+
+
+def method_for(config: PeftConfig) -> type[Method]:
+    return get_method(str(config.peft_type), source=type(config).__name__)
