@@ -51,6 +51,7 @@ CASES = {
         None,
     ),
     "gpt2-conv1d": (tiny_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True), None),
+    "gpt2-dora": (tiny_gpt2, dict(r=4, target_modules=["c_attn", "c_fc"], use_dora=True, fan_in_fan_out=True), None),
     "llama-embedding": (tiny_llama, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"]), None),
     "bert-seq-cls": (tiny_bert_cls, dict(r=4, lora_alpha=8, task_type="SEQ_CLS"), None),
     "t5-seq2seq": (tiny_t5, dict(r=4, lora_alpha=8, task_type="SEQ_2_SEQ_LM"), "t5"),

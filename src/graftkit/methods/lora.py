@@ -165,7 +165,8 @@ class LoraLinear(nn.Module):
         _init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
         self.use_dora = use_dora
         if use_dora:
-            norm = self._row_norm(weight.to(kw["dtype"]), self.delta_weight().to(kw["dtype"]))
+            with torch.no_grad():
+                norm = self._row_norm(self._oi(weight.to(kw["dtype"])), self.delta_weight())
             self.lora_magnitude_vector = nn.Parameter(norm)  # (out,)
         self._dora_merge_scale: torch.Tensor | None = None
 
