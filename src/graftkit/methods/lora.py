@@ -187,9 +187,13 @@ class LoraLinear(nn.Module):
         a = self.lora_A.weight.to(dtype)
         b = self.lora_B.weight.to(dtype)
         h = self.dropout(x)
-        lora = F.linear(F.linear(h, a) * self.scaling, b)  # (..., r) scaled before the wide matmul
         if not self.use_dora:
-            return y + lora
+            # y + s·(x Aᵀ) Bᵀ as one addmm: the scale and the residual add ride in the GEMM epilogue,
+            # so no (..., out) temporary is made besides the result.
+            xa = F.linear(h, a)  # (..., r)
+            out = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t(), alpha=self.scaling)
+            return out.view(y.shape)
+        lora = F.linear(F.linear(h, a) * self.scaling, b)  # (..., out)
         w = self._oi(get_weight(base_layer).to(dtype))  # (out, in)
         with torch.no_grad():  # DoRA §4.3: the norm is a constant in backward
             norm = self._row_norm(w, (b @ a) * self.scaling)
