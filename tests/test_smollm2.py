@@ -65,3 +65,30 @@ def test_demo_end_to_end_short(smol_dir, tmp_path, capsys):
     assert len(after_lines) == 3
     assert all("Arr!" in line for line in after_lines), out
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_cli_train_generate_merge(smol_dir, tmp_path, capsys):
+    import json
+
+    from graftkit.cli import main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Say {w}.", "response": f"{w}! {w}!"}) + "\n"
+                            for w in ("ahoy", "avast", "yarr", "belay")))
+    adapter = tmp_path / "adapter"
+    assert main(["train", "--model", smol_dir, "--data", str(data), "--output", str(adapter), "--steps", "3",
+                 "--batch-size", "2", "--rank", "4", "--target-modules", "q_proj,v_proj"]) == 0
+    assert graftkit.PeftConfig.from_pretrained(adapter).target_modules == ["q_proj", "v_proj"]
+    assert main(["generate", "--model", smol_dir, "--adapter", str(adapter), "--prompt", "Say ahoy.",
+                 "--max-new-tokens", "4"]) == 0
+    capsys.readouterr()
+
+    ids = torch.tensor([[1, 504, 3458, 282, 4649]])
+    with torch.no_grad():
+        expected = graftkit.PeftModel.from_pretrained(load(smol_dir), adapter)(input_ids=ids).logits
+        base = load(smol_dir)(input_ids=ids).logits
+    assert (expected - base).abs().max() > 1e-4, "three training steps must move the adapter off zero"
+    assert main(["merge", "--model", smol_dir, "--adapter", str(adapter), "--output", str(tmp_path / "merged")]) == 0
+    with torch.no_grad():
+        merged = load(tmp_path / "merged")(input_ids=ids).logits
+    assert (merged - expected).abs().max().item() <= 5e-5 * expected.abs().max().item()
