@@ -23,6 +23,58 @@ from torch import nn
 from .errors import AdapterNameError, GraftkitError
 from .weights import get_weight, set_weight
 
+BASE = "__base__"  # the adapter name that means "no adapter" in a mixed batch
+
+
+class Routing:
+    """Which adapter each row of a mixed batch uses, grouped once per forward.
+
+    Attributes:
+        unique: the distinct adapter names, in first-seen order (``"__base__"`` included when used).
+        index: (B,) long tensor; row i uses ``unique[index[i]]``.
+        groups: (name, rows) for each distinct name, rows as a long tensor of row indices.
+    """
+
+    def __init__(self, names: list[str], device: torch.device | str | None = None) -> None:
+        self.names = list(names)
+        self.unique = list(dict.fromkeys(self.names))
+        position = {name: i for i, name in enumerate(self.unique)}
+        self.index = torch.tensor([position[n] for n in self.names], dtype=torch.long, device=device)
+        self.groups = [(name, (self.index == i).nonzero().flatten()) for i, name in enumerate(self.unique)]
+        self._expanded: dict[int, Routing] = {}
+
+    def for_batch(self, batch: int) -> Routing:
+        """The routing for a batch that repeats each row k times in place (beam search, num_return_sequences)."""
+        if batch == len(self.names):
+            return self
+        if batch % len(self.names):
+            raise GraftkitError(
+                f"adapter_names has {len(self.names)} entries but a layer got a batch of {batch} rows; "
+                "pass one adapter name per input row"
+            )
+        if batch not in self._expanded:
+            factor = batch // len(self.names)
+            names = [n for n in self.names for _ in range(factor)]
+            self._expanded[batch] = Routing(names, self.index.device)
+        return self._expanded[batch]
+
+
+def grouped_forward(routing: Routing, x: torch.Tensor, y: torch.Tensor, run) -> torch.Tensor:
+    """Apply ``run(name, x_rows, y_rows) -> y_rows'`` to each group of rows; rows whose name gives ``None`` keep y.
+
+    Each group is computed on its own sub-batch (gathered once), never on the full batch under a mask.
+    """
+    out = y
+    for name, rows in routing.groups:
+        if rows.numel() == len(routing.names):  # the whole batch uses one adapter: no gather/scatter
+            part = run(name, x, y)
+            out = y if part is None else part
+            continue
+        part = run(name, x.index_select(0, rows), y.index_select(0, rows))
+        if part is not None:
+            out = out.index_copy(0, rows, part)
+    return out
+
 
 class AdaptedLayer(nn.Module):
     """Wraps ``base_layer`` and holds its adapters by name.
@@ -42,6 +94,8 @@ class AdaptedLayer(nn.Module):
         self.active: list[str] = []
         self.merged: list[str] = []
         self.disabled = False
+        self.routing: Routing | None = None  # set by PeftModel for the duration of a mixed-batch call
+        self._stacks: dict[Any, Any] = {}  # cache of stacked adapter weights for mixed batches
 
     def __getattr__(self, name: str) -> Any:
         # Model code reads attributes of the layer it built (``.weight``, ``.in_features`` ...).
@@ -57,12 +111,14 @@ class AdaptedLayer(nn.Module):
         if name in self.adapters:
             raise AdapterNameError(f"adapter '{name}' already exists on this layer; pick another name")
         self.adapters[name] = adapter
+        self._stacks.clear()
 
     def remove(self, name: str) -> None:
         if name in self.merged:
             self.unmerge()
         del self.adapters[name]
         self.active = [n for n in self.active if n != name]
+        self._stacks.clear()
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -72,10 +128,31 @@ class AdaptedLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         y = self.base_layer(x, *args, **kwargs)
         adapters = self.adapters
+        if self.routing is not None:
+            return self._mixed_forward(x, y)
         for name in self.active:
             if name in adapters and name not in self.merged:
                 y = adapters[name](x, y, self.base_layer)
         return y
+
+    def _mixed_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Each row gets its own adapter (``self.routing``); rows of ``"__base__"`` get none."""
+        routing = self.routing.for_batch(x.shape[0])
+        per_name = [self.adapters[n] if n in self.adapters else None for n in routing.unique]
+        present = [a for a in per_name if a is not None]
+        if not present:
+            return y
+        # One batched call when the adapter kind offers it (LoRA on linear layers: gathered bmm).
+        batched = getattr(type(present[0]), "mixed_forward", None)
+        if batched is not None and all(type(a) is type(present[0]) for a in present):
+            out = batched(per_name, routing.index, x, y, self.base_layer, self._stacks)
+            if out is not None:
+                return out
+
+        def run(name: str, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor | None:
+            return self.adapters[name](xs, ys, self.base_layer) if name in self.adapters else None
+
+        return grouped_forward(routing, x, y, run)
 
     # ------------------------------------------------------------------ merge
     def merge(self, names: Iterable[str] | None = None, safe_merge: bool = False, module_name: str = "") -> None:
@@ -122,6 +199,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active: str | None = None
         self.disabled = False
+        self.routing: Routing | None = None
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -148,4 +226,25 @@ class ModulesToSave(nn.Module):
         return self.modules_to_save[self.active]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.current()(*args, **kwargs)
+        if self.routing is None or self.disabled:
+            return self.current()(*args, **kwargs)
+        x, rest = args[0], args[1:]
+        if not isinstance(x, torch.Tensor) or kwargs:
+            raise GraftkitError(
+                f"mixed-adapter batches through a saved module ({type(self.original_module).__name__}) need one "
+                "tensor argument; call without adapter_names"
+            )
+        routing = self.routing.for_batch(x.shape[0])
+
+        def module(name: str) -> nn.Module:
+            return self.modules_to_save[name] if name in self.modules_to_save else self.original_module
+
+        if len(routing.unique) == 1:
+            return module(routing.unique[0])(x, *rest)
+        out = None
+        for name, rows in routing.groups:
+            part = module(name)(x.index_select(0, rows), *rest)
+            if out is None:
+                out = part.new_empty((x.shape[0], *part.shape[1:]))
+            out = out.index_copy(0, rows, part)
+        return out

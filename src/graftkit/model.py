@@ -26,10 +26,10 @@ import torch
 from torch import nn
 
 from .config import PeftConfig, TaskType, TunerConfig
-from .errors import AdapterNameError, CheckpointError, ConfigError, TargetError
+from .errors import AdapterNameError, CheckpointError, ConfigError, GraftkitError, TargetError
 from .inject import find_modules_to_save, inject, iter_modules
 from .io import load_adapter_tensors, resolve_adapter_dir, save_adapter_files
-from .layer import AdaptedLayer, ModulesToSave
+from .layer import BASE, AdaptedLayer, ModulesToSave, Routing
 from .registry import method_for
 
 PREFIX = "base_model.model."
@@ -53,14 +53,14 @@ def activate(model: nn.Module, names: list[str]) -> None:
             module.active = next((n for n in names if n in module.modules_to_save), None)
 
 
-def mark_trainable(model: nn.Module, configs: dict[str, PeftConfig], names: list[str]) -> None:
-    """Freeze everything, then unfreeze what the active, trainable adapters own."""
+def mark_trainable(model: nn.Module, configs: dict[str, PeftConfig], names: list[str], train: bool = True) -> None:
+    """Freeze everything, then (``train``) unfreeze what the adapters ``names`` own."""
     for param in model.parameters():
         param.requires_grad_(False)
+    if not train:
+        return
     for name in names:
         config = configs[name]
-        if config.inference_mode:
-            continue
         for _, module in wrappers(model):
             if isinstance(module, AdaptedLayer) and name in module.adapters:
                 module.adapters[name].requires_grad_(True)
@@ -153,9 +153,10 @@ class PeftModel(nn.Module):
         self.base_model = AdapterModel(model)
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
+        self._train_active = True  # whether the active adapters require grad
         self._autocast_adapter_dtype = autocast_adapter_dtype
         self.add_adapter(adapter_name, peft_config)
-        self.set_adapter(adapter_name)
+        self.set_adapter(adapter_name, inference_mode=peft_config.inference_mode)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -201,6 +202,8 @@ class PeftModel(nn.Module):
         """
         if adapter_name in self.peft_config:
             raise AdapterNameError(f"adapter '{adapter_name}' already exists; delete_adapter() it or pick another name")
+        if adapter_name == BASE:
+            raise AdapterNameError(f"'{BASE}' is reserved (it means 'no adapter' in mixed batches); pick another name")
         config = self._prepare_config(peft_config)
         user_names = [m for m in (config.modules_to_save or []) if m not in self.default_modules_to_save]
         missing = [m for m in user_names if not find_modules_to_save(self.model, [m])]
@@ -220,17 +223,25 @@ class PeftModel(nn.Module):
                     if dtype.is_floating_point:
                         module.adapters[adapter_name].to(dtype)
         self.peft_config[adapter_name] = config
-        mark_trainable(self.model, self.peft_config, self._active)
+        mark_trainable(self.model, self.peft_config, self._active, self._train_active)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Activate one adapter (or several, applied in order); only active adapters train."""
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter (or several, whose updates add up, in order).
+
+        The active adapters require grad (unless ``inference_mode``); every other adapter is frozen. Merged
+        adapters are unmerged first.
+        """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         for name in names:
             if name not in self.peft_config:
                 raise AdapterNameError(f"no adapter named '{name}'; adapters: {sorted(self.peft_config)}")
+        if any(isinstance(m, AdaptedLayer) and m.merged for _, m in wrappers(self.model)):
+            warnings.warn("set_adapter on a merged model: unmerging first", stacklevel=2)
+            self.unmerge_adapter()
         self._active = names
+        self._train_active = not inference_mode
         activate(self.model, names)
-        mark_trainable(self.model, self.peft_config, names)
+        mark_trainable(self.model, self.peft_config, names, self._train_active)
 
     def _remove_modules(self, adapter_name: str) -> None:
         for path, module in list(wrappers(self.model)):
@@ -249,9 +260,13 @@ class PeftModel(nn.Module):
             raise AdapterNameError(f"no adapter named '{adapter_name}'; adapters: {sorted(self.peft_config)}")
         self._remove_modules(adapter_name)
         del self.peft_config[adapter_name]
-        self._active = [n for n in self._active if n != adapter_name]
+        remaining = [n for n in self._active if n != adapter_name]
+        if not remaining and self.peft_config:
+            remaining = [next(iter(self.peft_config))]  # as the ecosystem does: another adapter takes over
+            self._train_active = True
+        self._active = remaining
         activate(self.model, self._active)
-        mark_trainable(self.model, self.peft_config, self._active)
+        mark_trainable(self.model, self.peft_config, self._active, self._train_active)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -271,15 +286,95 @@ class PeftModel(nn.Module):
             module.disabled = False
 
     # ------------------------------------------------------------------ forward
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.model(*args, **kwargs)
+    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The model's forward. ``adapter_names``: one adapter name per batch row (``"__base__"``: no adapter)."""
+        if adapter_names is None:
+            return self.base_model.model(*args, **kwargs)
+        with self._mixed_batch(adapter_names):
+            return self.base_model.model(*args, **kwargs)
 
-    def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.base_model.model.generate(*args, **kwargs)
+    def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
+        """The model's ``generate``; ``adapter_names`` as in :meth:`forward` (beams follow their input row)."""
+        if adapter_names is None:
+            return self.base_model.model.generate(*args, **kwargs)
+        with self._mixed_batch(adapter_names):
+            return self.base_model.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _mixed_batch(self, adapter_names: list[str]) -> Iterator[None]:
+        unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
+        if unknown:
+            raise AdapterNameError(
+                f"adapter_names has unknown adapter(s) {unknown}; adapters: {sorted(self.peft_config)} or '{BASE}'"
+            )
+        layers = [m for _, m in wrappers(self.model)]
+        if any(isinstance(m, AdaptedLayer) and m.merged for m in layers):
+            raise GraftkitError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
+        device = next((p.device for p in self.parameters()), None)
+        routing = Routing(list(adapter_names), device)
+        for module in layers:
+            module.routing = routing
+        try:
+            yield
+        finally:
+            for module in layers:
+                module.routing = None
 
     def get_base_model(self) -> nn.Module:
         """The transformers model (with adapters in it; see :meth:`unload` for a clean one)."""
         return self.base_model.model
+
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Add ``adapter_name``, a weighted combination of existing adapters (not activated, frozen).
+
+        ``combination_type``: ``svd``, ``linear``, ``cat``, ``ties``, ``dare_linear``, ``dare_ties``,
+        ``magnitude_prune`` and the ``*_svd`` forms of the last four (see the method's ``combine_into``).
+
+        Raises:
+            AdapterNameError: an unknown source adapter, or a taken name.
+            ConfigError: weights that do not match the adapters, ranks that the combination cannot mix.
+        """
+        for name in adapters:
+            if name not in self.peft_config:
+                raise AdapterNameError(f"no adapter named '{name}'; adapters: {sorted(self.peft_config)}")
+        if len(weights) != len(adapters):
+            raise ConfigError(f"add_weighted_adapter got {len(adapters)} adapters but {len(weights)} weights")
+        methods = {method_for(self.peft_config[a]) for a in adapters}
+        if len(methods) != 1:
+            kinds = sorted(m.peft_type for m in methods)
+            raise ConfigError(f"add_weighted_adapter needs adapters of one method, got {kinds}")
+        method = methods.pop()
+        shared = [p for p, m in wrappers(self.model)
+                  if isinstance(m, ModulesToSave) and sum(a in m.modules_to_save for a in adapters) > 1]
+        if shared:
+            raise ConfigError(f"adapters {adapters} each train their own copy of {shared} (modules_to_save); "
+                              "such copies cannot be combined")
+        paths = [p for p, m in wrappers(self.model)
+                 if isinstance(m, AdaptedLayer) and any(a in m.adapters for a in adapters)]
+        combination, config = method.weighted_config(
+            [self.peft_config[a] for a in adapters], combination_type, svd_rank, paths
+        )
+        self.add_adapter(adapter_name, config)
+        for _, module in wrappers(self.model):
+            if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
+                sources = [(module.adapters[a] if a in module.adapters else None, w) for a, w in zip(adapters, weights)]
+                method.combine_into(
+                    module.adapters[adapter_name], sources, combination, density=density,
+                    majority_sign_method=majority_sign_method, svd_clamp=svd_clamp,
+                    svd_full_matrices=svd_full_matrices, svd_driver=svd_driver,
+                )
 
     # ------------------------------------------------------------------ counting
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -570,5 +665,5 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
         raise ConfigError(f"{type(peft_config).__name__} cannot be injected into layers")
     inject(model, peft_config, adapter_name)
     activate(model, [adapter_name])
-    mark_trainable(model, {adapter_name: peft_config}, [adapter_name])
+    mark_trainable(model, {adapter_name: peft_config}, [adapter_name], train=not peft_config.inference_mode)
     return model

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 from torch import nn
 
-from .errors import ConfigError
+from .errors import ConfigError, UnsupportedError
 
 if TYPE_CHECKING:
     from .config import PeftConfig, TunerConfig
@@ -44,6 +44,19 @@ class Method:
     def supported_layers(cls) -> str:
         """Human-readable list of layer kinds, for error messages."""
         return "see the method's documentation"
+
+    @classmethod
+    def weighted_config(
+        cls, configs: list[TunerConfig], combination_type: str, svd_rank: int | None, target_paths: list[str]
+    ) -> tuple[str, TunerConfig]:
+        """(the combination to run, the config of the combined adapter) for ``add_weighted_adapter``."""
+        raise UnsupportedError(f"{cls.peft_type} adapters cannot be combined with add_weighted_adapter")
+
+    @classmethod
+    def combine_into(cls, target: nn.Module, sources: list[tuple[nn.Module | None, float]], combination_type: str,
+                     **options: object) -> None:
+        """Write the weighted combination of ``sources`` (adapter or None, weight) into ``target``, one layer."""
+        raise UnsupportedError(f"{cls.peft_type} adapters cannot be combined with add_weighted_adapter")
 
     @classmethod
     def extra_trainable(cls, model: nn.Module, config: TunerConfig) -> Iterator[tuple[str, nn.Parameter]]:

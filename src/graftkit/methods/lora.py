@@ -35,6 +35,7 @@ from torch import nn
 from ..config import PeftType, TunerConfig
 from ..errors import ConfigError, UnsupportedError
 from ..layer import AdaptedLayer
+from ..merging import COMBINATIONS, combine
 from ..registry import Method, register
 from ..weights import get_weight
 
@@ -205,6 +206,31 @@ class LoraLinear(nn.Module):
             base_out = F.linear(h, w)
         return y + (scale - 1) * base_out + scale * lora
 
+    @staticmethod
+    def mixed_forward(
+        adapters: list[LoraLinear | None],
+        index: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        base_layer: nn.Module,
+        cache: dict,
+    ) -> torch.Tensor | None:
+        """Every row with its own adapter in two batched matmuls (BGMV-style); ``None`` asks for the grouped path.
+
+        Args:
+            adapters: the adapter of each distinct name (``None``: that name has no adapter here, or is ``__base__``).
+            index: (B,) position in ``adapters`` of each row's adapter.
+        """
+        live = [a for a in adapters if a is not None]
+        if any(a.use_dora or (a.training and not isinstance(a.dropout, nn.Identity)) for a in live):
+            return None
+        a_stack, b_stack = _stacked(adapters, live, x.dtype, x.device, cache)
+        rows = x.shape[0]
+        x3 = x.reshape(rows, -1, x.shape[-1])  # (B, T, in)
+        h = torch.bmm(x3, a_stack[index].transpose(1, 2))  # (B, T, r_max)
+        out = torch.baddbmm(y.reshape(rows, -1, y.shape[-1]), h, b_stack[index].transpose(1, 2))  # (B, T, out)
+        return out.view(y.shape)
+
     def merge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         delta = self.delta_weight().to(weight.dtype)
         if not self.use_dora:
@@ -224,6 +250,36 @@ class LoraLinear(nn.Module):
         w = self._oi(weight) / self._dora_merge_scale[:, None] - delta
         self._dora_merge_scale = None
         return self._oi(w)
+
+
+def _stacked(adapters: list, live: list, dtype: torch.dtype, device: torch.device, cache: dict):
+    """A as (n, r_max, in) and s·B as (n, out, r_max), zero for missing adapters and padded ranks.
+
+    Cached while no adapter weight changes (parameter version counters) and gradients are off; with
+    gradients on, the stacks are rebuilt in the graph so training through a mixed batch works.
+    """
+    params = [t for a in live for t in (a.lora_A.weight, a.lora_B.weight)]
+    key = (dtype, device, tuple(id(a) for a in adapters))
+    versions = tuple(t._version for t in params)
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in params)
+    if not grad and key in cache and cache[key][0] == versions:
+        return cache[key][1]
+    r_max = max(a.lora_A.weight.shape[0] for a in live)
+    in_f, out_f = live[0].lora_A.weight.shape[1], live[0].lora_B.weight.shape[0]
+    a_rows, b_rows = [], []
+    for a in adapters:
+        if a is None:
+            a_rows.append(torch.zeros(r_max, in_f, dtype=dtype, device=device))
+            b_rows.append(torch.zeros(out_f, r_max, dtype=dtype, device=device))
+            continue
+        r = a.lora_A.weight.shape[0]
+        a_rows.append(F.pad(a.lora_A.weight.to(dtype), (0, 0, 0, r_max - r)))
+        b_rows.append(F.pad(a.lora_B.weight.to(dtype) * a.scaling, (0, r_max - r)))
+    stacks = (torch.stack(a_rows), torch.stack(b_rows))
+    if not grad:
+        cache.clear()
+        cache[key] = (versions, stacks)
+    return stacks
 
 
 class LoraEmbedding(nn.Module):
@@ -317,6 +373,29 @@ def _init_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> No
             nn.init.zeros_(b)
 
 
+def _ab(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) of any LoRA adapter: A is (r, in, ...), B is (out, r, ...)."""
+    if isinstance(adapter, LoraEmbedding):
+        return adapter.lora_embedding_A, adapter.lora_embedding_B
+    return adapter.lora_A.weight, adapter.lora_B.weight
+
+
+def _delta_native(adapter: nn.Module) -> torch.Tensor:
+    """s·B A in the base layer's own weight layout (Conv1D: (in, out); embeddings: (num, dim); convs: 4-D).
+
+    Random pruning (DARE) draws its mask in this layout, as the ecosystem does, so seeded results agree.
+    """
+    delta = adapter.delta_weight()
+    return delta.T if getattr(adapter, "fan_in_fan_out", False) else delta
+
+
+def _as_matrix(adapter: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+    """A native-layout delta as the (out, in) matrix that B A factors (embeddings: (dim, num))."""
+    if isinstance(adapter, LoraEmbedding) or getattr(adapter, "fan_in_fan_out", False):
+        return delta.T
+    return delta.flatten(1)
+
+
 _QKV = ["q_proj", "v_proj"]
 
 
@@ -378,6 +457,87 @@ class Lora(Method):
                 base_layer, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora, init, fan_in_fan_out
             )
         return None
+
+    @classmethod
+    def weighted_config(
+        cls, configs: list[LoraConfig], combination_type: str, svd_rank: int | None, target_paths: list[str]
+    ) -> tuple[str, LoraConfig]:
+        """Rank rules: ``cat`` adds the ranks, ``*svd`` takes ``svd_rank`` or the largest, the others need equal
+        ranks. The combined adapter has ``lora_alpha = r`` and targets every module any source adapts."""
+        if len(configs) == 1:
+            combination_type = "linear"
+        ranks = [c.r if not c.rank_pattern else max(c.r, *c.rank_pattern.values()) for c in configs]
+        if combination_type == "cat":
+            new_rank = sum(ranks)
+        elif combination_type == "svd" or (combination_type.endswith("_svd") and combination_type[:-4] in COMBINATIONS):
+            new_rank = svd_rank or max(ranks)
+        elif combination_type in COMBINATIONS:
+            if len(set(ranks)) != 1:
+                raise ConfigError(
+                    f"combination_type={combination_type!r} needs adapters of one rank, got ranks {ranks}; "
+                    "use 'cat' or 'svd' to combine different ranks"
+                )
+            new_rank = ranks[0]
+        else:
+            choices = ["svd", "cat", *COMBINATIONS, *(f"{c}_svd" for c in COMBINATIONS if c != "linear")]
+            raise ConfigError(f"unknown combination_type {combination_type!r}; expected one of {choices}")
+        config = dataclasses.replace(
+            configs[0].copy(), r=new_rank, lora_alpha=new_rank, target_modules=list(target_paths),
+            exclude_modules=None, layers_to_transform=None, layers_pattern=None, rank_pattern={}, alpha_pattern={},
+        )
+        return combination_type, config
+
+    @classmethod
+    def combine_into(
+        cls,
+        target: nn.Module,
+        sources: list[tuple[nn.Module | None, float]],
+        combination_type: str,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+        svd_clamp: float | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+    ) -> None:
+        """One layer of ``add_weighted_adapter``.
+
+        ``cat`` stacks the ranks (A rows scaled by wᵢ·sᵢ); ``linear``/``ties``/``dare_*``/``magnitude_prune``
+        combine A and B separately with weights ±√|wᵢ·sᵢ| and √|wᵢ·sᵢ|; the ``*svd`` types combine the full
+        updates sᵢ·BᵢAᵢ and factor the result with a truncated SVD (optionally clamped at a quantile).
+        """
+        t_a, t_b = _ab(target)
+        valid = [(a, w) for a, w in sources if a is not None]
+        with torch.no_grad():
+            t_a.zero_()
+            t_b.zero_()
+            if not valid:
+                return
+            if combination_type == "cat":
+                a_cat = torch.cat([_ab(a)[0] * (w * a.scaling) for a, w in valid], dim=0)
+                b_cat = torch.cat([_ab(a)[1] for a, _ in valid], dim=1)
+                t_a[: a_cat.shape[0]] = a_cat
+                t_b[:, : b_cat.shape[1]] = b_cat
+                return
+            weights = [w for _, w in valid]
+            if combination_type == "svd" or combination_type.endswith("_svd"):
+                kind = "linear" if combination_type == "svd" else combination_type[:-4]
+                native = combine([_delta_native(a) for a, _ in valid], weights, kind, density, majority_sign_method)
+                delta = _as_matrix(valid[0][0], native)
+                u, s, vh = torch.linalg.svd(delta, full_matrices=svd_full_matrices, driver=svd_driver)
+                r = t_a.shape[0]
+                u, vh = u[:, :r] * s[:r], vh[:r]  # B = U·diag(S), A = Vh, truncated to rank r
+                if svd_clamp is not None:
+                    high = torch.quantile(torch.cat([u.flatten(), vh.flatten()]), svd_clamp)
+                    u, vh = u.clamp(-high, high), vh.clamp(-high, high)
+                k = u.shape[1]
+                t_b.view(t_b.shape[0], -1)[:, :k] = u.to(t_b.dtype)
+                t_a.view(r, -1)[:k] = vh.to(t_a.dtype)
+                return
+            scaled = [w * a.scaling for a, w in valid]
+            w_a = [math.copysign(math.sqrt(abs(v)), 1.0 if v >= 0 else -1.0) for v in scaled]
+            w_b = [math.sqrt(abs(v)) for v in scaled]
+            t_a.copy_(combine([_ab(a)[0] for a, _ in valid], w_a, combination_type, density, majority_sign_method))
+            t_b.copy_(combine([_ab(a)[1] for a, _ in valid], w_b, combination_type, density, majority_sign_method))
 
     @classmethod
     def extra_trainable(cls, model: nn.Module, config: LoraConfig) -> Iterator[tuple[str, nn.Parameter]]:
