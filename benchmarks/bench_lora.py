@@ -7,6 +7,9 @@ For each model the same base weights, LoRA config and inputs are used by every v
 * ``graftkit``: LoRA training step (forward + backward + AdamW step on the adapter).
 * ``peft``    : the same step with HF peft (its defaults).
 
+A second table times inference: one adapter unmerged, a mixed batch of 4 adapters (``adapter_names``),
+and the adapter merged, each against the plain base model and peft.
+
 Measured: training-step time, memory of a training step, unmerged inference latency (``no_grad`` forward)
 against the plain base model. Repeats are interleaved across variants (ABCABC...) and the median is reported,
 so drift in machine speed hits every variant alike.
@@ -207,6 +210,78 @@ def bench_model(name: str, args: argparse.Namespace) -> list[tuple[str, str, flo
     return rows
 
 
+def _copy_adapters_into_peft(ours: nn.Module, theirs: nn.Module) -> None:
+    """Give the peft model graftkit's adapter weights (every adapter name), so both compute the same thing."""
+    theirs_params = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for key, p in ours.named_parameters():
+            if ".adapters." not in key:
+                continue
+            head, rest = key.split(".adapters.", 1)
+            adapter, ab, tail = rest.split(".", 2)
+            theirs_params[f"{head}.{ab}.{adapter}.{tail}"].copy_(p)
+
+
+def bench_inference(name: str, args: argparse.Namespace) -> list[tuple[str, str, float, float, float]]:
+    """Unmerged inference with one adapter, a mixed batch of 4 adapters, and merged inference, against the
+    base model and peft. The batch has 8 rows; in the mixed case rows cycle through the 4 adapters."""
+    import peft
+
+    dtype = getattr(torch, args.dtype)
+    _, seq = DEFAULT_SHAPES[name] if args.batch is None else (args.batch, args.seq)
+    rows = 8
+    base = build_model(name, args.device, dtype)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, base.config.vocab_size, (rows, seq), generator=g).to(args.device)
+    kwargs = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", init_lora_weights=False)
+    adapters = ["a0", "a1", "a2", "a3"]
+    ours = graftkit.get_peft_model(copy.deepcopy(base), graftkit.LoraConfig(**kwargs), adapter_name=adapters[0])
+    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs), adapter_name=adapters[0])
+    for a in adapters[1:]:
+        ours.add_adapter(a, graftkit.LoraConfig(**kwargs))
+        theirs.add_adapter(a, peft.LoraConfig(**kwargs))
+    _copy_adapters_into_peft(ours, theirs)
+    for m in (ours, theirs, base):
+        m.eval()
+    mixed_names = [adapters[i % 4] for i in range(rows)]
+    with torch.no_grad():  # sanity: same numbers
+        a = ours(input_ids=ids, adapter_names=mixed_names).logits
+        b = theirs(input_ids=ids, adapter_names=mixed_names).logits
+    assert (a - b).abs().max().item() < 1e-3 * max(1.0, b.abs().max().item())
+
+    def call(m: nn.Module, **kw) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                m(input_ids=ids, **kw)
+        return run
+
+    out = []
+    t = interleaved({"graftkit": call(ours), "peft": call(theirs), "base": call(base)}, args.device, args.warmup,
+                    args.repeats)
+    out.append((name, "unmerged, 1 adapter (ms)", t["graftkit"], t["peft"], t["base"]))
+    t = interleaved({"graftkit": call(ours, adapter_names=mixed_names), "peft": call(theirs, adapter_names=mixed_names),
+                     "base": call(base)}, args.device, args.warmup, args.repeats)
+    out.append((name, "mixed batch, 4 adapters (ms)", t["graftkit"], t["peft"], t["base"]))
+    ours.merge_adapter()
+    theirs.merge_adapter()
+    t = interleaved({"graftkit": call(ours), "peft": call(theirs), "base": call(base)}, args.device, args.warmup,
+                    args.repeats)
+    out.append((name, "merged (ms)", t["graftkit"], t["peft"], t["base"]))
+    del ours, theirs, base
+    gc.collect()
+    return out
+
+
+def print_table(rows: list[tuple[str, str, float, float, float]], reference: str) -> None:
+    header = f"| {'model':<14} | {'metric':<28} | {'graftkit':>9} | {'peft':>9} | {reference:>10} | " \
+             f"{'graftkit/peft':>13} | {'graftkit/' + reference:>16} |"
+    print(header)
+    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
+    for model, metric, ours, theirs, ref in rows:
+        print(f"| {model:<14} | {metric:<28} | {ours:>9.1f} | {theirs:>9.1f} | {ref:>10.1f} | "
+              f"{ours / theirs:>13.3f} | {ours / ref:>16.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -219,6 +294,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: all cores)")
+    parser.add_argument("--suite", default="all", choices=["all", "train", "inference"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -227,17 +303,19 @@ def main() -> None:
     print(f"graftkit {graftkit.__version__} | peft {peft.__version__} | torch {torch.__version__} | "
           f"{args.device} {args.dtype} | {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads | LoRA r={args.rank} all-linear, dropout={args.dropout}")
-    rows = []
-    for name in args.models.split(","):
-        rows += bench_model(name.strip(), args)
-    header = f"| {'model':<14} | {'metric':<24} | {'graftkit':>9} | {'peft':>9} | {'floor/base':>10} | " \
-             f"{'graftkit/peft':>13} | {'graftkit/floor':>14} |"
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    for model, metric, ours, theirs, floor in rows:
-        print(f"| {model:<14} | {metric:<24} | {ours:>9.1f} | {theirs:>9.1f} | {floor:>10.1f} | "
-              f"{ours / theirs:>13.3f} | {ours / floor:>14.3f} |")
-    print("floor/base: the frozen-base step for training rows, the plain base model for inference rows.")
+    names = [n.strip() for n in args.models.split(",")]
+    if args.suite in ("all", "train"):
+        rows = []
+        for name in names:
+            rows += bench_model(name, args)
+        print("\nTraining (floor: frozen base, forward + backward to the activations; inference row: plain base)")
+        print_table(rows, "floor")
+    if args.suite in ("all", "inference"):
+        rows = []
+        for name in names:
+            rows += bench_inference(name, args)
+        print("\nInference, 8 rows (base: the plain base model)")
+        print_table(rows, "base")
 
 
 if __name__ == "__main__":
