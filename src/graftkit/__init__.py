@@ -22,6 +22,7 @@ from .errors import (
     TargetError,
     UnsupportedError,
 )
+from .integrations import prepare_model_for_kbit_training
 from .methods import LoraConfig
 from .model import (
     PeftModel,
@@ -65,5 +66,6 @@ __all__ = [
     "UnsupportedError",
     "get_peft_model",
     "inject_adapter_in_model",
+    "prepare_model_for_kbit_training",
     "__version__",
 ]

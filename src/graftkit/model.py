@@ -31,6 +31,7 @@ from .inject import find_modules_to_save, inject, iter_modules
 from .io import load_adapter_tensors, resolve_adapter_dir, save_adapter_files
 from .layer import BASE, AdaptedLayer, ModulesToSave, Routing
 from .registry import method_for
+from .weights import dense_linear, is_quantized
 
 PREFIX = "base_model.model."
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")
@@ -320,6 +321,16 @@ class PeftModel(nn.Module):
             for module in layers:
                 module.routing = None
 
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
+        """Turn on the base model's gradient checkpointing, with gradients flowing from the (frozen) input
+        embeddings, so that adapters inside checkpointed blocks get gradients with reentrant checkpointing too."""
+        base = self.base_model.model
+        enable = getattr(base, "gradient_checkpointing_enable", None)
+        if enable is None:
+            raise GraftkitError(f"{type(base).__name__} has no gradient_checkpointing_enable()")
+        enable(gradient_checkpointing_kwargs=gradient_checkpointing_kwargs, **kwargs)
+        enable_input_grads(base)
+
     def get_base_model(self) -> nn.Module:
         """The transformers model (with adapters in it; see :meth:`unload` for a clean one)."""
         return self.base_model.model
@@ -412,6 +423,12 @@ class PeftModel(nn.Module):
             if name not in self.peft_config:
                 raise AdapterNameError(f"no adapter named '{name}'; adapters: {sorted(self.peft_config)}")
         layers = [(p, m) for p, m in wrappers(self.model) if isinstance(m, AdaptedLayer)]
+        if any(is_quantized(m.base_layer) for _, m in layers):
+            warnings.warn(
+                "merging into a quantized base layer re-quantizes the merged weight, which rounds the adapter's update "
+                "to the quantization grid; merge_and_unload(dequantize=True) gives a full-precision merged model",
+                stacklevel=3,
+            )
         done: list[AdaptedLayer] = []
         try:
             for path, module in layers:
@@ -423,15 +440,36 @@ class PeftModel(nn.Module):
             raise
 
     def merge_and_unload(
-        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        dequantize: bool = False,
     ) -> nn.Module:
         """Merge adapters into the base weights and return the plain base model (no graftkit modules left).
+
+        Args:
+            dequantize: on a quantized base (bitsandbytes 4/8-bit), first replace every quantized linear layer by a
+                full-precision ``nn.Linear`` and merge there: a full-precision merged model, with no re-quantization
+                rounding, that ``save_pretrained`` writes as an ordinary checkpoint.
 
         Raises:
             GraftkitError: with ``safe_merge``, if a merged weight would hold NaN/Inf (the model is unchanged).
         """
+        if dequantize:
+            self._dequantize_base()
         self._merge_all(adapter_names, safe_merge)
         return self._unwrap(merge=True)
+
+    def _dequantize_base(self) -> None:
+        config_dtype = getattr(getattr(self.model, "config", None), "dtype", None)
+        dtype = config_dtype if isinstance(config_dtype, torch.dtype) and config_dtype.is_floating_point else None
+        for path, module in list(self.model.named_modules()):
+            if path and is_quantized(module):
+                _replace(self.model, path, dense_linear(module, dtype))
+        quantizer = getattr(self.model, "hf_quantizer", None)
+        if quantizer is not None:  # the model is no longer quantized: drop transformers' record of it
+            quantizer.remove_quantization_config(self.model)
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the original base model."""
@@ -596,6 +634,18 @@ class PeftModel(nn.Module):
                 dst = expected.get(key, optional.get(key))
                 if dst is not None:
                     dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
+
+
+def enable_input_grads(model: nn.Module) -> None:
+    """Make the input embeddings' output require grad (the frozen-base gradient-checkpointing fix)."""
+    enable = getattr(model, "enable_input_require_grads", None)
+    if callable(enable):
+        enable()
+        return
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is None:
+        raise GraftkitError(f"cannot find the input embeddings of {type(model).__name__} to enable input gradients")
+    embeddings.register_forward_hook(lambda _module, _inputs, output: output.requires_grad_(True))
 
 
 def _replace(model: nn.Module, path: str, module: nn.Module) -> None:

@@ -39,8 +39,90 @@ def _is_plain(layer: nn.Module) -> bool:
     return type(weight) in (torch.Tensor, nn.Parameter) and weight.dtype.is_floating_point
 
 
-# Checked in order; quantized backends register before the plain entry so they win.
-_ACCESS: list[WeightAccess] = [WeightAccess(_is_plain, _plain_get, _plain_set)]
+
+
+# ---------------------------------------------------------------------------------------------- bitsandbytes
+# 4-bit (NF4/FP4, optional double quantization): the weight is a packed ``Params4bit`` with a ``quant_state``.
+def _own_weight(layer: nn.Module) -> object:
+    # The layer's own parameter, not one a wrapper passes through from its base layer.
+    return getattr(layer, "_parameters", {}).get("weight")
+
+
+def _is_bnb_4bit(layer: nn.Module) -> bool:
+    return type(_own_weight(layer)).__name__ == "Params4bit"
+
+
+def _get_bnb_4bit(layer: nn.Module) -> torch.Tensor:
+    import bitsandbytes as bnb
+
+    weight = layer.weight
+    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)  # (out, in) in the original dtype
+
+
+def _set_bnb_4bit(layer: nn.Module, dense: torch.Tensor) -> None:
+    import bitsandbytes as bnb
+
+    old = layer.weight
+    # A fresh Params4bit quantizes itself on .to(device) with the same format as the one it replaces.
+    layer.weight = bnb.nn.Params4bit(
+        dense.to(dtype=old.quant_state.dtype, device="cpu"), requires_grad=False, blocksize=old.blocksize,
+        compress_statistics=old.compress_statistics, quant_type=old.quant_type, quant_storage=old.quant_storage,
+        module=layer,
+    ).to(old.device)
+
+
+# 8-bit (LLM.int8()): int8 rows with one absmax scale per output row (``SCB``).
+def _is_bnb_8bit(layer: nn.Module) -> bool:
+    return type(_own_weight(layer)).__name__ == "Int8Params"
+
+
+def _scales_8bit(layer: nn.Module) -> torch.Tensor:
+    scales = getattr(layer.weight, "SCB", None)
+    return layer.state.SCB if scales is None else scales
+
+
+def _get_bnb_8bit(layer: nn.Module) -> torch.Tensor:
+    import bitsandbytes as bnb
+
+    return bnb.functional.int8_vectorwise_dequant(layer.weight.data, _scales_8bit(layer))  # (out, in) fp32
+
+
+def _set_bnb_8bit(layer: nn.Module, dense: torch.Tensor) -> None:
+    import bitsandbytes as bnb
+
+    old = layer.weight
+    layer.weight = bnb.nn.Int8Params(
+        dense.to(dtype=torch.float16, device="cpu"), requires_grad=False, has_fp16_weights=old.has_fp16_weights
+    ).to(old.device)
+    layer.state.reset_grads()  # drop the cached CB/SCB of the old weight
+    layer.state.CB, layer.state.SCB = None, None
+
+
+# Checked in order; quantized backends come before the plain entry.
+_ACCESS: list[WeightAccess] = [
+    WeightAccess(_is_bnb_4bit, _get_bnb_4bit, _set_bnb_4bit),
+    WeightAccess(_is_bnb_8bit, _get_bnb_8bit, _set_bnb_8bit),
+    WeightAccess(_is_plain, _plain_get, _plain_set),
+]
+
+
+def is_quantized(layer: nn.Module) -> bool:
+    """Whether ``layer`` stores its weight quantized (writing a weight back rounds it)."""
+    return any(access.matches(layer) for access in _ACCESS if access.matches is not _is_plain)
+
+
+def dense_linear(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Linear:
+    """A plain ``nn.Linear`` holding the dequantized weight (and bias) of a quantized linear layer."""
+    weight = get_weight(layer)
+    dtype = dtype or weight.dtype
+    bias = getattr(layer, "bias", None)
+    dense = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device, dtype=dtype)
+    with torch.no_grad():
+        dense.weight.copy_(weight.to(dtype))
+        if bias is not None:
+            dense.bias.copy_(bias.to(dtype))
+    dense.requires_grad_(False)
+    return dense
 
 
 def register_access(access: WeightAccess) -> None:

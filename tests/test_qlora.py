@@ -1,0 +1,160 @@
+"""QLoRA: adapters on bitsandbytes 4-bit / 8-bit bases, against HF peft on the same quantized base."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import graftkit
+from tests.conftest import randomize_adapters
+
+bnb = pytest.importorskip("bitsandbytes")
+peft = pytest.importorskip("peft")
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+warnings.filterwarnings("ignore", message=".*MatMul8bitLt.*")
+QUANT = {
+    "nf4-double-fp32": dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                            bnb_4bit_compute_dtype=torch.float32),
+    "fp4-bf16": dict(load_in_4bit=True, bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.bfloat16),
+    "int8": dict(load_in_8bit=True),
+}
+IDS = torch.tensor([[1, 5, 9, 33, 17, 2], [4, 4, 8, 61, 30, 12]])
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("llama64")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+                     ).save_pretrained(path)
+    return path
+
+
+def load(path, quant, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_pretrained(path, quantization_config=BitsAndBytesConfig(**QUANT[quant]),
+                                                    **kwargs).eval()
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits.float()
+
+
+def close(a, b, rel=1e-4):
+    return (a - b).abs().max().item() <= rel * b.abs().max().item()
+
+
+@pytest.mark.parametrize("dora", [False, True], ids=["lora", "dora"])
+@pytest.mark.parametrize("quant", sorted(QUANT))
+def test_quantized_adapters_match_peft_both_ways(base_dir, tmp_path, quant, dora):
+    kwargs = dict(r=4, lora_alpha=8, target_modules="all-linear", use_dora=dora, init_lora_weights=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(load(base_dir, quant), peft.LoraConfig(**kwargs)).eval()
+    randomize_adapters(theirs, std=0.1)
+    expected = logits(theirs)
+    assert not close(expected, logits(load(base_dir, quant)), rel=1e-3), "the adapter must change the output"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.save_pretrained(tmp_path / "peft")
+    ours = graftkit.PeftModel.from_pretrained(load(base_dir, quant), tmp_path / "peft")
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    assert type(layer.base_layer).__name__ in ("Linear4bit", "Linear8bitLt")  # quantized base, no subclass
+    assert close(logits(ours), expected), (logits(ours) - expected).abs().max()
+    ours.save_pretrained(tmp_path / "ours")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = peft.PeftModel.from_pretrained(load(base_dir, quant), tmp_path / "ours").eval()
+    assert close(logits(back), expected)
+
+
+@pytest.mark.parametrize("quant", sorted(QUANT))
+def test_trainable_parameter_counts_match_peft(base_dir, quant):
+    kwargs = dict(r=8, target_modules="all-linear")
+    ours = graftkit.get_peft_model(load(base_dir, quant), graftkit.LoraConfig(**kwargs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_peft_model(load(base_dir, quant), peft.LoraConfig(**kwargs))
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    total = ours.get_nb_trainable_parameters()[1]
+    dense = sum(p.numel() for p in LlamaForCausalLM.from_pretrained(base_dir).parameters())
+    assert total == dense + ours.get_nb_trainable_parameters()[0]  # 4-bit weights counted at their full size
+
+
+@pytest.mark.parametrize("quant", sorted(QUANT))
+def test_merge_into_quantized_and_dequantized_merge(base_dir, tmp_path, quant):
+    model = graftkit.get_peft_model(load(base_dir, quant), graftkit.LoraConfig(r=4, target_modules="all-linear"))
+    randomize_adapters(model, std=0.1)
+    expected = logits(model)
+    # Re-quantized merge: still quantized layers, the update rounded onto the quantization grid.
+    rounded = graftkit.PeftModel.from_pretrained(load(base_dir, quant), _save(model, tmp_path / "a"))
+    with pytest.warns(UserWarning, match="re-quantizes"):
+        merged_q = rounded.merge_and_unload()
+    assert type(merged_q.model.layers[0].self_attn.q_proj).__name__ in ("Linear4bit", "Linear8bitLt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_merged = peft.PeftModel.from_pretrained(load(base_dir, quant), tmp_path / "a").merge_and_unload()
+    reference = logits(peft_merged)  # peft's dequantize-add-requantize on the same base and adapter
+    print(quant, (logits(merged_q) - reference).abs().max().item(), (reference - expected).abs().max().item())
+    assert close(logits(merged_q), reference, rel=1e-3)
+    # Full-precision merge: plain nn.Linear layers, no quantization left, saved and reloaded as a normal model.
+    full = graftkit.PeftModel.from_pretrained(load(base_dir, quant), tmp_path / "a").merge_and_unload(dequantize=True)
+    assert not any(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in full.modules())
+    assert type(full.model.layers[0].self_attn.q_proj) is nn.Linear
+    # Against the same adapter on the dequantized (not merged) base, the merge is exact fp32 maths ...
+    dense_unmerged = graftkit.PeftModel.from_pretrained(load(base_dir, quant), tmp_path / "a")
+    dense_unmerged._dequantize_base()
+    assert close(logits(full), logits(dense_unmerged), rel=1e-5)
+    # ... and within bitsandbytes' own CPU matmul rounding (bf16 dequant, fp16 int8 activations) of the quantized model.
+    assert close(logits(full), expected, rel=2e-2)
+    full.save_pretrained(tmp_path / "merged")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "merged").eval()
+    assert close(logits(reloaded), logits(full), rel=1e-5)
+
+
+def _save(model, path):
+    model.save_pretrained(path)
+    return path
+
+
+def test_prepare_model_for_kbit_training_and_checkpointed_training(base_dir):
+    base = load(base_dir, "nf4-double-fp32", dtype=torch.bfloat16)
+    assert any(p.dtype == torch.bfloat16 for p in base.parameters())
+    base = graftkit.prepare_model_for_kbit_training(base, gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert not any(p.requires_grad for p in base.parameters())
+    assert {p.dtype for p in base.parameters() if type(p).__name__ != "Params4bit"} == {torch.float32}
+    assert base.is_gradient_checkpointing
+    model = graftkit.get_peft_model(base, graftkit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    _train_and_check(model)
+
+
+def test_gradient_checkpointing_on_full_precision_base(base_dir):
+    model = graftkit.get_peft_model(LlamaForCausalLM.from_pretrained(base_dir),
+                                    graftkit.LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    assert model.base_model.model.is_gradient_checkpointing
+    assert model.get_input_embeddings()(IDS).requires_grad  # input gradients enabled for the frozen base
+    _train_and_check(model)
+
+
+def _train_and_check(model):
+    model.train()
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    opt = torch.optim.AdamW([p for _, p in named], lr=2e-2)
+    losses = []
+    for step in range(12):
+        loss = model(input_ids=IDS, labels=IDS).loss
+        loss.backward()
+        if step == 0:  # B starts at zero, so A's first gradient is zero; every B must get one through checkpointing
+            assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in named if "lora_B" in n)
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses
