@@ -503,14 +503,13 @@ class PeftModel(nn.Module):
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.
 
         ``"default"`` goes into ``save_directory``, other adapters into ``save_directory/<name>``. Files are
-        replaced atomically: a failed save leaves the previous checkpoint intact.
+        replaced atomically: a failed save leaves the previous checkpoint intact. Under FSDP, call it on every
+        rank with ``is_main_process=(rank == 0)``: sharded adapter weights are gathered, then rank 0 writes.
 
         Args:
             save_embedding_layers: also save the base weights of adapted input/output embeddings;
                 ``"auto"`` does so when ``target_modules`` names ``embed_tokens`` or ``lm_head``.
         """
-        if not is_main_process:
-            return
         save_directory = os.fspath(save_directory)
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
@@ -528,6 +527,11 @@ class PeftModel(nn.Module):
             )
             if with_embeddings:
                 tensors.update(embedding_base_tensors(self.model))
+            # Sharded parameters (FSDP2 DTensors) are gathered on every rank, a collective call, before the
+            # main process writes: call save_pretrained on all ranks with is_main_process=(rank == 0).
+            tensors = {k: (t.full_tensor() if hasattr(t, "full_tensor") else t) for k, t in tensors.items()}
+            if not is_main_process:
+                continue
             out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
             save_adapter_files(out_dir, config.to_json_string(), tensors, safe_serialization)
 
