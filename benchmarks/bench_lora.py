@@ -7,7 +7,8 @@ For each model the same base weights, LoRA config and inputs are used by every v
 * ``graftkit``: LoRA training step (forward + backward + AdamW step on the adapter).
 * ``peft``    : the same step with HF peft (its defaults).
 
-A second table times inference: one adapter unmerged, a mixed batch of 4 adapters (``adapter_names``),
+A QLoRA table compares the training step and its memory on the same NF4 4-bit base (bitsandbytes).
+A last table times inference: one adapter unmerged, a mixed batch of 4 adapters (``adapter_names``),
 and the adapter merged, each against the plain base model and peft.
 
 Measured: training-step time, memory of a training step, unmerged inference latency (``no_grad`` forward)
@@ -272,14 +273,58 @@ def bench_inference(name: str, args: argparse.Namespace) -> list[tuple[str, str,
     return out
 
 
-def print_table(rows: list[tuple[str, str, float, float, float]], reference: str) -> None:
-    header = f"| {'model':<14} | {'metric':<28} | {'graftkit':>9} | {'peft':>9} | {reference:>10} | " \
-             f"{'graftkit/peft':>13} | {'graftkit/' + reference:>16} |"
+def bench_qlora(name: str, args: argparse.Namespace) -> list[tuple[str, str, float, float, float]]:
+    """QLoRA: the LoRA training step and its memory on the same NF4 (double-quantized) base, graftkit vs peft.
+
+    The base is written once to a temporary folder and loaded twice through transformers'
+    ``BitsAndBytesConfig``, so both libraries train on identical quantized weights."""
+    import tempfile
+
+    import peft
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    batch, seq = DEFAULT_SHAPES[name] if args.batch is None else (args.batch, args.seq)
+    with tempfile.TemporaryDirectory() as folder:
+        build_model(name, "cpu", torch.float32).save_pretrained(folder)
+        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                   bnb_4bit_compute_dtype=getattr(torch, args.dtype))
+
+        def load() -> nn.Module:
+            return AutoModelForCausalLM.from_pretrained(folder, quantization_config=quant, device_map=args.device)
+
+        kwargs = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear")
+        ours = graftkit.get_peft_model(graftkit.prepare_model_for_kbit_training(load(), False),
+                                       graftkit.LoraConfig(**kwargs))
+        theirs = peft.get_peft_model(peft.prepare_model_for_kbit_training(load(), False), peft.LoraConfig(**kwargs))
+    _copy_adapters_into_peft(ours, theirs)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, ours.config.vocab_size, (batch, seq), generator=g).to(args.device)
+    with torch.no_grad():
+        embeds = ours.get_input_embeddings()(ids)
+    variants = {"graftkit": Variant("graftkit", ours.train(), train=True),
+                "peft": Variant("peft", theirs.train(), train=True)}
+    step = interleaved({k: (lambda v=v: v.step(embeds, ids)) for k, v in variants.items()},
+                       args.device, args.warmup, args.repeats)
+    mem = {k: v.memory(embeds, ids, args.device) for k, v in variants.items()}
+    del variants, ours, theirs
+    gc.collect()
+    return [(name, "QLoRA nf4 train step (ms)", step["graftkit"], step["peft"], step["peft"]),
+            (name, "QLoRA step memory (MiB)", mem["graftkit"], mem["peft"], mem["peft"])]
+
+
+def print_table(rows: list[tuple[str, str, float, float, float]], reference: str | None) -> None:
+    """A markdown table; with ``reference=None`` the reference columns are left out."""
+    ref_head = f" {reference:>10} |" if reference else ""
+    ref_ratio = f" {'graftkit/' + reference:>16} |" if reference else ""
+    header = (f"| {'model':<14} | {'metric':<28} | {'graftkit':>9} | {'peft':>9} |{ref_head} {'graftkit/peft':>13} |"
+              f"{ref_ratio}")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for model, metric, ours, theirs, ref in rows:
-        print(f"| {model:<14} | {metric:<28} | {ours:>9.1f} | {theirs:>9.1f} | {ref:>10.1f} | "
-              f"{ours / theirs:>13.3f} | {ours / ref:>16.3f} |")
+        ref_cells = f" {ref:>10.1f} |" if reference else ""
+        ref_cells_ratio = f" {ours / ref:>16.3f} |" if reference else ""
+        print(f"| {model:<14} | {metric:<28} | {ours:>9.1f} | {theirs:>9.1f} |{ref_cells} {ours / theirs:>13.3f} |"
+              f"{ref_cells_ratio}")
 
 
 def main() -> None:
@@ -294,7 +339,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: all cores)")
-    parser.add_argument("--suite", default="all", choices=["all", "train", "inference"])
+    parser.add_argument("--suite", default="all", choices=["all", "train", "inference", "qlora"])
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -310,6 +355,12 @@ def main() -> None:
             rows += bench_model(name, args)
         print("\nTraining (floor: frozen base, forward + backward to the activations; inference row: plain base)")
         print_table(rows, "floor")
+    if args.suite in ("all", "qlora"):
+        rows = []
+        for name in names:
+            rows += bench_qlora(name, args)
+        print("\nQLoRA on a 4-bit NF4 base")
+        print_table(rows, None)
     if args.suite in ("all", "inference"):
         rows = []
         for name in names:

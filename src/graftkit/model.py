@@ -34,6 +34,7 @@ from .registry import method_for
 from .weights import dense_linear, is_quantized
 
 PREFIX = "base_model.model."
+_FORWARD_INPUTS: dict[type, frozenset[str]] = {}
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 
 
@@ -287,12 +288,52 @@ class PeftModel(nn.Module):
             module.disabled = False
 
     # ------------------------------------------------------------------ forward
-    def forward(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
-        """The model's forward. ``adapter_names``: one adapter name per batch row (``"__base__"``: no adapter)."""
+    def forward(
+        self,
+        *args: Any,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        decoder_input_ids: torch.Tensor | None = None,
+        decoder_attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        adapter_names: list[str] | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The model's forward. ``adapter_names``: one adapter name per batch row (``"__base__"``: no adapter).
+
+        The named inputs are the ones datasets carry; listing them lets tools that read this signature (the
+        transformers Trainer's ``remove_unused_columns``) keep those columns. Names the base model's forward does
+        not take are dropped; positional arguments and other keywords go through unchanged.
+        """
+        named = {
+            "input_ids": input_ids, "attention_mask": attention_mask, "inputs_embeds": inputs_embeds,
+            "labels": labels, "token_type_ids": token_type_ids, "position_ids": position_ids,
+            "decoder_input_ids": decoder_input_ids, "decoder_attention_mask": decoder_attention_mask,
+            "pixel_values": pixel_values, "start_positions": start_positions, "end_positions": end_positions,
+        }
+        accepted = self._forward_inputs()
+        kwargs.update({k: v for k, v in named.items() if v is not None and k in accepted})
         if adapter_names is None:
             return self.base_model.model(*args, **kwargs)
         with self._mixed_batch(adapter_names):
             return self.base_model.model(*args, **kwargs)
+
+    def _forward_inputs(self) -> frozenset[str]:
+        """Parameter names of the base model's forward (cached per base class)."""
+        cls = type(self.base_model.model)
+        cached = _FORWARD_INPUTS.get(cls)
+        if cached is None:
+            import inspect
+
+            cached = frozenset(inspect.signature(cls.forward).parameters)
+            _FORWARD_INPUTS[cls] = cached
+        return cached
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The model's ``generate``; ``adapter_names`` as in :meth:`forward` (beams follow their input row)."""
