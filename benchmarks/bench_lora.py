@@ -349,24 +349,17 @@ def main() -> None:
           f"{args.device} {args.dtype} | {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads | LoRA r={args.rank} all-linear, dropout={args.dropout}")
     names = [n.strip() for n in args.models.split(",")]
-    if args.suite in ("all", "train"):
-        rows = []
-        for name in names:
-            rows += bench_model(name, args)
-        print("\nTraining (floor: frozen base, forward + backward to the activations; inference row: plain base)")
-        print_table(rows, "floor")
-    if args.suite in ("all", "qlora"):
-        rows = []
-        for name in names:
-            rows += bench_qlora(name, args)
-        print("\nQLoRA on a 4-bit NF4 base")
-        print_table(rows, None)
-    if args.suite in ("all", "inference"):
-        rows = []
-        for name in names:
-            rows += bench_inference(name, args)
-        print("\nInference, 8 rows (base: the plain base model)")
-        print_table(rows, "base")
+    suites = [
+        ("train", bench_model, "Training (floor: frozen base, forward + backward to the activations; "
+                               "inference row: plain base)", "floor"),
+        ("qlora", bench_qlora, "QLoRA on a 4-bit NF4 base", None),
+        ("inference", bench_inference, "Inference, 8 rows (base: the plain base model)", "base"),
+    ]
+    for key, bench, title, reference in suites:
+        if args.suite in ("all", key):
+            rows = [row for name in names for row in bench(name, args)]
+            print("\n" + title)
+            print_table(rows, reference)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ from torch import nn
 
 from .config import PeftConfig, TaskType, TunerConfig
 from .errors import AdapterNameError, CheckpointError, ConfigError, GraftkitError, TargetError
-from .inject import find_modules_to_save, inject, iter_modules
+from .inject import find_modules_to_save, inject, iter_modules, set_submodule
 from .io import load_adapter_tensors, resolve_adapter_dir, save_adapter_files
 from .layer import BASE, AdaptedLayer, ModulesToSave, Routing
 from .registry import method_for
@@ -250,11 +250,11 @@ class PeftModel(nn.Module):
             if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
                 module.remove(adapter_name)
                 if not module.adapters:
-                    _replace(self.model, path, module.base_layer)
+                    set_submodule(self.model, path, module.base_layer)
             elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
                 module.remove(adapter_name)
                 if not module.modules_to_save:
-                    _replace(self.model, path, module.original_module)
+                    set_submodule(self.model, path, module.original_module)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter and its modules; the remaining active adapters stay active."""
@@ -507,7 +507,7 @@ class PeftModel(nn.Module):
         dtype = config_dtype if isinstance(config_dtype, torch.dtype) and config_dtype.is_floating_point else None
         for path, module in list(self.model.named_modules()):
             if path and is_quantized(module):
-                _replace(self.model, path, dense_linear(module, dtype))
+                set_submodule(self.model, path, dense_linear(module, dtype))
         quantizer = getattr(self.model, "hf_quantizer", None)
         if quantizer is not None:  # the model is no longer quantized: drop transformers' record of it
             quantizer.remove_quantization_config(self.model)
@@ -520,9 +520,9 @@ class PeftModel(nn.Module):
     def _unwrap(self, merge: bool) -> nn.Module:
         for path, module in list(wrappers(self.model)):
             if isinstance(module, AdaptedLayer):
-                _replace(self.model, path, module.base_layer)
+                set_submodule(self.model, path, module.base_layer)
             else:
-                _replace(self.model, path, module.current() if merge else module.original_module)
+                set_submodule(self.model, path, module.current() if merge else module.original_module)
         return self.model
 
     # ------------------------------------------------------------------ save / load
@@ -691,12 +691,6 @@ def enable_input_grads(model: nn.Module) -> None:
     if embeddings is None:
         raise GraftkitError(f"cannot find the input embeddings of {type(model).__name__} to enable input gradients")
     embeddings.register_forward_hook(lambda _module, _inputs, output: output.requires_grad_(True))
-
-
-def _replace(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_name, _, child = path.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
 
 
 class PeftModelForCausalLM(PeftModel):
