@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -17,9 +18,16 @@ SCRIPT = os.path.join(os.path.dirname(__file__), "distributed", "train_lora.py")
 STEPS = "4"
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def _run(args, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.path.dirname(os.path.dirname(SCRIPT))}
-    result = subprocess.run(args, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    # Loopback only: gloo otherwise picks the interface the hostname resolves to, which can hang a sandbox.
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo", "MASTER_ADDR": "127.0.0.1"}
+    result = subprocess.run(args, capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -32,8 +40,8 @@ def single(tmp_path_factory):
 
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_process_training_matches_single_process(single, tmp_path, mode):
-    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", SCRIPT, mode,
-          str(tmp_path / "adapter"), STEPS], tmp_path)
+    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+          "--master_port", str(_free_port()), SCRIPT, mode, str(tmp_path / "adapter"), STEPS], tmp_path)
     assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
     ours, reference = load_file(tmp_path / "adapter" / "adapter_model.safetensors"), load_file(
         single / "adapter_model.safetensors")
