@@ -1,4 +1,5 @@
-"""DDP and FSDP2 (torchrun, 2 CPU processes over gloo) train the same adapter as one process on the same batch."""
+"""DDP and FSDP2 (torchrun) and accelerate's DDP (accelerate launch), 2 CPU processes over gloo, train the same
+adapter as one process on the same batch."""
 
 from __future__ import annotations
 
@@ -38,10 +39,18 @@ def single(tmp_path_factory):
     return out / "adapter"
 
 
-@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def _launcher(mode: str) -> list[str]:
+    port = str(_free_port())
+    if mode == "accelerate":
+        return [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2", "--num_machines",
+                "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", port]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", port]
+
+
+@pytest.mark.parametrize("mode", ["ddp", "fsdp", "accelerate"])
 def test_two_process_training_matches_single_process(single, tmp_path, mode):
-    _run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-          "--master_port", str(_free_port()), SCRIPT, mode, str(tmp_path / "adapter"), STEPS], tmp_path)
+    _run([*_launcher(mode), SCRIPT, mode, str(tmp_path / "adapter"), STEPS], tmp_path)
     assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
     ours, reference = load_file(tmp_path / "adapter" / "adapter_model.safetensors"), load_file(
         single / "adapter_model.safetensors")

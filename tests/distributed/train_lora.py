@@ -2,6 +2,7 @@
 
     python tests/distributed/train_lora.py single OUT STEPS
     torchrun --nproc_per_node 2 tests/distributed/train_lora.py {ddp,fsdp} OUT STEPS
+    accelerate launch --cpu --num_processes 2 tests/distributed/train_lora.py accelerate OUT STEPS
 
 Every mode sees the same global batch of 8 rows (each of 2 ranks takes 4), so after the same number of steps
 the adapters must agree with the single-process run.
@@ -27,7 +28,7 @@ def main() -> None:
     faulthandler.dump_traceback_later(100, exit=True)  # a hung collective fails with every thread's stack
     mode, out_dir, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
     rank, world = 0, 1
-    if mode != "single":
+    if mode in ("ddp", "fsdp"):
         dist.init_process_group("gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
@@ -38,6 +39,14 @@ def main() -> None:
     rows = 8 // world
     local = ids[rank * rows : (rank + 1) * rows]
     runner = model
+    accelerator = None
+    if mode == "accelerate":  # launched with `accelerate launch --num_processes 2 --cpu`: DDP through Accelerator
+        from accelerate import Accelerator
+
+        accelerator = Accelerator(cpu=True)
+        rank, world = accelerator.process_index, accelerator.num_processes
+        rows = 8 // world
+        local = ids[rank * rows : (rank + 1) * rows]
     if mode == "ddp":
         runner = torch.nn.parallel.DistributedDataParallel(model)
     elif mode == "fsdp":
@@ -47,13 +56,22 @@ def main() -> None:
             fully_shard(layer)
         fully_shard(model)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    if accelerator is not None:
+        runner, opt = accelerator.prepare(model, opt)
     for _ in range(steps):
         loss = runner(input_ids=local, labels=local).loss
-        loss.backward()
+        if accelerator is not None:
+            accelerator.backward(loss)
+        else:
+            loss.backward()
         opt.step()
         opt.zero_grad()
-    model.save_pretrained(out_dir, is_main_process=rank == 0)
-    if mode != "single":
+    if accelerator is not None:
+        accelerator.unwrap_model(runner).save_pretrained(out_dir, is_main_process=accelerator.is_main_process)
+        accelerator.wait_for_everyone()
+    else:
+        model.save_pretrained(out_dir, is_main_process=rank == 0)
+    if mode not in ("single", "accelerate"):
         dist.barrier()  # nobody tears gloo down while a peer still talks to it
         dist.destroy_process_group()
 
