@@ -17,8 +17,8 @@ so drift in machine speed hits every variant alike.
 
 Memory: on CUDA, the peak allocated during a step above what was allocated before it. On CPU there is no
 allocator peak to read, so the table shows the bytes autograd saves for backward during the forward
-(distinct storages, counted once) plus adapter gradients and optimizer state: the part of a step's memory
-that a PEFT library controls.
+(distinct storages, counted once, the model's own weights left out since they stay alive anyway) plus adapter
+gradients and optimizer state: the part of a step's memory that a PEFT library controls.
 
 Usage::
 
@@ -79,13 +79,16 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def saved_bytes(fn: Callable[[], torch.Tensor]) -> tuple[int, torch.Tensor]:
-    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs its forward."""
+def saved_bytes(fn: Callable[[], torch.Tensor], model: nn.Module) -> tuple[int, torch.Tensor]:
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs its forward, leaving out the
+    model's own parameters and buffers (saving a reference to a live weight costs no memory)."""
+    resident = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     seen: dict[int, int] = {}
 
     def pack(t: torch.Tensor):
         storage = t.untyped_storage()
-        seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in resident:
+            seen[storage.data_ptr()] = storage.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -122,7 +125,7 @@ class Variant:
             self.step(embeds, labels)
             torch.cuda.synchronize()
             return (torch.cuda.max_memory_allocated() - before) / 2**20
-        nbytes, loss = saved_bytes(lambda: self.loss(embeds, labels))
+        nbytes, loss = saved_bytes(lambda: self.loss(embeds, labels), self.model)
         loss.backward()
         state = sum(p.numel() * p.element_size() for p in self.params)
         extra = state * (3 if self.opt is not None else 0)  # grad + AdamW exp_avg + exp_avg_sq

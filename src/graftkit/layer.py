@@ -126,8 +126,15 @@ class AdaptedLayer(nn.Module):
             if self.merged:
                 self.unmerge()
             return self.base_layer(x, *args, **kwargs)
-        y = self.base_layer(x, *args, **kwargs)
         adapters = self.adapters
+        if self.routing is None and not self.merged and not args and not kwargs and len(self.active) == 1:
+            # One adapter on the layer: let it compute base + update in one fused step where it can.
+            name = self.active[0]
+            fused = getattr(adapters[name], "fused_forward", None) if name in adapters else None
+            y = fused(x, self.base_layer) if fused is not None else None
+            if y is not None:
+                return y
+        y = self.base_layer(x, *args, **kwargs)
         if self.routing is not None:
             return self._mixed_forward(x, y)
         for name in self.active:

@@ -34,6 +34,7 @@ from torch import nn
 
 from ..config import PeftType, TunerConfig
 from ..errors import ConfigError, UnsupportedError
+from ..kernels.lora import FusedLoraLinear, can_fuse
 from ..layer import AdaptedLayer
 from ..merging import COMBINATIONS, combine
 from ..registry import Method, register
@@ -182,6 +183,16 @@ class LoraLinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """s · B A as (out, in)."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
+        """``base_layer(x)`` plus this adapter in one fused node, or ``None`` where that would not be exact."""
+        if self.use_dora or not (isinstance(self.dropout, nn.Identity) or not self.training):
+            return None
+        if not can_fuse(base_layer, x):
+            return None
+        a = self.lora_A.weight.to(x.dtype)
+        b = self.lora_B.weight.to(x.dtype)
+        return FusedLoraLinear.apply(x, base_layer.weight, base_layer.bias, a, b, self.scaling)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         dtype = x.dtype
