@@ -121,3 +121,14 @@ def test_fused_path_is_skipped_where_not_exact(monkeypatch, case):
     model(**token_batch())
     expected = {"hook": 1}.get(case, 0)  # with a hook only the hooked layer leaves the fused path
     assert len(calls) == expected
+
+
+def test_autocast_training_takes_the_plain_path(monkeypatch):
+    calls = _count_fused(monkeypatch)
+    model = graftkit.get_peft_model(tiny_llama(), graftkit.LoraConfig(r=4, target_modules="all-linear")).train()
+    x = token_batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**x, labels=x["input_ids"]).loss
+    loss.backward()
+    assert calls == [] and torch.isfinite(loss)
+    assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)

@@ -14,7 +14,7 @@ third buffer; this saves that buffer and pass, and skips ``dx`` entirely when th
 saves only x (the input itself), h and the weights.
 
 Used only where it is exact: a plain ``nn.Linear`` base with no hooks and a frozen weight, LoRA without DoRA,
-dropout inactive, matching dtypes. Everything else takes the plain path.
+dropout inactive, matching dtypes, no autocast. Everything else takes the plain path.
 """
 
 from __future__ import annotations
@@ -60,5 +60,7 @@ def can_fuse(base: nn.Module, x: torch.Tensor) -> bool:
     if not ENABLED or type(base) is not nn.Linear or base._forward_hooks or base._forward_pre_hooks:
         return False
     if nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks:
+        return False
+    if torch.is_autocast_enabled(x.device.type):  # autocast recasts ops one by one; the plain path follows it
         return False
     return not base.weight.requires_grad and base.weight.dtype == x.dtype
