@@ -8,8 +8,8 @@ For each model the same base weights, LoRA config and inputs are used by every v
 * ``peft``    : the same step with HF peft (its defaults).
 
 A QLoRA table compares the training step and its memory on the same NF4 4-bit base (bitsandbytes).
-A last table times inference: one adapter unmerged, a mixed batch of 4 adapters (``adapter_names``),
-and the adapter merged, each against the plain base model and peft.
+A last table times inference against the plain base model and peft: one adapter unmerged, mixed batches of 1, 4
+and 16 distinct adapters (``adapter_names``), greedy generation, the adapter merged, and the merge itself.
 
 Measured: training-step time, memory of a training step, unmerged inference latency (``no_grad`` forward)
 against the plain base model. Repeats are interleaved across variants (ABCABC...) and the median is reported,
@@ -155,6 +155,14 @@ def interleaved(fns: dict[str, Callable[[], None]], device: str, warmup: int, re
 
 # ---------------------------------------------------------------------------------------------- one model
 def bench_model(name: str, args: argparse.Namespace) -> list[tuple[str, str, float, float, float]]:
+    rows = []
+    for dropout in (float(d) for d in args.dropouts.split(",")):
+        args.dropout = dropout
+        rows += bench_train(name, args)
+    return rows
+
+
+def bench_train(name: str, args: argparse.Namespace) -> list[tuple[str, str, float, float, float]]:
     import peft
 
     dtype = getattr(torch, args.dtype)
@@ -193,9 +201,10 @@ def bench_model(name: str, args: argparse.Namespace) -> list[tuple[str, str, flo
     rows: list[tuple[str, str, float, float, float]] = []
     train = interleaved({k: (lambda v=v: v.step(embeds, ids)) for k, v in variants.items()},
                         args.device, args.warmup, args.repeats)
-    rows.append((name, "train step (ms)", train["graftkit"], train["peft"], train["floor"]))
+    tag = f", dropout {args.dropout:g}"
+    rows.append((name, "train step (ms)" + tag, train["graftkit"], train["peft"], train["floor"]))
     mem = {k: v.memory(embeds, ids, args.device) for k, v in variants.items()}
-    rows.append((name, "step memory (MiB)", mem["graftkit"], mem["peft"], mem["floor"]))
+    rows.append((name, "step memory (MiB)" + tag, mem["graftkit"], mem["peft"], mem["floor"]))
 
     for v in variants.values():
         v.model.eval()
@@ -208,7 +217,7 @@ def bench_model(name: str, args: argparse.Namespace) -> list[tuple[str, str, flo
 
     latency = interleaved({"graftkit": infer(ours_model), "peft": infer(theirs_model), "base": infer(floor_model)},
                           args.device, args.warmup, args.repeats)
-    rows.append((name, "unmerged inference (ms)", latency["graftkit"], latency["peft"], latency["base"]))
+    rows.append((name, "unmerged inference (ms)" + tag, latency["graftkit"], latency["peft"], latency["base"]))
     del variants, ours_model, theirs_model, base
     gc.collect()
     return rows
@@ -227,18 +236,18 @@ def _copy_adapters_into_peft(ours: nn.Module, theirs: nn.Module) -> None:
 
 
 def bench_inference(name: str, args: argparse.Namespace) -> list[tuple[str, str, float, float, float]]:
-    """Unmerged inference with one adapter, a mixed batch of 4 adapters, and merged inference, against the
-    base model and peft. The batch has 8 rows; in the mixed case rows cycle through the 4 adapters."""
+    """Inference against the base model and peft, 16 rows: one adapter unmerged; mixed batches (``adapter_names``)
+    of 1, 4 and 16 distinct adapters; greedy generation of 16 tokens; the adapter merged; and the time to merge."""
     import peft
 
     dtype = getattr(torch, args.dtype)
     _, seq = DEFAULT_SHAPES[name] if args.batch is None else (args.batch, args.seq)
-    rows = 8
+    rows = 16
     base = build_model(name, args.device, dtype)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, base.config.vocab_size, (rows, seq), generator=g).to(args.device)
     kwargs = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", init_lora_weights=False)
-    adapters = ["a0", "a1", "a2", "a3"]
+    adapters = [f"a{i}" for i in range(16)]
     ours = graftkit.get_peft_model(copy.deepcopy(base), graftkit.LoraConfig(**kwargs), adapter_name=adapters[0])
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs), adapter_name=adapters[0])
     for a in adapters[1:]:
@@ -247,10 +256,10 @@ def bench_inference(name: str, args: argparse.Namespace) -> list[tuple[str, str,
     _copy_adapters_into_peft(ours, theirs)
     for m in (ours, theirs, base):
         m.eval()
-    mixed_names = [adapters[i % 4] for i in range(rows)]
+    mixed = {k: [adapters[i % k] for i in range(rows)] for k in (1, 4, 16)}
     with torch.no_grad():  # sanity: same numbers
-        a = ours(input_ids=ids, adapter_names=mixed_names).logits
-        b = theirs(input_ids=ids, adapter_names=mixed_names).logits
+        a = ours(input_ids=ids, adapter_names=mixed[16]).logits
+        b = theirs(input_ids=ids, adapter_names=mixed[16]).logits
     assert (a - b).abs().max().item() < 1e-3 * max(1.0, b.abs().max().item())
 
     def call(m: nn.Module, **kw) -> Callable[[], None]:
@@ -259,18 +268,33 @@ def bench_inference(name: str, args: argparse.Namespace) -> list[tuple[str, str,
                 m(input_ids=ids, **kw)
         return run
 
-    out = []
-    t = interleaved({"graftkit": call(ours), "peft": call(theirs), "base": call(base)}, args.device, args.warmup,
-                    args.repeats)
-    out.append((name, "unmerged, 1 adapter (ms)", t["graftkit"], t["peft"], t["base"]))
-    t = interleaved({"graftkit": call(ours, adapter_names=mixed_names), "peft": call(theirs, adapter_names=mixed_names),
-                     "base": call(base)}, args.device, args.warmup, args.repeats)
-    out.append((name, "mixed batch, 4 adapters (ms)", t["graftkit"], t["peft"], t["base"]))
+    def generate(m: nn.Module) -> Callable[[], None]:
+        def run() -> None:
+            with torch.no_grad():
+                m.generate(input_ids=ids[:, :32], attention_mask=torch.ones_like(ids[:, :32]), max_new_tokens=16,
+                           min_new_tokens=16, do_sample=False, pad_token_id=0)
+        return run
+
+    def timed_rows(label: str, ours_fn, theirs_fn, base_fn) -> tuple[str, str, float, float, float]:
+        t = interleaved({"graftkit": ours_fn, "peft": theirs_fn, "base": base_fn}, args.device, args.warmup,
+                        args.repeats)
+        return (name, label, t["graftkit"], t["peft"], t["base"])
+
+    out = [timed_rows("unmerged, 1 adapter (ms)", call(ours), call(theirs), call(base))]
+    for k in (1, 4, 16):
+        out.append(timed_rows(f"mixed, {k} adapter(s) (ms)", call(ours, adapter_names=mixed[k]),
+                              call(theirs, adapter_names=mixed[k]), call(base)))
+    out.append(timed_rows("generate 16 tokens (ms)", generate(ours), generate(theirs), generate(base)))
+    merge_ms = {"graftkit": [], "peft": []}
+    for _ in range(args.repeats):
+        for key, m in (("graftkit", ours), ("peft", theirs)):
+            merge_ms[key].append(timed(m.merge_adapter, args.device))
+            m.unmerge_adapter()
     ours.merge_adapter()
     theirs.merge_adapter()
-    t = interleaved({"graftkit": call(ours), "peft": call(theirs), "base": call(base)}, args.device, args.warmup,
-                    args.repeats)
-    out.append((name, "merged (ms)", t["graftkit"], t["peft"], t["base"]))
+    out.append(timed_rows("merged (ms)", call(ours), call(theirs), call(base)))
+    merge = {k: statistics.median(v) for k, v in merge_ms.items()}
+    out.append((name, "merge_adapter time (ms)", merge["graftkit"], merge["peft"], float("nan")))
     del ours, theirs, base
     gc.collect()
     return out
@@ -319,14 +343,14 @@ def print_table(rows: list[tuple[str, str, float, float, float]], reference: str
     """A markdown table; with ``reference=None`` the reference columns are left out."""
     ref_head = f" {reference:>10} |" if reference else ""
     ref_ratio = f" {'graftkit/' + reference:>16} |" if reference else ""
-    header = (f"| {'model':<14} | {'metric':<28} | {'graftkit':>9} | {'peft':>9} |{ref_head} {'graftkit/peft':>13} |"
+    header = (f"| {'model':<14} | {'metric':<38} | {'graftkit':>9} | {'peft':>9} |{ref_head} {'graftkit/peft':>13} |"
               f"{ref_ratio}")
     print(header)
     print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
     for model, metric, ours, theirs, ref in rows:
         ref_cells = f" {ref:>10.1f} |" if reference else ""
         ref_cells_ratio = f" {ours / ref:>16.3f} |" if reference else ""
-        print(f"| {model:<14} | {metric:<28} | {ours:>9.1f} | {theirs:>9.1f} |{ref_cells} {ours / theirs:>13.3f} |"
+        print(f"| {model:<14} | {metric:<38} | {ours:>9.1f} | {theirs:>9.1f} |{ref_cells} {ours / theirs:>13.3f} |"
               f"{ref_cells_ratio}")
 
 
@@ -336,7 +360,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--models", default="tiny-llama,smollm2-135m")
     parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--dropout", type=float, default=0.0)
+    parser.add_argument("--dropouts", default="0,0.05", help="LoRA dropouts for the training table")
     parser.add_argument("--batch", type=int)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--warmup", type=int, default=2)
@@ -350,19 +374,26 @@ def main() -> None:
 
     print(f"graftkit {graftkit.__version__} | peft {peft.__version__} | torch {torch.__version__} | "
           f"{args.device} {args.dtype} | {platform.processor() or platform.machine()}, "
-          f"{torch.get_num_threads()} threads | LoRA r={args.rank} all-linear, dropout={args.dropout}")
+          f"{torch.get_num_threads()} threads | LoRA r={args.rank} all-linear")
     names = [n.strip() for n in args.models.split(",")]
     suites = [
         ("train", bench_model, "Training (floor: frozen base, forward + backward to the activations; "
                                "inference row: plain base)", "floor"),
         ("qlora", bench_qlora, "QLoRA on a 4-bit NF4 base", None),
-        ("inference", bench_inference, "Inference, 8 rows (base: the plain base model)", "base"),
+        ("inference", bench_inference, "Inference, 16 rows (base: the plain base model; merge time has none)",
+         "base"),
     ]
     for key, bench, title, reference in suites:
         if args.suite in ("all", key):
             rows = [row for name in names for row in bench(name, args)]
             print("\n" + title)
             print_table(rows, reference)
+            if key == "inference":
+                for name in names:
+                    by = {metric: (ours, theirs) for model, metric, ours, theirs, _ in rows if model == name}
+                    single, mixed16 = by["unmerged, 1 adapter (ms)"], by["mixed, 16 adapter(s) (ms)"]
+                    print(f"{name}: mixed batch of 16 adapters / single-adapter prefill: graftkit "
+                          f"{mixed16[0] / single[0]:.3f}, peft {mixed16[1] / single[1]:.3f}")
 
 
 if __name__ == "__main__":
