@@ -81,7 +81,8 @@ class AdaptedLayer(nn.Module):
 
     Attributes:
         base_layer: the original module, called unchanged.
-        adapters: adapter name -> adapter module (``adapter(x, y, base_layer) -> y'``).
+        adapters: adapter name -> adapter module (``adapter(x, y, base_layer) -> y'``; ``merge(w, base_layer)`` and
+            ``unmerge(w, base_layer)`` may update the dense weight ``w`` in place and return it).
         active: names of the adapters applied in forward, in order.
         merged: names of the adapters currently folded into the base weight, in merge order.
         disabled: when set, forward is the base layer alone.
@@ -171,8 +172,9 @@ class AdaptedLayer(nn.Module):
         todo = [n for n in (self.active if names is None else names) if n in self.adapters and n not in self.merged]
         if not todo:
             return
-        weight = get_weight(self.base_layer)
-        merged = weight
+        merged = get_weight(self.base_layer)  # plain layers: the live weight, which adapters update in place
+        if safe_merge:
+            merged = merged.clone()  # check before anything is written
         for name in todo:
             merged = self.adapters[name].merge(merged, self.base_layer)
         if safe_merge and not torch.isfinite(merged).all():

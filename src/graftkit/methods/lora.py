@@ -242,25 +242,36 @@ class LoraLinear(nn.Module):
         out = torch.baddbmm(y.reshape(rows, -1, y.shape[-1]), h, b_stack[index].transpose(1, 2))  # (B, T, out)
         return out.view(y.shape)
 
+    def _add_update(self, weight: torch.Tensor, sign: float) -> torch.Tensor:
+        """weight ± s·B A, in place: one GEMM with the add in its epilogue when the dtypes agree (no delta tensor);
+        otherwise the update is formed in the adapter's (fp32) dtype and added."""
+        w = self._oi(weight)  # (out, in) view of the weight
+        a, b = self.lora_A.weight.detach(), self.lora_B.weight.detach()
+        if w.dtype == a.dtype:
+            w.addmm_(b, a, alpha=sign * self.scaling)
+        else:
+            w.add_((b @ a).mul_(sign * self.scaling).to(w.dtype))
+        return weight
+
     def merge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        delta = self.delta_weight().to(weight.dtype)
         if not self.use_dora:
-            return weight + (delta.T if self.fan_in_fan_out else delta)
+            return self._add_update(weight, 1.0)
         w = self._oi(weight)
-        norm = self._row_norm(w, delta)
-        scale = (self.lora_magnitude_vector.to(weight.dtype) / norm).detach()
+        delta = self.delta_weight().detach().to(weight.dtype)
+        scale = (self.lora_magnitude_vector.detach().to(weight.dtype) / self._row_norm(w, delta))  # (out,)
         self._dora_merge_scale = scale
-        return self._oi(scale[:, None] * (w + delta))
+        w.add_(delta).mul_(scale[:, None])
+        return weight
 
     def unmerge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        delta = self.delta_weight().to(weight.dtype)
         if not self.use_dora:
-            return weight - (delta.T if self.fan_in_fan_out else delta)
+            return self._add_update(weight, -1.0)
         if self._dora_merge_scale is None:
             raise RuntimeError("DoRA unmerge without a recorded merge scale")
-        w = self._oi(weight) / self._dora_merge_scale[:, None] - delta
+        w = self._oi(weight)
+        w.div_(self._dora_merge_scale[:, None]).sub_(self.delta_weight().detach().to(weight.dtype))
         self._dora_merge_scale = None
-        return self._oi(w)
+        return weight
 
 
 def _stacked(adapters: list, live: list, dtype: torch.dtype, device: torch.device, cache: dict):
@@ -326,10 +337,10 @@ class LoraEmbedding(nn.Module):
         return y + (h * self.scaling) @ b.T
 
     def merge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return weight + self.delta_weight().to(weight.dtype)
+        return weight.add_(self.delta_weight().detach().to(weight.dtype))
 
     def unmerge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return weight - self.delta_weight().to(weight.dtype)
+        return weight.sub_(self.delta_weight().detach().to(weight.dtype))
 
 
 class LoraConv2d(nn.Module):
@@ -366,10 +377,10 @@ class LoraConv2d(nn.Module):
         return y + F.conv2d(h, b) * self.scaling
 
     def merge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return weight + self.delta_weight().to(weight.dtype)
+        return weight.add_(self.delta_weight().detach().to(weight.dtype))
 
     def unmerge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return weight - self.delta_weight().to(weight.dtype)
+        return weight.sub_(self.delta_weight().detach().to(weight.dtype))
 
 
 def _init_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> None:
