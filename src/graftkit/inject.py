@@ -30,14 +30,23 @@ ALL_LINEAR = "all-linear"
 
 
 def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``named_modules`` without the insides of graftkit wrappers (their base layers and adapters)."""
-    skip: list[str] = []
-    for name, module in model.named_modules():
-        if any(name.startswith(prefix) for prefix in skip):
+    """``named_modules`` (same order, shared modules once) without descending into graftkit wrappers.
+
+    A pre-order walk that stops at wrappers costs one step per module outside them, however many adapters the
+    wrappers hold; filtering ``named_modules`` by prefix would grow with modules x wrappers.
+    """
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
             continue
-        if isinstance(module, (AdaptedLayer, ModulesToSave)):
-            skip.append(name + ".")
+        seen.add(id(module))
         yield name, module
+        if isinstance(module, (AdaptedLayer, ModulesToSave)):
+            continue
+        children = [(f"{name}.{key}" if name else key, child) for key, child in module._modules.items()]
+        stack.extend(reversed([(key, child) for key, child in children if child is not None]))
 
 
 def _name_matches(name: str, patterns: list[str] | str) -> bool:
