@@ -102,7 +102,6 @@ def test_merge_into_quantized_and_dequantized_merge(base_dir, tmp_path, quant):
         warnings.simplefilter("ignore")
         peft_merged = peft.PeftModel.from_pretrained(load(base_dir, quant), tmp_path / "a").merge_and_unload()
     reference = logits(peft_merged)  # peft's dequantize-add-requantize on the same base and adapter
-    print(quant, (logits(merged_q) - reference).abs().max().item(), (reference - expected).abs().max().item())
     assert close(logits(merged_q), reference, rel=1e-3)
     # Full-precision merge: plain nn.Linear layers, no quantization left, saved and reloaded as a normal model.
     full = graftkit.PeftModel.from_pretrained(load(base_dir, quant), tmp_path / "a").merge_and_unload(dequantize=True)

@@ -419,14 +419,19 @@ class PeftModel(nn.Module):
             [self.peft_config[a] for a in adapters], combination_type, svd_rank, paths
         )
         self.add_adapter(adapter_name, config)
-        for _, module in wrappers(self.model):
-            if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
-                sources = [(module.adapters[a] if a in module.adapters else None, w) for a, w in zip(adapters, weights)]
-                method.combine_into(
-                    module.adapters[adapter_name], sources, combination, density=density,
-                    majority_sign_method=majority_sign_method, svd_clamp=svd_clamp,
-                    svd_full_matrices=svd_full_matrices, svd_driver=svd_driver,
-                )
+        try:
+            for _, module in wrappers(self.model):
+                if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
+                    sources = [(module.adapters[a] if a in module.adapters else None, w)
+                               for a, w in zip(adapters, weights)]
+                    method.combine_into(
+                        module.adapters[adapter_name], sources, combination, density=density,
+                        majority_sign_method=majority_sign_method, svd_clamp=svd_clamp,
+                        svd_full_matrices=svd_full_matrices, svd_driver=svd_driver,
+                    )
+        except BaseException:
+            self.delete_adapter(adapter_name)  # no half-combined adapter is left behind
+            raise
 
     # ------------------------------------------------------------------ counting
     def get_nb_trainable_parameters(self) -> tuple[int, int]:

@@ -2,7 +2,7 @@
 
 Forward never comes here: a base layer is always called as it is, quantized or not. Only merge/unmerge
 (and methods whose forward needs the weight, like DoRA's column norms) read the dense weight. A new
-backend (bitsandbytes 4-bit, 8-bit ...) adds one ``WeightAccess`` here; no adapter class changes.
+backend adds one ``WeightAccess`` entry to ``_ACCESS`` here; no adapter class changes.
 """
 
 from __future__ import annotations
@@ -123,11 +123,6 @@ def dense_linear(layer: nn.Module, dtype: torch.dtype | None = None) -> nn.Linea
             dense.bias.copy_(bias.to(dtype))
     dense.requires_grad_(False)
     return dense
-
-
-def register_access(access: WeightAccess) -> None:
-    """Add a backend; it is tried before the ones already known."""
-    _ACCESS.insert(0, access)
 
 
 def _access(layer: nn.Module) -> WeightAccess:
