@@ -8,7 +8,8 @@ from torch import nn
 
 import graftkit
 from graftkit.kernels import lora as fused_lora
-from tests.conftest import randomize_adapters, tiny_llama, token_batch
+from graftkit.methods import lora as lora_method
+from tests.conftest import randomize_adapters, tiny_gpt2, tiny_llama, token_batch
 
 
 def _layer(dtype, bias=True, init=False):
@@ -103,14 +104,12 @@ def test_whole_model_uses_fused_path_and_matches_plain(monkeypatch):
             torch.testing.assert_close(grads[n], p.grad, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["dora", "dropout-training", "hook", "two-active"])
+@pytest.mark.parametrize("case", ["dora", "hook", "two-active"])
 def test_fused_path_is_skipped_where_not_exact(monkeypatch, case):
     calls = _count_fused(monkeypatch)
     kwargs = dict(r=4, target_modules=["q_proj"])
     if case == "dora":
         kwargs["use_dora"] = True
-    if case == "dropout-training":
-        kwargs["lora_dropout"] = 0.3
     model = graftkit.get_peft_model(tiny_llama(), graftkit.LoraConfig(**kwargs))
     if case == "hook":
         model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.register_forward_hook(lambda *a: None)
@@ -132,3 +131,172 @@ def test_autocast_training_takes_the_plain_path(monkeypatch):
     loss.backward()
     assert calls == [] and torch.isfinite(loss)
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
+
+
+def _model_grads(model, x, loss_fn):
+    loss = loss_fn(model, x)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def _lm_loss(model, x):
+    return model(**x, labels=x["input_ids"]).loss
+
+
+def test_gpt2_conv1d_uses_fused_path_and_matches_plain(monkeypatch):
+    calls = _count_fused(monkeypatch)
+    model = graftkit.get_peft_model(tiny_gpt2(), graftkit.LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"]))
+    randomize_adapters(model)
+    model.train()
+    for module in model.modules():  # GPT-2's own dropouts would make the two runs differ
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    x = token_batch()
+    loss, grads = _model_grads(model, x, _lm_loss)
+    assert len(calls) == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj x 2 blocks
+    fused_lora.ENABLED = False
+    try:
+        loss_plain, grads_plain = _model_grads(model, x, _lm_loss)
+    finally:
+        fused_lora.ENABLED = True
+    torch.testing.assert_close(loss, loss_plain, atol=1e-6, rtol=0)
+    assert grads.keys() == grads_plain.keys() and len(grads) == 16
+    for n in grads:
+        torch.testing.assert_close(grads[n], grads_plain[n], atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- seeded dropout
+def test_dropout_mask_is_seeded_and_has_the_rounded_probability():
+    shape = (1000, 999)  # not a multiple of 4: the last 64-bit word is only partly used
+    m1 = fused_lora.dropout_mask(shape, 0.05, seed=7, device=torch.device("cpu"))
+    m2 = fused_lora.dropout_mask(shape, 0.05, seed=7, device=torch.device("cpu"))
+    m3 = fused_lora.dropout_mask(shape, 0.05, seed=8, device=torch.device("cpu"))
+    assert m1.shape == shape and m1.dtype == torch.bool
+    assert torch.equal(m1, m2) and not torch.equal(m1, m3)
+    q = fused_lora.keep_probability(0.05)
+    assert q == 1 - 3277 / 65536
+    # 999,000 Bernoulli draws: the standard error of the kept fraction is 2.2e-4.
+    assert abs(m1.float().mean().item() - q) < 1.5e-3
+    for lane in range(4):  # each 16-bit lane of the 64-bit words is uniform, the sign lane included
+        assert abs(m1.flatten()[lane::4].float().mean().item() - q) < 3e-3
+    assert abs(fused_lora.dropout_mask((200_000,), 0.5, 1, torch.device("cpu")).float().mean().item() - 0.5) < 5e-3
+    assert not fused_lora.dropout_mask((64,), 1.0 - 1e-9, 1, torch.device("cpu")).any()
+
+
+class _FixedSeed:
+    def __init__(self, monkeypatch, seed=1234):
+        self.seed = seed
+        monkeypatch.setattr(lora_method, "draw_seed", lambda: self.seed)
+
+
+def _written_out(x, weight, bias, a, b, scaling, p, seed, transposed=False):
+    """y = base(x) + s/q · ((x ⊙ M) Aᵀ) Bᵀ with M the seeded mask: the maths, with autograd for the gradients."""
+    keep = fused_lora.dropout_mask(x.reshape(-1, x.shape[-1]).shape, p, seed, x.device).view(x.shape)
+    base = x @ weight if transposed else x @ weight.t()
+    if bias is not None:
+        base = base + bias
+    return base + (scaling / fused_lora.keep_probability(p)) * ((x * keep) @ a.t()) @ b.t()
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv1d", "hooked-linear"])
+def test_seeded_dropout_equals_the_maths(monkeypatch, kind):
+    from transformers.pytorch_utils import Conv1D
+
+    _FixedSeed(monkeypatch)
+    calls = _count_fused(monkeypatch)
+    torch.manual_seed(0)
+    base = Conv1D(40, 24) if kind == "conv1d" else nn.Linear(24, 40)
+    model = nn.Sequential(base)
+    graftkit.inject_adapter_in_model(graftkit.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.25, target_modules=["0"]),
+                                     model)
+    if kind == "hooked-linear":
+        base.register_forward_hook(lambda *args: None)
+    randomize_adapters(model)
+    model.train()
+    x = torch.randn(3, 5, 24, requires_grad=True)
+    weights = torch.linspace(-1, 1, 40)
+    y = model(x)
+    (y * weights).sum().backward()
+    adapter = model[0].adapters["default"]
+    a, b = adapter.lora_A.weight, adapter.lora_B.weight
+    assert len(calls) == (0 if kind == "hooked-linear" else 1)  # a hook: the update alone (LoraUpdate)
+
+    x2 = x.detach().clone().requires_grad_(True)
+    a2, b2 = a.detach().clone().requires_grad_(True), b.detach().clone().requires_grad_(True)
+    out = _written_out(x2, base.weight, base.bias, a2, b2, adapter.scaling, 0.25, 1234, kind == "conv1d")
+    (out * weights).sum().backward()
+    torch.testing.assert_close(y.detach(), out.detach(), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(out, _written_out(x2, base.weight, base.bias, a2, b2, adapter.scaling, 0.25, 99,
+                                                kind == "conv1d"))  # the mask matters
+    torch.testing.assert_close(x.grad, x2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.grad, a2.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(b.grad, b2.grad, atol=1e-5, rtol=1e-5)
+
+
+def _saved_bytes(fn, model):
+    """Bytes of the distinct storages autograd saves while ``fn`` runs, the model's parameters left out."""
+    resident = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in resident:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+@pytest.mark.parametrize("hooked", [False, True], ids=["fused", "update-only"])
+def test_seeded_dropout_keeps_no_copy_of_the_input(hooked):
+    sizes = {}
+    for p in (0.0, 0.1):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(256, 256))
+        graftkit.inject_adapter_in_model(graftkit.LoraConfig(r=4, lora_dropout=p, target_modules=["0"]), model)
+        if hooked:
+            model[0].base_layer.register_forward_hook(lambda *args: None)
+        model.train()
+        x = torch.randn(64, 256, requires_grad=True)
+        sizes[p], out = _saved_bytes(lambda m=model, x=x: m(x), model)
+        out.sum().backward()
+    # x (64 KiB) and h (1 KiB) are saved in both cases; a dropped copy of x would add another 64 KiB.
+    assert sizes[0.1] == sizes[0.0] == 64 * 256 * 4 + 64 * 4 * 4
+
+
+def test_dropout_training_is_repeatable_and_replayed_by_checkpointing():
+    def grads(checkpointing: bool, seed: int):
+        model = graftkit.get_peft_model(tiny_llama(), graftkit.LoraConfig(r=4, lora_dropout=0.3,
+                                                                          target_modules="all-linear"))
+        randomize_adapters(model)
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        torch.manual_seed(seed)
+        return _model_grads(model, token_batch(), _lm_loss)
+
+    loss, ref = grads(False, 0)
+    loss_again, again = grads(False, 0)
+    loss_ckpt, ckpt = grads(True, 0)
+    loss_other, other = grads(False, 1)
+    assert torch.equal(loss, loss_again) and all(torch.equal(ref[n], again[n]) for n in ref)
+    torch.testing.assert_close(loss, loss_ckpt, atol=1e-6, rtol=0)
+    for n in ref:  # recomputation under checkpointing draws the same masks
+        torch.testing.assert_close(ref[n], ckpt[n], atol=1e-6, rtol=1e-5)
+    assert not torch.equal(loss, loss_other)  # another seed, other masks
+
+
+def test_dropout_is_off_in_eval_mode():
+    model = graftkit.get_peft_model(tiny_llama(), graftkit.LoraConfig(r=4, lora_dropout=0.5,
+                                                                      target_modules="all-linear"))
+    randomize_adapters(model)
+    x = token_batch()
+    model.eval()
+    with torch.no_grad():
+        a, b = model(**x).logits, model(**x).logits
+        model.train()
+        c = model(**x).logits
+    assert torch.equal(a, b) and not torch.allclose(a, c)

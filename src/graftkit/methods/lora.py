@@ -34,7 +34,7 @@ from torch import nn
 
 from ..config import PeftType, TunerConfig
 from ..errors import ConfigError, UnsupportedError
-from ..kernels.lora import FusedLoraLinear, can_fuse
+from ..kernels.lora import FusedLoraLinear, LoraUpdate, can_fuse, can_seed_dropout, draw_seed
 from ..layer import AdaptedLayer
 from ..merging import COMBINATIONS, combine
 from ..registry import Method, register
@@ -184,27 +184,38 @@ class LoraLinear(nn.Module):
         """s · B A as (out, in)."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
+    def _dropout_p(self) -> float:
+        """The dropout probability in effect now (0 in eval mode or without dropout)."""
+        return self.dropout.p if (self.training and isinstance(self.dropout, nn.Dropout)) else 0.0
+
     def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
         """``base_layer(x)`` plus this adapter in one fused node, or ``None`` where that would not be exact."""
-        if self.use_dora or not (isinstance(self.dropout, nn.Identity) or not self.training):
+        if self.use_dora or not can_fuse(base_layer, x):
             return None
-        if not can_fuse(base_layer, x):
+        p = self._dropout_p()
+        if p > 0.0 and not can_seed_dropout(x):
             return None
         a = self.lora_A.weight.to(x.dtype)
         b = self.lora_B.weight.to(x.dtype)
-        return FusedLoraLinear.apply(x, base_layer.weight, base_layer.bias, a, b, self.scaling)
+        seed = draw_seed() if p > 0.0 else 0
+        return FusedLoraLinear.apply(x, base_layer.weight, base_layer.bias, a, b, self.scaling, p, seed,
+                                     type(base_layer) is not nn.Linear)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         dtype = x.dtype
         a = self.lora_A.weight.to(dtype)
         b = self.lora_B.weight.to(dtype)
-        h = self.dropout(x)
+        p = self._dropout_p()
         if not self.use_dora:
+            if p > 0.0 and can_seed_dropout(x):
+                # Seeded dropout: no dropped copy of x stays alive for backward (kernels/lora.py).
+                return LoraUpdate.apply(x, y, a, b, self.scaling, p, draw_seed())
             # y + s·(x Aᵀ) Bᵀ as one addmm: the scale and the residual add ride in the GEMM epilogue,
             # so no (..., out) temporary is made besides the result.
-            xa = F.linear(h, a)  # (..., r)
+            xa = F.linear(self.dropout(x), a)  # (..., r)
             out = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t(), alpha=self.scaling)
             return out.view(y.shape)
+        h = self.dropout(x)
         lora = F.linear(F.linear(h, a) * self.scaling, b)  # (..., out)
         w = self._oi(get_weight(base_layer).to(dtype))  # (out, in)
         with torch.no_grad():  # DoRA §4.3: the norm is a constant in backward
