@@ -1,19 +1,21 @@
 """graftkit vs HF peft vs the frozen-base floor, side by side in one process.
 
-For each model the same base weights, LoRA config and inputs are used by every variant:
+For each model the same base weights, LoRA config, adapter weights and inputs are used by every variant:
 
-* ``floor``   : the base model with every weight frozen, forward + backward with gradients flowing to the
-                activations (the input embeddings require grad). Any adapter method pays at least this.
-* ``graftkit``: LoRA training step (forward + backward + AdamW step on the adapter).
-* ``peft``    : the same step with HF peft (its defaults).
+* ``floor``    : the base model with every weight frozen, forward + backward with gradients flowing to the
+                 activations (the input embeddings require grad). Any adapter method pays at least this.
+* ``base``     : the plain base model, ``no_grad`` (the inference reference).
+* ``graftkit`` : graftkit's LoRA (training: forward + backward + AdamW step on the adapter).
+* ``peft``     : the same with HF peft's defaults (adapters in fp32 over a half-precision base).
+* ``peft-bf16``: HF peft with ``autocast_adapter_dtype=False`` (adapters in the base dtype); only on
+                 half-precision runs, since on fp32 it is the same model as ``peft``.
 
-A QLoRA table compares the training step and its memory on the same NF4 4-bit base (bitsandbytes).
-A last table times inference against the plain base model and peft: one adapter unmerged, mixed batches of 1, 4
-and 16 distinct adapters (``adapter_names``), greedy generation, the adapter merged, and the merge itself.
-
-Measured: training-step time, memory of a training step, unmerged inference latency (``no_grad`` forward)
-against the plain base model. Repeats are interleaved across variants (ABCABC...) and the median is reported,
-so drift in machine speed hits every variant alike.
+Tables: training step and its memory with LoRA dropout 0 and 0.05; QLoRA on the same NF4 base; inference
+(16 rows): unmerged prefill, one decode step ((generate 17 tokens - generate 1) / 16), mixed batches of 1, 4
+and 16 distinct adapters (``adapter_names``), the adapter merged, ``merge_adapter`` with 16 adapters loaded, and
+``merge_and_unload``. The last lines check the performance issue's targets (GPU targets on ``cuda``, the
+graftkit/peft training target on CPU). Repeats are interleaved across variants (ABCABC...) and the median is
+reported, so drift in machine speed hits every variant alike.
 
 Memory: on CUDA, the peak allocated during a step above what was allocated before it. On CPU there is no
 allocator peak to read, so the table shows the bytes autograd saves for backward during the forward
@@ -70,7 +72,9 @@ def build_model(name: str, device: str, dtype: torch.dtype) -> nn.Module:
     return model.to(device=device, dtype=dtype).eval()
 
 
-DEFAULT_SHAPES = {"tiny-llama": (4, 128), "smollm2-135m": (4, 128), "llama-1b-geometry": (4, 2048)}
+# (batch, tokens per row): training as in the performance issue; inference runs 16 rows (one per adapter).
+TRAIN_SHAPES = {"tiny-llama": (4, 128), "smollm2-135m": (4, 128), "llama-1b-geometry": (4, 2048)}
+INFER_SHAPES = {"tiny-llama": (16, 128), "smollm2-135m": (16, 128), "llama-1b-geometry": (16, 512)}
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -153,74 +157,25 @@ def interleaved(fns: dict[str, Callable[[], None]], device: str, warmup: int, re
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
-# ---------------------------------------------------------------------------------------------- one model
-def bench_model(name: str, args: argparse.Namespace) -> list[tuple[str, str, float, float, float]]:
-    rows = []
-    for dropout in (float(d) for d in args.dropouts.split(",")):
-        args.dropout = dropout
-        rows += bench_train(name, args)
-    return rows
+# ---------------------------------------------------------------------------------------------- variants
+Row = tuple[str, str, dict[str, float]]  # model, metric, value per column
 
 
-def bench_train(name: str, args: argparse.Namespace) -> list[tuple[str, str, float, float, float]]:
+def half(args: argparse.Namespace) -> bool:
+    return args.dtype in ("bfloat16", "float16")
+
+
+def peft_variants(args: argparse.Namespace) -> list[tuple[str, bool]]:
+    """(column, autocast_adapter_dtype): peft's defaults, and on half-precision bases also peft with adapters in
+    the base dtype. On an fp32 base the two are the same model, so the second column is left out."""
+    return [("peft", True)] + ([("peft-bf16", False)] if half(args) else [])
+
+
+def make_peft(base: nn.Module, config_kwargs: dict, autocast: bool, adapter_name: str = "default") -> nn.Module:
     import peft
 
-    dtype = getattr(torch, args.dtype)
-    batch, seq = DEFAULT_SHAPES[name] if args.batch is None else (args.batch, args.seq)
-    base = build_model(name, args.device, dtype)
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=g).to(args.device)
-    with torch.no_grad():
-        embeds = base.get_input_embeddings()(ids)
-    lora_kwargs = dict(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=args.dropout, target_modules="all-linear")
-
-    floor_model = base
-    for p in floor_model.parameters():
-        p.requires_grad_(False)
-    ours_model = graftkit.get_peft_model(copy.deepcopy(base), graftkit.LoraConfig(**lora_kwargs))
-    theirs_model = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**lora_kwargs))
-    with torch.no_grad():  # identical adapter weights: copy graftkit's init into peft
-        theirs_sd = dict(theirs_model.named_parameters())
-        for key, p in ours_model.named_parameters():
-            if ".adapters.default." in key:
-                other = key.replace(".adapters.default.lora_A.", ".lora_A.default.")
-                other = other.replace(".adapters.default.lora_B.", ".lora_B.default.")
-                theirs_sd[other].copy_(p)
-
-    variants = {
-        "floor": Variant("floor", floor_model, train=False, floor=True),
-        "graftkit": Variant("graftkit", ours_model.train(), train=True),
-        "peft": Variant("peft", theirs_model.train(), train=True),
-    }
-    if args.dropout == 0:
-        with torch.no_grad():  # the two libraries compute the same loss (a sanity check, not a timing)
-            a = variants["graftkit"].loss(embeds, ids).item()
-            b = variants["peft"].loss(embeds, ids).item()
-        assert abs(a - b) < 1e-3 * max(1.0, abs(b)), (a, b)
-
-    rows: list[tuple[str, str, float, float, float]] = []
-    train = interleaved({k: (lambda v=v: v.step(embeds, ids)) for k, v in variants.items()},
-                        args.device, args.warmup, args.repeats)
-    tag = f", dropout {args.dropout:g}"
-    rows.append((name, "train step (ms)" + tag, train["graftkit"], train["peft"], train["floor"]))
-    mem = {k: v.memory(embeds, ids, args.device) for k, v in variants.items()}
-    rows.append((name, "step memory (MiB)" + tag, mem["graftkit"], mem["peft"], mem["floor"]))
-
-    for v in variants.values():
-        v.model.eval()
-
-    def infer(m: nn.Module) -> Callable[[], None]:
-        def run() -> None:
-            with torch.no_grad():
-                m(inputs_embeds=embeds)
-        return run
-
-    latency = interleaved({"graftkit": infer(ours_model), "peft": infer(theirs_model), "base": infer(floor_model)},
-                          args.device, args.warmup, args.repeats)
-    rows.append((name, "unmerged inference (ms)" + tag, latency["graftkit"], latency["peft"], latency["base"]))
-    del variants, ours_model, theirs_model, base
-    gc.collect()
-    return rows
+    return peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**config_kwargs), adapter_name=adapter_name,
+                               autocast_adapter_dtype=autocast)
 
 
 def _copy_adapters_into_peft(ours: nn.Module, theirs: nn.Module) -> None:
@@ -235,32 +190,87 @@ def _copy_adapters_into_peft(ours: nn.Module, theirs: nn.Module) -> None:
             theirs_params[f"{head}.{ab}.{adapter}.{tail}"].copy_(p)
 
 
-def bench_inference(name: str, args: argparse.Namespace) -> list[tuple[str, str, float, float, float]]:
-    """Inference against the base model and peft, 16 rows: one adapter unmerged; mixed batches (``adapter_names``)
-    of 1, 4 and 16 distinct adapters; greedy generation of 16 tokens; the adapter merged; and the time to merge."""
-    import peft
+def _same_output(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    """A sanity check that two variants compute the same thing (not a timing): relative to the output scale."""
+    err = (a.float() - b.float()).abs().max().item()
+    scale = max(1.0, b.float().abs().max().item())
+    tol = 5e-2 if a.dtype in (torch.bfloat16, torch.float16) else 1e-3
+    assert err <= tol * scale, f"{what}: outputs differ by {err:g} (scale {scale:g})"
 
+
+# ---------------------------------------------------------------------------------------------- training
+def bench_train(name: str, args: argparse.Namespace) -> list[Row]:
+    """Training step and its memory for each LoRA dropout in ``--dropouts``."""
+    rows: list[Row] = []
+    for dropout in (float(d) for d in args.dropouts.split(",")):
+        rows += _bench_train_one(name, args, dropout)
+    return rows
+
+
+def _bench_train_one(name: str, args: argparse.Namespace, dropout: float) -> list[Row]:
     dtype = getattr(torch, args.dtype)
-    _, seq = DEFAULT_SHAPES[name] if args.batch is None else (args.batch, args.seq)
-    rows = 16
+    batch, seq = TRAIN_SHAPES[name] if args.batch is None else (args.batch, args.seq)
+    base = build_model(name, args.device, dtype)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, base.config.vocab_size, (batch, seq), generator=g).to(args.device)
+    with torch.no_grad():
+        embeds = base.get_input_embeddings()(ids)
+    lora_kwargs = dict(r=args.rank, lora_alpha=2 * args.rank, lora_dropout=dropout, target_modules="all-linear")
+    for p in base.parameters():
+        p.requires_grad_(False)
+
+    ours = graftkit.get_peft_model(copy.deepcopy(base), graftkit.LoraConfig(**lora_kwargs))
+    models = {"graftkit": ours}
+    for column, autocast in peft_variants(args):
+        models[column] = make_peft(base, lora_kwargs, autocast)
+        _copy_adapters_into_peft(ours, models[column])  # identical adapter weights
+    variants = {k: Variant(k, m.train(), train=True) for k, m in models.items()}
+    variants["floor"] = Variant("floor", base, train=False, floor=True)
+    if dropout == 0:
+        with torch.no_grad():
+            ref = variants["graftkit"].loss(embeds, ids)
+            for column, _ in peft_variants(args):
+                _same_output(ref, variants[column].loss(embeds, ids), f"{name} loss, graftkit vs {column}")
+
+    train = interleaved({k: (lambda v=v: v.step(embeds, ids)) for k, v in variants.items()},
+                        args.device, args.warmup, args.repeats)
+    mem = {k: v.memory(embeds, ids, args.device) for k, v in variants.items()}
+    del variants, models, ours, base
+    gc.collect()
+    tag = f", dropout {dropout:g}"
+    return [(name, "train step (ms)" + tag, train), (name, "step memory (MiB)" + tag, mem)]
+
+
+# ---------------------------------------------------------------------------------------------- inference
+def bench_inference(name: str, args: argparse.Namespace) -> list[Row]:
+    """16 rows against the plain base model: one adapter unmerged (prefill); one decode step; mixed batches
+    (``adapter_names``) of 1, 4 and 16 distinct adapters; the adapter merged; ``merge_adapter`` with 16 adapters
+    loaded, and ``merge_and_unload`` of one adapter."""
+    dtype = getattr(torch, args.dtype)
+    rows, seq = INFER_SHAPES[name]
     base = build_model(name, args.device, dtype)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, base.config.vocab_size, (rows, seq), generator=g).to(args.device)
     kwargs = dict(r=args.rank, lora_alpha=2 * args.rank, target_modules="all-linear", init_lora_weights=False)
     adapters = [f"a{i}" for i in range(16)]
     ours = graftkit.get_peft_model(copy.deepcopy(base), graftkit.LoraConfig(**kwargs), adapter_name=adapters[0])
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kwargs), adapter_name=adapters[0])
     for a in adapters[1:]:
         ours.add_adapter(a, graftkit.LoraConfig(**kwargs))
-        theirs.add_adapter(a, peft.LoraConfig(**kwargs))
-    _copy_adapters_into_peft(ours, theirs)
-    for m in (ours, theirs, base):
+    models: dict[str, nn.Module] = {"graftkit": ours}
+    for column, autocast in peft_variants(args):
+        theirs = make_peft(base, kwargs, autocast, adapter_name=adapters[0])
+        for a in adapters[1:]:
+            theirs.add_adapter(a, __import__("peft").LoraConfig(**kwargs), autocast_adapter_dtype=autocast)
+        _copy_adapters_into_peft(ours, theirs)
+        models[column] = theirs
+    models["base"] = base
+    for m in models.values():
         m.eval()
     mixed = {k: [adapters[i % k] for i in range(rows)] for k in (1, 4, 16)}
-    with torch.no_grad():  # sanity: same numbers
-        a = ours(input_ids=ids, adapter_names=mixed[16]).logits
-        b = theirs(input_ids=ids, adapter_names=mixed[16]).logits
-    assert (a - b).abs().max().item() < 1e-3 * max(1.0, b.abs().max().item())
+    with torch.no_grad():
+        ref = ours(input_ids=ids, adapter_names=mixed[16]).logits
+        for column, _ in peft_variants(args):
+            _same_output(ref, models[column](input_ids=ids, adapter_names=mixed[16]).logits, f"{name} mixed batch")
 
     def call(m: nn.Module, **kw) -> Callable[[], None]:
         def run() -> None:
@@ -268,39 +278,59 @@ def bench_inference(name: str, args: argparse.Namespace) -> list[tuple[str, str,
                 m(input_ids=ids, **kw)
         return run
 
-    def generate(m: nn.Module) -> Callable[[], None]:
+    def generate(m: nn.Module, new_tokens: int) -> Callable[[], None]:
+        prompt = ids[:, :32]
+
         def run() -> None:
             with torch.no_grad():
-                m.generate(input_ids=ids[:, :32], attention_mask=torch.ones_like(ids[:, :32]), max_new_tokens=16,
-                           min_new_tokens=16, do_sample=False, pad_token_id=0)
+                m.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
+                           min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
         return run
 
-    def timed_rows(label: str, ours_fn, theirs_fn, base_fn) -> tuple[str, str, float, float, float]:
-        t = interleaved({"graftkit": ours_fn, "peft": theirs_fn, "base": base_fn}, args.device, args.warmup,
-                        args.repeats)
-        return (name, label, t["graftkit"], t["peft"], t["base"])
+    def timed_row(label: str, make: Callable[[nn.Module], Callable[[], None]], **only) -> Row:
+        fns = {k: make(m, **(only if k != "base" else {})) for k, m in models.items()}
+        return (name, label, interleaved(fns, args.device, args.warmup, args.repeats))
 
-    out = [timed_rows("unmerged, 1 adapter (ms)", call(ours), call(theirs), call(base))]
+    out = [timed_row("unmerged prefill, 1 adapter (ms)", call)]
+    # One decode step: (generate 1 + 16 tokens - generate 1 token) / 16, i.e. the prompt's prefill taken out.
+    long = timed_row("generate", lambda m: generate(m, 17))[2]
+    short = timed_row("generate", lambda m: generate(m, 1))[2]
+    out.append((name, "decode step, 1 adapter (ms)", {k: (long[k] - short[k]) / 16 for k in long}))
     for k in (1, 4, 16):
-        out.append(timed_rows(f"mixed, {k} adapter(s) (ms)", call(ours, adapter_names=mixed[k]),
-                              call(theirs, adapter_names=mixed[k]), call(base)))
-    out.append(timed_rows("generate 16 tokens (ms)", generate(ours), generate(theirs), generate(base)))
-    merge_ms = {"graftkit": [], "peft": []}
+        out.append(timed_row(f"mixed, {k} adapter(s) (ms)", call, adapter_names=mixed[k]))
+    merge_ms: dict[str, list[float]] = {k: [] for k in models if k != "base"}
     for _ in range(args.repeats):
-        for key, m in (("graftkit", ours), ("peft", theirs)):
-            merge_ms[key].append(timed(m.merge_adapter, args.device))
-            m.unmerge_adapter()
-    ours.merge_adapter()
-    theirs.merge_adapter()
-    out.append(timed_rows("merged (ms)", call(ours), call(theirs), call(base)))
-    merge = {k: statistics.median(v) for k, v in merge_ms.items()}
-    out.append((name, "merge_adapter time (ms)", merge["graftkit"], merge["peft"], float("nan")))
-    del ours, theirs, base
+        for key in merge_ms:
+            merge_ms[key].append(timed(models[key].merge_adapter, args.device))
+            models[key].unmerge_adapter()
+    for key in merge_ms:
+        models[key].merge_adapter()
+    out.append(timed_row("merged (ms)", call))
+    out.append((name, "merge_adapter, 16 loaded (ms)", {k: statistics.median(v) for k, v in merge_ms.items()}))
+    out.append((name, "merge_and_unload, 1 adapter (ms)", _merge_and_unload_ms(base, kwargs, args)))
+    models.clear()
+    del ours, base
     gc.collect()
     return out
 
 
-def bench_qlora(name: str, args: argparse.Namespace) -> list[tuple[str, str, float, float, float]]:
+def _merge_and_unload_ms(base: nn.Module, kwargs: dict, args: argparse.Namespace) -> dict[str, float]:
+    """``merge_and_unload`` on a fresh single-adapter model each time (it is destructive); copies not timed."""
+    samples: dict[str, list[float]] = {"graftkit": [], **{c: [] for c, _ in peft_variants(args)}}
+    for _ in range(args.repeats):
+        for column in samples:
+            if column == "graftkit":
+                model = graftkit.get_peft_model(copy.deepcopy(base), graftkit.LoraConfig(**kwargs))
+            else:
+                model = make_peft(base, kwargs, dict(peft_variants(args))[column])
+            samples[column].append(timed(model.merge_and_unload, args.device))
+            del model
+            gc.collect()
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+# ---------------------------------------------------------------------------------------------- QLoRA
+def bench_qlora(name: str, args: argparse.Namespace) -> list[Row]:
     """QLoRA: the LoRA training step and its memory on the same NF4 (double-quantized) base, graftkit vs peft.
 
     The base is written once to a temporary folder and loaded twice through transformers'
@@ -310,7 +340,7 @@ def bench_qlora(name: str, args: argparse.Namespace) -> list[tuple[str, str, flo
     import peft
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    batch, seq = DEFAULT_SHAPES[name] if args.batch is None else (args.batch, args.seq)
+    batch, seq = TRAIN_SHAPES[name] if args.batch is None else (args.batch, args.seq)
     with tempfile.TemporaryDirectory() as folder:
         build_model(name, "cpu", torch.float32).save_pretrained(folder)
         quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -335,23 +365,59 @@ def bench_qlora(name: str, args: argparse.Namespace) -> list[tuple[str, str, flo
     mem = {k: v.memory(embeds, ids, args.device) for k, v in variants.items()}
     del variants, ours, theirs
     gc.collect()
-    return [(name, "QLoRA nf4 train step (ms)", step["graftkit"], step["peft"], step["peft"]),
-            (name, "QLoRA step memory (MiB)", mem["graftkit"], mem["peft"], mem["peft"])]
+    return [(name, "QLoRA nf4 train step (ms)", step), (name, "QLoRA step memory (MiB)", mem)]
 
 
-def print_table(rows: list[tuple[str, str, float, float, float]], reference: str | None) -> None:
-    """A markdown table; with ``reference=None`` the reference columns are left out."""
-    ref_head = f" {reference:>10} |" if reference else ""
-    ref_ratio = f" {'graftkit/' + reference:>16} |" if reference else ""
-    header = (f"| {'model':<14} | {'metric':<38} | {'graftkit':>9} | {'peft':>9} |{ref_head} {'graftkit/peft':>13} |"
-              f"{ref_ratio}")
-    print(header)
-    print("|" + "|".join("-" * (len(c)) for c in header.split("|")[1:-1]) + "|")
-    for model, metric, ours, theirs, ref in rows:
-        ref_cells = f" {ref:>10.1f} |" if reference else ""
-        ref_cells_ratio = f" {ours / ref:>16.3f} |" if reference else ""
-        print(f"| {model:<14} | {metric:<38} | {ours:>9.1f} | {theirs:>9.1f} |{ref_cells} {ours / theirs:>13.3f} |"
-              f"{ref_cells_ratio}")
+# ---------------------------------------------------------------------------------------------- report
+def print_table(rows: list[Row], columns: list[str], ratios: list[tuple[str, str]]) -> None:
+    """A markdown table: one column per variant present, then the ratios asked for (blank where undefined)."""
+    columns = [c for c in columns if any(c in values for _, _, values in rows)]
+    ratios = [(a, b) for a, b in ratios if a in columns and b in columns]
+    heads = ["model", "metric"] + columns + [f"{a}/{b}" for a, b in ratios]
+    widths = [14, 36] + [max(9, len(c)) for c in columns] + [max(7, len(f"{a}/{b}")) for a, b in ratios]
+    print("| " + " | ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(heads, widths))) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for model, metric, values in rows:
+        cells = [model.ljust(widths[0]), metric.ljust(widths[1])]
+        cells += [(f"{values[c]:.1f}" if c in values else "").rjust(w) for c, w in zip(columns, widths[2:])]
+        for (a, b), w in zip(ratios, widths[2 + len(columns):]):
+            ok = a in values and b in values and values[b] > 0
+            cells.append((f"{values[a] / values[b]:.3f}" if ok else "").rjust(w))
+        print("| " + " | ".join(cells) + " |")
+
+
+# The performance issue's targets, as (metric prefix, numerator, denominator, bound, device).
+TARGETS = [
+    ("train step (ms), dropout 0", "graftkit", "floor", 1.10, "cuda"),
+    ("train step (ms), dropout 0.05", "graftkit", "floor", 1.15, "cuda"),
+    ("unmerged prefill", "graftkit", "base", 1.08, "cuda"),
+    ("train step (ms)", "graftkit", "peft", 0.85, "cpu"),
+]
+
+
+def print_targets(rows: list[Row], device: str) -> None:
+    for model, metric, values in rows:
+        for prefix, a, b, bound, where in TARGETS:
+            if where == device and metric.startswith(prefix) and a in values and b in values:
+                ratio = values[a] / values[b]
+                print(f"target {model}, {metric}: {a}/{b} = {ratio:.3f} (<= {bound}) "
+                      f"{'met' if ratio <= bound else 'NOT met'}")
+        if device == "cuda" and metric.startswith("step memory") and "graftkit" in values and "floor" in values:
+            extra = (values["graftkit"] - values["floor"]) / 1024
+            print(f"target {model}, {metric}: graftkit - floor = {extra:.2f} GiB (<= 2.5) "
+                  f"{'met' if extra <= 2.5 else 'NOT met'}")
+        if device == "cuda" and metric.startswith("merge_and_unload") and "graftkit" in values:
+            print(f"target {model}, {metric}: {values['graftkit']:.1f} ms (< 10) "
+                  f"{'met' if values['graftkit'] < 10 else 'NOT met'}")
+    by_model: dict[str, dict[str, dict[str, float]]] = {}
+    for model, metric, values in rows:
+        by_model.setdefault(model, {})[metric] = values
+    for model, metrics in by_model.items():
+        single, mixed16 = metrics.get("unmerged prefill, 1 adapter (ms)"), metrics.get("mixed, 16 adapter(s) (ms)")
+        if single and mixed16:
+            parts = ", ".join(f"{k} {mixed16[k] / single[k]:.3f}" for k in single if k != "base" and k in mixed16)
+            bound = " (target <= 1.3)" if device == "cuda" else ""
+            print(f"{model}: mixed batch of 16 adapters / single-adapter prefill{bound}: {parts}")
 
 
 def main() -> None:
@@ -376,24 +442,25 @@ def main() -> None:
           f"{args.device} {args.dtype} | {platform.processor() or platform.machine()}, "
           f"{torch.get_num_threads()} threads | LoRA r={args.rank} all-linear")
     names = [n.strip() for n in args.models.split(",")]
+    peft_cols = [c for c, _ in peft_variants(args)]
     suites = [
-        ("train", bench_model, "Training (floor: frozen base, forward + backward to the activations; "
-                               "inference row: plain base)", "floor"),
-        ("qlora", bench_qlora, "QLoRA on a 4-bit NF4 base", None),
-        ("inference", bench_inference, "Inference, 16 rows (base: the plain base model; merge time has none)",
-         "base"),
+        ("train", bench_train, "Training (floor: frozen base, forward + backward to the activations)",
+         ["graftkit", *peft_cols, "floor"],
+         [("graftkit", c) for c in peft_cols] + [("graftkit", "floor")] + [(c, "floor") for c in peft_cols]),
+        ("qlora", bench_qlora, "QLoRA on a 4-bit NF4 base", ["graftkit", "peft"], [("graftkit", "peft")]),
+        ("inference", bench_inference, "Inference, 16 rows (base: the plain base model; merge times have none)",
+         ["graftkit", *peft_cols, "base"],
+         [("graftkit", c) for c in peft_cols] + [("graftkit", "base")] + [(c, "base") for c in peft_cols]),
     ]
-    for key, bench, title, reference in suites:
+    all_rows: list[Row] = []
+    for key, bench, title, columns, ratios in suites:
         if args.suite in ("all", key):
             rows = [row for name in names for row in bench(name, args)]
             print("\n" + title)
-            print_table(rows, reference)
-            if key == "inference":
-                for name in names:
-                    by = {metric: (ours, theirs) for model, metric, ours, theirs, _ in rows if model == name}
-                    single, mixed16 = by["unmerged, 1 adapter (ms)"], by["mixed, 16 adapter(s) (ms)"]
-                    print(f"{name}: mixed batch of 16 adapters / single-adapter prefill: graftkit "
-                          f"{mixed16[0] / single[0]:.3f}, peft {mixed16[1] / single[1]:.3f}")
+            print_table(rows, columns, ratios)
+            all_rows += rows
+    print()
+    print_targets(all_rows, args.device)
 
 
 if __name__ == "__main__":

@@ -300,3 +300,24 @@ def test_dropout_is_off_in_eval_mode():
         model.train()
         c = model(**x).logits
     assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("shape", sorted(INPUTS))
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
+def test_no_grad_fast_path_equals_plain_path(monkeypatch, shape, dtype, tol):
+    calls = _count_fused(monkeypatch)
+    plain_calls = []
+    plain = lora_method.LoraLinear.forward
+    monkeypatch.setattr(lora_method.LoraLinear, "forward", lambda *a: plain_calls.append(1) or plain(*a))
+    outs = []
+    for enabled in (True, False):
+        fused_lora.ENABLED = enabled
+        try:
+            model = _layer(dtype)
+            with torch.no_grad():
+                outs.append(model(INPUTS[shape]().to(dtype)))
+        finally:
+            fused_lora.ENABLED = True
+    assert calls == [] and plain_calls == [1]  # the fast path ran (no autograd node), then the plain one
+    assert outs[0].dtype == dtype and outs[0].shape == outs[1].shape
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=tol, rtol=tol)

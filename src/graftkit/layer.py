@@ -123,24 +123,27 @@ class AdaptedLayer(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        # Submodules are read from ``_modules`` directly: this runs once per adapted layer per decode step, and
+        # attribute access on a module goes through ``__getattr__`` (twice, with the fallback above).
+        base = self._modules["base_layer"]
         if self.disabled:
             if self.merged:
                 self.unmerge()
-            return self.base_layer(x, *args, **kwargs)
-        adapters = self.adapters
-        if self.routing is None and not self.merged and not args and not kwargs and len(self.active) == 1:
+            return base(x, *args, **kwargs)
+        adapters = self._modules["adapters"]._modules
+        if self.routing is None and not self.merged and len(self.active) == 1 and not args and not kwargs:
             # One adapter on the layer: let it compute base + update in one fused step where it can.
-            name = self.active[0]
-            fused = getattr(adapters[name], "fused_forward", None) if name in adapters else None
-            y = fused(x, self.base_layer) if fused is not None else None
+            adapter = adapters.get(self.active[0])
+            fused = getattr(adapter, "fused_forward", None) if adapter is not None else None
+            y = fused(x, base) if fused is not None else None
             if y is not None:
                 return y
-        y = self.base_layer(x, *args, **kwargs)
+        y = base(x, *args, **kwargs)
         if self.routing is not None:
             return self._mixed_forward(x, y)
         for name in self.active:
             if name in adapters and name not in self.merged:
-                y = adapters[name](x, y, self.base_layer)
+                y = adapters[name](x, y, base)
         return y
 
     def _mixed_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

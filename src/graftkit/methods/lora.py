@@ -192,14 +192,23 @@ class LoraLinear(nn.Module):
         """``base_layer(x)`` plus this adapter in one fused node, or ``None`` where that would not be exact."""
         if self.use_dora or not can_fuse(base_layer, x):
             return None
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if a.dtype != x.dtype:
+            a, b = a.to(x.dtype), b.to(x.dtype)
+        weight, bias = base_layer.weight, base_layer.bias
+        transposed = type(base_layer) is not nn.Linear
         p = self._dropout_p()
+        if p == 0.0 and not (torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad)):
+            # Nothing to differentiate (inference, decode steps): the same ops without an autograd node,
+            # whose bookkeeping costs more than the matmuls themselves at decode sizes.
+            y = F.linear(x, weight.t() if transposed else weight, bias)  # (..., out), contiguous
+            h = F.linear(x, a)  # (..., r)
+            y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), b.t(), alpha=self.scaling)
+            return y
         if p > 0.0 and not can_seed_dropout(x):
             return None
-        a = self.lora_A.weight.to(x.dtype)
-        b = self.lora_B.weight.to(x.dtype)
         seed = draw_seed() if p > 0.0 else 0
-        return FusedLoraLinear.apply(x, base_layer.weight, base_layer.bias, a, b, self.scaling, p, seed,
-                                     type(base_layer) is not nn.Linear)
+        return FusedLoraLinear.apply(x, weight, bias, a, b, self.scaling, p, seed, transposed)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         dtype = x.dtype
