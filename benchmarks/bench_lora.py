@@ -246,6 +246,8 @@ def bench_inference(name: str, args: argparse.Namespace) -> list[Row]:
     """16 rows against the plain base model: one adapter unmerged (prefill); one decode step; mixed batches
     (``adapter_names``) of 1, 4 and 16 distinct adapters; the adapter merged; ``merge_adapter`` with 16 adapters
     loaded, and ``merge_and_unload`` of one adapter."""
+    import peft
+
     dtype = getattr(torch, args.dtype)
     rows, seq = INFER_SHAPES[name]
     base = build_model(name, args.device, dtype)
@@ -260,7 +262,7 @@ def bench_inference(name: str, args: argparse.Namespace) -> list[Row]:
     for column, autocast in peft_variants(args):
         theirs = make_peft(base, kwargs, autocast, adapter_name=adapters[0])
         for a in adapters[1:]:
-            theirs.add_adapter(a, __import__("peft").LoraConfig(**kwargs), autocast_adapter_dtype=autocast)
+            theirs.add_adapter(a, peft.LoraConfig(**kwargs), autocast_adapter_dtype=autocast)
         _copy_adapters_into_peft(ours, theirs)
         models[column] = theirs
     models["base"] = base
