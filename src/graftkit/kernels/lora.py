@@ -182,7 +182,8 @@ def can_fuse(base: nn.Module, x: torch.Tensor) -> bool:
         return False
     if torch.is_autocast_enabled(x.device.type):  # autocast recasts ops one by one; the plain path follows it
         return False
-    return not base.weight.requires_grad and base.weight.dtype == x.dtype
+    weight = base._parameters["weight"]
+    return weight is not None and not weight.requires_grad and weight.dtype == x.dtype
 
 
 def can_seed_dropout(x: torch.Tensor) -> bool:

@@ -186,16 +186,20 @@ class LoraLinear(nn.Module):
 
     def _dropout_p(self) -> float:
         """The dropout probability in effect now (0 in eval mode or without dropout)."""
-        return self.dropout.p if (self.training and isinstance(self.dropout, nn.Dropout)) else 0.0
+        dropout = self._modules["dropout"]
+        return dropout.p if (self.training and isinstance(dropout, nn.Dropout)) else 0.0
 
     def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
         """``base_layer(x)`` plus this adapter in one fused node, or ``None`` where that would not be exact."""
         if self.use_dora or not can_fuse(base_layer, x):
             return None
-        a, b = self.lora_A.weight, self.lora_B.weight
+        # Parameters are read from the module dicts: this runs per layer per decode step, and attribute access
+        # on a module goes through ``nn.Module.__getattr__``.
+        a = self._modules["lora_A"]._parameters["weight"]
+        b = self._modules["lora_B"]._parameters["weight"]
         if a.dtype != x.dtype:
             a, b = a.to(x.dtype), b.to(x.dtype)
-        weight, bias = base_layer.weight, base_layer.bias
+        weight, bias = base_layer._parameters["weight"], base_layer._parameters["bias"]
         transposed = type(base_layer) is not nn.Linear
         p = self._dropout_p()
         if p == 0.0 and not (torch.is_grad_enabled() and (x.requires_grad or a.requires_grad or b.requires_grad)):
