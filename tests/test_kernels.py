@@ -321,3 +321,30 @@ def test_no_grad_fast_path_equals_plain_path(monkeypatch, shape, dtype, tol):
     assert calls == [] and plain_calls == [1]  # the fast path ran (no autograd node), then the plain one
     assert outs[0].dtype == dtype and outs[0].shape == outs[1].shape
     torch.testing.assert_close(outs[0].float(), outs[1].float(), atol=tol, rtol=tol)
+
+
+def test_inference_reuses_the_adapter_cast_until_a_weight_changes():
+    # bf16 base with fp32 master adapters: inference keeps the bf16 copies, training casts in the graph.
+    model = graftkit.get_peft_model(tiny_llama().to(torch.bfloat16),
+                                    graftkit.LoraConfig(r=4, target_modules=["q_proj"]))
+    randomize_adapters(model)
+    adapter = model.base_model.model.model.layers[0].self_attn.q_proj.adapters["default"]
+    assert adapter.lora_A.weight.dtype == torch.float32
+    x = token_batch()
+
+    def reference():  # gradients on: the per-forward cast, never the kept one
+        with torch.enable_grad():
+            return model(**x).logits.detach()
+
+    with torch.no_grad():
+        first = model(**x).logits
+        kept = adapter._cast[1]
+        second = model(**x).logits
+        assert adapter._cast[1] is kept and kept.dtype == torch.bfloat16
+        torch.testing.assert_close(first, reference(), atol=1e-2, rtol=1e-2)
+        assert torch.equal(first, second)
+        adapter.lora_B.weight.add_(0.5)  # an in-place update (as an optimizer step does) invalidates the copy
+        third = model(**x).logits
+    assert adapter._cast[1] is not kept
+    assert not torch.allclose(first.float(), third.float())
+    torch.testing.assert_close(third, reference(), atol=1e-2, rtol=1e-2)

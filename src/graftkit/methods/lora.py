@@ -171,6 +171,7 @@ class LoraLinear(nn.Module):
                 norm = self._row_norm(self._oi(weight.to(kw["dtype"])), self.delta_weight())
             self.lora_magnitude_vector = nn.Parameter(norm)  # (out,)
         self._dora_merge_scale: torch.Tensor | None = None
+        self._cast: tuple | None = None  # (key, A, B) in an activation dtype, for inference (see _weights)
 
     # The base weight as (out, in), whatever the layer stores.
     def _oi(self, weight: torch.Tensor) -> torch.Tensor:
@@ -189,16 +190,31 @@ class LoraLinear(nn.Module):
         dropout = self._modules["dropout"]
         return dropout.p if (self.training and isinstance(dropout, nn.Dropout)) else 0.0
 
+    def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """A and B in ``dtype`` (the activation dtype).
+
+        fp32 master weights over a half-precision base are cast per forward while they train (the cast is part
+        of the graph). When nothing is differentiated (inference, decode) the cast is kept and reused until a
+        weight changes (version counter or storage), so a decode step does not pay two cast kernels per layer.
+        """
+        a = self._modules["lora_A"]._parameters["weight"]
+        b = self._modules["lora_B"]._parameters["weight"]
+        if a.dtype == dtype:
+            return a, b
+        if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
+            return a.to(dtype), b.to(dtype)
+        key = (dtype, a.device, a.data_ptr(), a._version, b.data_ptr(), b._version)
+        if self._cast is None or self._cast[0] != key:
+            self._cast = (key, a.detach().to(dtype), b.detach().to(dtype))
+        return self._cast[1], self._cast[2]
+
     def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
         """``base_layer(x)`` plus this adapter in one fused node, or ``None`` where that would not be exact."""
         if self.use_dora or not can_fuse(base_layer, x):
             return None
         # Parameters are read from the module dicts: this runs per layer per decode step, and attribute access
         # on a module goes through ``nn.Module.__getattr__``.
-        a = self._modules["lora_A"]._parameters["weight"]
-        b = self._modules["lora_B"]._parameters["weight"]
-        if a.dtype != x.dtype:
-            a, b = a.to(x.dtype), b.to(x.dtype)
+        a, b = self._weights(x.dtype)
         weight, bias = base_layer._parameters["weight"], base_layer._parameters["bias"]
         transposed = type(base_layer) is not nn.Linear
         p = self._dropout_p()
@@ -216,8 +232,7 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         dtype = x.dtype
-        a = self.lora_A.weight.to(dtype)
-        b = self.lora_B.weight.to(dtype)
+        a, b = self._weights(dtype)
         p = self._dropout_p()
         if not self.use_dora:
             if p > 0.0 and can_seed_dropout(x):
