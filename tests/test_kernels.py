@@ -348,3 +348,18 @@ def test_inference_reuses_the_adapter_cast_until_a_weight_changes():
     assert adapter._cast[1] is not kept
     assert not torch.allclose(first.float(), third.float())
     torch.testing.assert_close(third, reference(), atol=1e-2, rtol=1e-2)
+
+
+def test_a_cast_kept_under_inference_mode_is_not_reused_in_a_graph():
+    model = graftkit.get_peft_model(tiny_llama().to(torch.bfloat16),
+                                    graftkit.LoraConfig(r=4, target_modules=["q_proj"]))
+    randomize_adapters(model)
+    model.requires_grad_(False)  # frozen adapters: a graph-enabled forward may use the kept copy
+    x = token_batch()
+    with torch.inference_mode():
+        expected = model(**x).logits.clone()
+    embeds = model.get_input_embeddings()(x["input_ids"]).detach().requires_grad_(True)
+    out = model(inputs_embeds=embeds, attention_mask=x["attention_mask"]).logits
+    out.float().sum().backward()  # an inference tensor saved for backward would raise here
+    assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
+    torch.testing.assert_close(out.detach(), expected, atol=1e-2, rtol=1e-2)

@@ -203,7 +203,10 @@ class LoraLinear(nn.Module):
             return a, b
         if torch.is_grad_enabled() and (a.requires_grad or b.requires_grad):
             return a.to(dtype), b.to(dtype)
-        key = (dtype, a.device, a.data_ptr(), a._version, b.data_ptr(), b._version)
+        # Inference-mode tensors cannot enter a graph later, so a copy made under inference_mode is not reused
+        # outside it (and the other way round).
+        key = (dtype, a.device, a.data_ptr(), a._version, b.data_ptr(), b._version,
+               torch.is_inference_mode_enabled())
         if self._cast is None or self._cast[0] != key:
             self._cast = (key, a.detach().to(dtype), b.detach().to(dtype))
         return self._cast[1], self._cast[2]
