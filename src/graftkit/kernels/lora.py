@@ -45,6 +45,17 @@ def keep_probability(p: float) -> float:
     return 1.0 - round(p * _WORDS) / _WORDS
 
 
+def _lanes(shape: torch.Size | tuple[int, ...], seed: int, device: torch.device) -> torch.Tensor:
+    """Uniform int16 values of ``shape`` from ``seed``: four per 64-bit draw of a generator on ``device``."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=gen)
+    return words.view(torch.int16)[:numel].view(shape)  # uniform over [-32768, 32767]
+
+
 def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, device: torch.device) -> torch.Tensor:
     """The keep mask (bool, ``shape``) that ``seed`` gives; True where the input is kept.
 
@@ -52,17 +63,23 @@ def dropout_mask(shape: torch.Size | tuple[int, ...], p: float, seed: int, devic
     probability ``round(p * 65536) / 65536``. Four elements share one 64-bit draw from a generator seeded
     with ``seed`` on ``device``.
     """
-    numel = 1
-    for size in shape:
-        numel *= size
     dropped = round(p * _WORDS)
     if dropped >= _WORDS:  # p rounds to 1 (the threshold would not fit in 16 bits): nothing is kept
         return torch.zeros(shape, dtype=torch.bool, device=device)
-    gen = torch.Generator(device=device)
-    gen.manual_seed(seed)
-    words = torch.empty((numel + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None, generator=gen)
-    lanes = words.view(torch.int16)[:numel].view(shape)  # uniform over [-32768, 32767]
-    return lanes >= dropped - _WORDS // 2
+    return _lanes(shape, seed, device) >= dropped - _WORDS // 2
+
+
+def _keep_factor(shape: torch.Size, p: float, seed: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``dropout_mask`` as 0/1 values in ``dtype``: multiplying by it (and ``addcmul``) is about three times
+    faster on CPU than ``where`` on a bool mask, and the comparison writes it directly."""
+    dropped = round(p * _WORDS)
+    if dropped >= _WORDS:
+        return torch.zeros(shape, dtype=dtype, device=device)
+    lanes = _lanes(shape, seed, device)
+    try:
+        return torch.ge(lanes, dropped - _WORDS // 2, out=torch.empty(shape, dtype=dtype, device=device))
+    except RuntimeError:  # a backend without mixed-dtype comparison outputs
+        return (lanes >= dropped - _WORDS // 2).to(dtype)
 
 
 def draw_seed() -> int:
@@ -70,12 +87,11 @@ def draw_seed() -> int:
     return int(torch.randint(0, 2**62, (), dtype=torch.int64).item())
 
 
-def _dropped(x2: torch.Tensor, p: float, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(x ⊙ M, M), or (x, None) without dropout."""
+def _dropped(x2: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """x ⊙ M, or x itself without dropout."""
     if p <= 0.0:
-        return x2, None
-    keep = dropout_mask(x2.shape, p, seed, x2.device)
-    return torch.where(keep, x2, 0.0), keep
+        return x2
+    return x2 * _keep_factor(x2.shape, p, seed, x2.device, x2.dtype)
 
 
 def _update_scale(scaling: float, p: float) -> float:
@@ -91,15 +107,14 @@ def _lora_grads(ctx, g: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch
     s, p = ctx.scale, ctx.p
     x2 = x.reshape(-1, x.shape[-1])  # (N, in)
     dh = torch.mm(g, b).mul_(s) if (need_x or need_a) else None  # (N, r)
-    keep = dropout_mask(x2.shape, p, ctx.seed, x2.device) if (p > 0.0 and (need_x or need_a)) else None
+    keep = _keep_factor(x2.shape, p, ctx.seed, x2.device, x2.dtype) if (p > 0.0 and (need_x or need_a)) else None
     if need_x:
         if keep is None:
             dx = torch.mm(dh, a) if dx is None else dx.addmm_(dh, a)
         else:
-            lora_dx = torch.where(keep, torch.mm(dh, a), 0.0)
-            dx = lora_dx if dx is None else dx.add_(lora_dx)
+            dx = torch.mm(dh, a).mul_(keep) if dx is None else dx.addcmul_(torch.mm(dh, a), keep)
         dx = dx.view(ctx.x_shape)
-    da = torch.mm(dh.t(), x2 if keep is None else torch.where(keep, x2, 0.0)) if need_a else None  # (r, in)
+    da = torch.mm(dh.t(), x2 if keep is None else x2 * keep) if need_a else None  # (r, in)
     db = torch.mm(h.t(), g).mul_(s).t() if need_b else None  # (out, r), computed as (r, out): gᵀ is the slow side
     return dx, da, db
 
@@ -116,7 +131,7 @@ class FusedLoraLinear(torch.autograd.Function):
         else:
             y = F.linear(x2, weight, bias)  # (N, out)
         s = _update_scale(scaling, p)
-        xd, _ = _dropped(x2, p, seed)
+        xd = _dropped(x2, p, seed)
         h = torch.mm(xd, a.t())  # (N, r)
         del xd  # the dropped copy dies here; backward draws the mask again
         y.addmm_(h, b.t(), alpha=s)
@@ -146,7 +161,7 @@ class LoraUpdate(torch.autograd.Function):
                 p: float, seed: int) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         s = _update_scale(scaling, p)
-        xd, _ = _dropped(x2, p, seed)
+        xd = _dropped(x2, p, seed)
         h = torch.mm(xd, a.t())  # (N, r)
         del xd
         out = torch.addmm(y.reshape(-1, y.shape[-1]), h, b.t(), alpha=s)  # (N, out)
