@@ -10,19 +10,21 @@
                dx = g W + (dh A) ⊙ M    (one (N, in) buffer: the LoRA term is accumulated into the base term)
                dA = dhᵀ x̃ ;  dB = s' · gᵀ h ;  db = Σ g   (only what requires grad)
 
-Autograd on the plain path builds five nodes per adapted layer and sums two (N, in) input gradients in a
-third buffer; ``FusedLoraLinear`` saves that buffer and pass, and skips ``dx`` entirely when the input needs
-none. It saves only x (the input itself), h and the weights.
+Autograd on the plain path builds five nodes per adapted layer and adds the LoRA input gradient to the
+base's in a pass of its own; ``FusedLoraLinear`` accumulates it into the base GEMM's result, and skips ``dx``
+entirely when the input needs none. It saves only x (the input itself), h and the weights. On CPU the two
+paths measure within a few percent of each other at training sizes (benchmarks/); the node matters for
+seeded dropout, below.
 
 Dropout is drawn from a seed, not kept: the forward draws the mask, uses it and drops it; the backward draws
 the same mask again from the same seed. So dropout costs no saved activation (a plain ``nn.Dropout`` keeps a
 dropped copy of every adapted input alive until backward). The mask comes from 16-bit uniform integers, four
 per 64-bit draw: torch's own CPU dropout spends most of a LoRA step's dropout time in its random number
-generator, and this draws a quarter of the words. The drop probability is therefore ``p`` rounded to a
-multiple of 1/65536 (0.05 becomes 0.0500031); the kept values are scaled by the inverse of the rounded keep
-probability, so the update stays unbiased. The seed comes from torch's default CPU generator, so
-``torch.manual_seed`` makes a run repeatable and activation checkpointing (which restores that generator
-before recomputing) replays the same masks.
+generator, and this draws a quarter of the words. It is applied as 0/1 values in the activation dtype.
+The drop probability is therefore ``p`` rounded to a multiple of 1/65536 (0.05 becomes 0.0500031); the kept
+values are scaled by the inverse of the rounded keep probability, so the update stays unbiased. The seed
+comes from torch's default CPU generator, so ``torch.manual_seed`` makes a run repeatable and activation
+checkpointing (which restores that generator before recomputing) replays the same masks.
 
 ``FusedLoraLinear`` runs where it is exact: a plain ``nn.Linear`` or transformers ``Conv1D`` base with no
 hooks and a frozen weight, LoRA without DoRA, matching dtypes, no autocast. ``LoraUpdate`` is the update
