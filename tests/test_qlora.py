@@ -47,6 +47,18 @@ def logits(model):
         return model(input_ids=IDS).logits.float()
 
 
+def unpacked_logits(model):
+    """Logits with bitsandbytes' plain 4-bit path. On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for
+    its bf16 kernel on the first inference forward (eval mode, no input grad); train mode keeps the plain layout,
+    which is all HF peft's DoRA can read (its dequantization returns wrong values for a repacked weight). Nothing
+    here has dropout, so train mode computes the same function."""
+    model.train()
+    try:
+        return logits(model)
+    finally:
+        model.eval()
+
+
 def close(a, b, rel=1e-4):
     return (a - b).abs().max().item() <= rel * b.abs().max().item()
 
@@ -59,20 +71,51 @@ def test_quantized_adapters_match_peft_both_ways(base_dir, tmp_path, quant, dora
         warnings.simplefilter("ignore")
         theirs = peft.get_peft_model(load(base_dir, quant), peft.LoraConfig(**kwargs)).eval()
     randomize_adapters(theirs, std=0.1)
-    expected = logits(theirs)
-    assert not close(expected, logits(load(base_dir, quant)), rel=1e-3), "the adapter must change the output"
+    # DoRA reads the dense weight: compared with peft on bitsandbytes' plain layout (see unpacked_logits); the
+    # repacked CPU layout is checked against bitsandbytes' own dequantization in the next test.
+    run = unpacked_logits if dora else logits
+    expected = run(theirs)
+    assert not close(expected, run(load(base_dir, quant)), rel=1e-3), "the adapter must change the output"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs.save_pretrained(tmp_path / "peft")
     ours = graftkit.PeftModel.from_pretrained(load(base_dir, quant), tmp_path / "peft")
     layer = ours.base_model.model.model.layers[0].self_attn.q_proj
     assert type(layer.base_layer).__name__ in ("Linear4bit", "Linear8bitLt")  # quantized base, no subclass
-    assert close(logits(ours), expected), (logits(ours) - expected).abs().max()
+    got = run(ours)
+    assert close(got, expected), (got - expected).abs().max()
     ours.save_pretrained(tmp_path / "ours")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         back = peft.PeftModel.from_pretrained(load(base_dir, quant), tmp_path / "ours").eval()
-    assert close(logits(back), expected)
+    assert close(run(back), expected)
+
+
+@pytest.mark.parametrize("quant", ["nf4-double-fp32", "fp4-bf16"])
+def test_dora_reads_4bit_weights_as_bitsandbytes_dequantizes_them(base_dir, quant):
+    """The referee is bitsandbytes' dequantize_4bit of the layer before any forward. After an inference forward,
+    bitsandbytes may have repacked the weight for its CPU kernel (absmax rounded to bf16); graftkit must still read
+    the same weight (to bf16 absmax rounding), and DoRA's output must follow from it."""
+    model = graftkit.get_peft_model(load(base_dir, quant), graftkit.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], use_dora=True))
+    randomize_adapters(model, std=0.1)
+    inner = model.base_model.model.model
+    layers = [inner.layers[1].mlp.down_proj, inner.layers[0].self_attn.q_proj]
+    referee = [bnb.functional.dequantize_4bit(m.base_layer.weight.data, m.base_layer.weight.quant_state).float()
+               for m in layers]
+    logits(model)  # an inference forward: repacks the weights where the CPU has AVX512-BF16
+    g = torch.Generator().manual_seed(11)
+    for layer, w_ref in zip(layers, referee):
+        w = graftkit.weights.get_weight(layer.base_layer).float()
+        assert (w - w_ref).abs().max() <= 2 ** -8 * w_ref.abs().max()
+        adapter = layer.adapters["default"]
+        x = torch.randn(3, w_ref.shape[1], generator=g)
+        with torch.no_grad():
+            got = layer(x)
+            a, b, s = adapter.lora_A.weight, adapter.lora_B.weight, adapter.scaling
+            scale = adapter.lora_magnitude_vector / torch.linalg.vector_norm(w_ref + s * b @ a, dim=1)
+            want = scale * (layer.base_layer(x) + s * (x @ a.T) @ b.T)
+        assert (got - want).abs().max() <= 5e-3 * want.abs().max(), (got - want).abs().max()
 
 
 @pytest.mark.parametrize("quant", sorted(QUANT))

@@ -38,8 +38,22 @@ from .model import (
 
 __version__ = "0.1.0"
 
+# The trainers import transformers' Trainer (and TRL): loaded on first use, so `import graftkit` stays light and
+# works without TRL. `from graftkit import SFTTrainer` without TRL raises MissingPackageError naming the package.
+_LAZY = {"Trainer": ".integrations.trainer", "AdapterTrainerMixin": ".integrations.trainer",
+         "SFTTrainer": ".integrations.trl"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    raise AttributeError(f"module 'graftkit' has no attribute '{name}'")
+
 __all__ = [
     "AdapterNameError",
+    "AdapterTrainerMixin",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
     "AutoPeftModelForFeatureExtraction",
@@ -61,8 +75,10 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "SFTTrainer",
     "TargetError",
     "TaskType",
+    "Trainer",
     "UnsupportedError",
     "get_peft_model",
     "inject_adapter_in_model",

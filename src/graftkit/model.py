@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import warnings
 from collections.abc import Iterator
 from typing import Any, ClassVar
@@ -286,6 +287,21 @@ class PeftModel(nn.Module):
     def enable_adapter_layers(self) -> None:
         for _, module in wrappers(self.model):
             module.disabled = False
+
+    # ------------------------------------------------------------------ trainers that do not know graftkit
+    def train(self, mode: bool = True) -> PeftModel:
+        if mode and "transformers.trainer" in sys.modules:  # a plain transformers/TRL trainer gets a clear message
+            from .integrations.trainer import check_plain_trainer_training
+
+            check_plain_trainer_training(self)
+        return super().train(mode)
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        if "transformers.trainer" in sys.modules:  # the plain Trainer's checkpoint: a clear error, not a raw crash
+            from .integrations.trainer import refuse_plain_trainer_checkpoint
+
+            refuse_plain_trainer_checkpoint()
+        return super().state_dict(*args, **kwargs)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -638,17 +654,49 @@ class PeftModel(nn.Module):
         allow_pickle: bool = False,
         **hub_kwargs: Any,
     ) -> None:
-        """Load another saved adapter under ``adapter_name`` (not activated: use :meth:`set_adapter`)."""
+        """Load a saved adapter under ``adapter_name``.
+
+        A new name adds the adapter (not activated: use :meth:`set_adapter`). An existing name replaces that
+        adapter's weights in place (what resuming a training run needs): the saved config must describe the same
+        adapter (method, targets, rank, scaling, ...), and the adapter keeps its activation and trainability.
+
+        Raises:
+            ConfigError: loading into an existing adapter whose config differs (the fields are named).
+            CheckpointError: missing files, mismatched tensor names or shapes. On any error the model is unchanged.
+        """
         directory = resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
         config = PeftConfig.from_pretrained(directory)
         config.inference_mode = not is_trainable
         tensors = load_adapter_tensors(directory, allow_pickle=allow_pickle)
+        if adapter_name in self.peft_config:
+            self._check_same_adapter(adapter_name, config, directory)
+            self._load_tensors(adapter_name, tensors, strict=strict, source=directory)
+            return
         self.add_adapter(adapter_name, config)
         try:
             self._load_tensors(adapter_name, tensors, strict=strict, source=directory)
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
+
+    # Config fields that say nothing about what an adapter computes.
+    _BOOKKEEPING_FIELDS = frozenset({"inference_mode", "base_model_name_or_path", "revision", "auto_mapping",
+                                     "task_type", "peft_version"})
+
+    def _check_same_adapter(self, adapter_name: str, saved: PeftConfig, source: str) -> None:
+        def normal(config: PeftConfig) -> dict[str, Any]:  # lists of names compare as sets (files keep no order)
+            items = self._prepare_config(config).to_dict().items()
+            return {k: sorted(map(str, v)) if isinstance(v, list) else v for k, v in items}
+
+        current, incoming = normal(self.peft_config[adapter_name]), normal(saved)
+        differ = sorted(k for k in set(current) | set(incoming)
+                        if k not in self._BOOKKEEPING_FIELDS and current.get(k) != incoming.get(k))
+        if differ:
+            shown = ", ".join(f"{k}: {current.get(k)!r} here, {incoming.get(k)!r} in the file" for k in differ[:5])
+            raise ConfigError(
+                f"{source}: cannot load into the existing adapter '{adapter_name}': its config differs ({shown}). "
+                "Load it under a new adapter_name, or delete_adapter() the old one first"
+            )
 
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], strict: bool, source: str) -> None:
         expected = adapter_tensors(self.model, adapter_name, self.peft_config[adapter_name])

@@ -56,7 +56,33 @@ def _get_bnb_4bit(layer: nn.Module) -> torch.Tensor:
     import bitsandbytes as bnb
 
     weight = layer.weight
-    return bnb.functional.dequantize_4bit(weight.data, weight.quant_state)  # (out, in) in the original dtype
+    data, state = weight.data, weight.quant_state
+    if getattr(state, "packing_format_for_cpu", False):
+        data, state = _standard_4bit(data, state)
+    return bnb.functional.dequantize_4bit(data, state)  # (out, in) in the original dtype
+
+
+def _standard_4bit(data: torch.Tensor, state: object) -> tuple[torch.Tensor, object]:
+    """The standard 4-bit layout of a weight that bitsandbytes repacked for its AVX512-BF16 CPU kernel.
+
+    On CPUs with AVX512-BF16, bitsandbytes (>= 0.49) rewrites a ``Linear4bit`` weight in place on its first
+    inference forward: codes reordered in blocks of 32 output rows, double quantization undone, absmax stored
+    transposed in bf16. Its ``dequantize_4bit`` does not understand that layout and returns wrong values, and its
+    inverse conversion mutates the layer's quant state. This reads the repacked weight without changing the layer.
+    """
+    import bitsandbytes as bnb
+
+    rows, cols = state.shape  # (out, in)
+    packed = data.view(torch.uint8).reshape(-1, 32)  # each row: 32 low nibbles, then 32 high nibbles
+    codes = torch.cat([packed & 0xF, packed >> 4], dim=-1)  # (rows/32 * cols/2, 64)
+    codes = codes.reshape(rows // 32, cols // 2, 32, 2).transpose(1, 2).reshape(-1)  # (rows * cols,) row-major
+    standard = ((codes[0::2] << 4) | codes[1::2]).reshape(-1, 1)  # two codes a byte, first in the high nibble
+    absmax = state.absmax.T.reshape(-1).float()  # (rows * cols / blocksize,)
+    dtype = getattr(state, "original_dtype", torch.float32)
+    return standard, bnb.functional.QuantState(
+        absmax=absmax, shape=state.shape, code=state.code, blocksize=state.blocksize,
+        quant_type=state.quant_type, dtype=dtype,
+    )
 
 
 def _set_bnb_4bit(layer: nn.Module, dense: torch.Tensor) -> None:

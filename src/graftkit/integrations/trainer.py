@@ -1,0 +1,214 @@
+"""``graftkit.Trainer`` and ``graftkit.SFTTrainer``: transformers' and TRL's trainers for graftkit models.
+
+transformers' ``Trainer`` and TRL's ``SFTTrainer`` recognise adapter models by ``isinstance(model,
+peft.PeftModel)``, with no public extension point. For any other model they write the full ``state_dict`` as a
+checkpoint (which fails on tied embeddings), resume only full models, refuse quantized bases, pick label smoothing's
+label shift from the wrapper's class name, and (TRL) patch their fused LM head onto the wrapper instead of the
+transformers model inside it. :class:`AdapterTrainerMixin` changes exactly those decisions for graftkit models and
+nothing else; any other model goes through the parent class untouched.
+
+Checkpoint layout (the one HF peft + Trainer writes, so either library can read it)::
+
+    checkpoint-500/
+      adapter_config.json, adapter_model.safetensors      the "default" adapter
+      <name>/adapter_config.json, ...                     every other adapter
+      optimizer.pt, scheduler.pt, rng_state.pth, trainer_state.json, training_args.bin
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+
+from ..errors import CheckpointError, GraftkitError, UnsupportedError
+from ..model import PeftModel
+from ..weights import is_quantized
+
+TRAINING_ARGS_NAME = "training_args.bin"
+
+
+def _graftkit_model(trainer: Any, model: nn.Module | None = None) -> PeftModel | None:
+    """The graftkit model a trainer trains (unwrapped from DDP and the like), or ``None``."""
+    model = trainer.model if model is None else model
+    with contextlib.suppress(AttributeError):
+        model = trainer.accelerator.unwrap_model(model)
+    return model if isinstance(model, PeftModel) else None
+
+
+def _quantized(model: PeftModel) -> bool:
+    base = model.get_base_model()
+    return bool(getattr(base, "is_quantized", False)) or any(is_quantized(m) for m in base.modules())
+
+
+@contextlib.contextmanager
+def _adapters_attached(model: nn.Module) -> Iterator[None]:
+    """During the parent constructor, present a graftkit model on a quantized base as what it is for transformers'
+    check: not a purely quantized model, since it carries adapters (checked by :func:`_check_trains_something`)."""
+    if not isinstance(model, PeftModel) or not _quantized(model):
+        yield
+        return
+    model.is_quantized = False  # an instance attribute over the base model's, removed below
+    try:
+        yield
+    finally:
+        del model.is_quantized
+
+
+def _check_trains_something(model: PeftModel) -> None:
+    if _quantized(model) and not any(p.requires_grad for p in model.parameters()):
+        raise GraftkitError(
+            "the model has a quantized base and no trainable adapter: nothing would train. Make an adapter "
+            "trainable (set_adapter(name), or PeftModel.from_pretrained(..., is_trainable=True))"
+        )
+
+
+class AdapterTrainerMixin:
+    """Saving, resuming, best-model loading, the quantization check and the loss set-up, for graftkit models.
+
+    Put it before the trainer class: ``class MyTrainer(AdapterTrainerMixin, transformers.Trainer)``.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        model = kwargs.get("model", args[0] if args else None)
+        if isinstance(model, PeftModel):
+            _check_trains_something(model)
+        with _adapters_attached(model):
+            super().__init__(*args, **kwargs)
+        if _graftkit_model(self) is not None:
+            self._look_through_wrapper()
+
+    # ------------------------------------------------------------------ what transformers reads off the model class
+    def _look_through_wrapper(self) -> None:
+        """Read label names, loss arguments and label smoothing's shift from the transformers model inside, as
+        transformers does for HF peft's wrapper."""
+        from transformers.utils import can_return_loss, find_labels
+
+        base = _graftkit_model(self).get_base_model()
+        if self.args.label_names is None:
+            self.label_names = find_labels(type(base))
+        self.can_return_loss = can_return_loss(type(base))
+        if hasattr(base, "accepts_loss_kwargs"):
+            self.model_accepts_loss_kwargs = base.accepts_loss_kwargs
+        else:
+            params = inspect.signature(base.forward).parameters.values()
+            self.model_accepts_loss_kwargs = any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params)
+        if getattr(self, "label_smoother", None) is not None and getattr(self, "compute_loss_func", None) is None:
+            from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+            shift = base._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+            smoother = self.label_smoother
+
+            def smoothed_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
+                return smoother(outputs, labels, shift_labels=shift, num_items_in_batch=num_items_in_batch)
+
+            self.compute_loss_func = smoothed_loss
+
+    def _set_signature_columns_if_needed(self) -> None:
+        model = _graftkit_model(self)
+        if model is None or self._signature_columns is not None:
+            return super()._set_signature_columns_if_needed()
+        columns = list(inspect.signature(model.get_base_model().forward).parameters)
+        self._signature_columns = columns + sorted({"label", "label_ids", *self.label_names})
+
+    # ------------------------------------------------------------------ checkpoints
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = _graftkit_model(self)
+        if model is None:
+            return super()._save(output_dir, state_dict)
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        # Every rank calls save_pretrained: sharded (FSDP2) adapter tensors are gathered collectively, then the
+        # main process writes. transformers calls _save on the main process only, except for sharded models.
+        model.save_pretrained(output_dir, is_main_process=self.args.should_save)
+        if not self.args.should_save:
+            return
+        if self.processing_class is not None:
+            self.processing_class.save_pretrained(output_dir)
+        torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        graftkit_model = _graftkit_model(self, model)
+        if graftkit_model is None:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        load_adapters_from(graftkit_model, resume_from_checkpoint)
+
+    def _load_best_model(self) -> None:
+        model = _graftkit_model(self)
+        if model is None:
+            return super()._load_best_model()
+        load_adapters_from(model, self.state.best_model_checkpoint)
+
+
+def load_adapters_from(model: PeftModel, checkpoint: str) -> None:
+    """Load every adapter of ``model`` from a checkpoint folder written by ``save_pretrained`` (``default`` at the
+    top, others in sub-folders), in place: weights replaced, activation and trainability kept.
+
+    Raises:
+        CheckpointError: the folder lacks one of the model's adapters (nothing is loaded then).
+    """
+    folders = {name: checkpoint if name == "default" else os.path.join(checkpoint, name) for name in model.peft_config}
+    missing = [name for name, folder in folders.items()
+               if not os.path.isfile(os.path.join(folder, "adapter_config.json"))]
+    if missing:
+        present = sorted(os.listdir(checkpoint)) if os.path.isdir(checkpoint) else []
+        raise CheckpointError(
+            f"{checkpoint}: no saved adapter for {missing} (files there: {present[:20]}). Resume from a checkpoint "
+            "that graftkit.Trainer wrote for this model, with the same adapters"
+        )
+    for name, folder in folders.items():
+        model.load_adapter(folder, adapter_name=name)
+
+
+class Trainer(AdapterTrainerMixin, transformers.Trainer):
+    """``transformers.Trainer`` for graftkit models: adapter-only checkpoints (the files HF peft writes), resume,
+    ``load_best_model_at_end``, QLoRA and label smoothing work as they do for HF peft models. Any other model is
+    trained exactly as by ``transformers.Trainer``."""
+
+
+# ---------------------------------------------------------------------------------------------- plain trainers
+def refuse_plain_trainer_checkpoint(frame_depth: int = 2) -> None:
+    """Called from ``PeftModel.state_dict``: if the caller is the plain ``transformers.Trainer._save`` (which
+    would write the full model, or crash on tied weights), raise a clear error instead."""
+    frame = sys._getframe(frame_depth)
+    if frame.f_code.co_name == "_save" and frame.f_globals.get("__name__") == "transformers.trainer":
+        trainer = frame.f_locals.get("self")
+        if not isinstance(trainer, AdapterTrainerMixin):
+            raise UnsupportedError(
+                f"{type(trainer).__name__} cannot checkpoint a graftkit model: transformers saves adapters only for "
+                "HF peft's class and would write the full model. Use graftkit.Trainer (or graftkit.SFTTrainer), "
+                "a drop-in subclass: `from graftkit import Trainer`"
+            )
+
+
+def check_plain_trainer_training(model: PeftModel, frame_depth: int = 2) -> None:
+    """Called from ``PeftModel.train()``: a plain transformers/TRL trainer starting a training step gets a clear
+    message naming graftkit's trainer (TRL's patched forward cannot run on a graftkit model at all)."""
+    frame = sys._getframe(frame_depth)
+    if frame.f_globals.get("__name__") != "transformers.trainer":
+        return
+    trainer = frame.f_locals.get("self")
+    if not isinstance(trainer, transformers.Trainer) or isinstance(trainer, AdapterTrainerMixin):
+        return
+    if type(trainer).__module__.startswith("trl."):
+        raise UnsupportedError(
+            f"trl.{type(trainer).__name__} cannot train a graftkit model (it unwraps only HF peft's class). Use "
+            "graftkit.SFTTrainer, a drop-in subclass: `from graftkit import SFTTrainer`"
+        )
+    if not model.__dict__.get("_plain_trainer_warned"):
+        model.__dict__["_plain_trainer_warned"] = True
+        import warnings
+
+        warnings.warn(
+            "transformers.Trainer is training a graftkit model: it will not save adapter checkpoints or resume them "
+            "(its first checkpoint stops with an error). Use graftkit.Trainer, a drop-in subclass: "
+            "`from graftkit import Trainer`",
+            UserWarning,
+            stacklevel=frame_depth + 1,
+        )
