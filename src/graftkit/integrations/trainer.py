@@ -112,9 +112,12 @@ class AdapterTrainerMixin:
             self.compute_loss_func = smoothed_loss
 
     def _set_signature_columns_if_needed(self) -> None:
+        parent = super()._set_signature_columns_if_needed
         model = _graftkit_model(self)
-        if model is None or self._signature_columns is not None:
-            return super()._set_signature_columns_if_needed()
+        # Only where transformers would read the wrapper's forward; a subclass's own choice (TRL's) stands.
+        own = getattr(parent, "__func__", None) is transformers.Trainer._set_signature_columns_if_needed
+        if model is None or self._signature_columns is not None or not own:
+            return parent()
         columns = list(inspect.signature(model.get_base_model().forward).parameters)
         self._signature_columns = columns + sorted({"label", "label_ids", *self.label_names})
 
