@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 import warnings
 import zlib
@@ -9,6 +10,10 @@ import zlib
 import pytest
 import torch
 from torch import nn
+
+# GRAFTKIT_TEST_DEVICE=cuda (scripts/gpu_check.sh) moves the device-agnostic tests there: the tiny models and token
+# batches below are built on that device, and random values are still drawn on the CPU from seeded generators.
+DEVICE = torch.device(os.environ.get("GRAFTKIT_TEST_DEVICE", "cpu"))
 
 warnings.filterwarnings("ignore", message=".*eos_token_id.*")
 warnings.filterwarnings("ignore", message=".*bos_token_id.*")
@@ -21,7 +26,7 @@ def tiny_llama(seed: int = 0, **overrides) -> nn.Module:
     cfg = dict(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False)
     cfg.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**cfg)).eval()
+    return LlamaForCausalLM(LlamaConfig(**cfg)).eval().to(DEVICE)
 
 
 def tiny_gpt2(seed: int = 0) -> nn.Module:
@@ -29,7 +34,7 @@ def tiny_gpt2(seed: int = 0) -> nn.Module:
 
     torch.manual_seed(seed)
     return GPT2LMHeadModel(GPT2Config(n_embd=16, n_layer=2, n_head=2, vocab_size=64, n_positions=32,
-                                      bos_token_id=0, eos_token_id=0)).eval()
+                                      bos_token_id=0, eos_token_id=0)).eval().to(DEVICE)
 
 
 def tiny_bert_cls(seed: int = 0, num_labels: int = 3) -> nn.Module:
@@ -38,7 +43,7 @@ def tiny_bert_cls(seed: int = 0, num_labels: int = 3) -> nn.Module:
     torch.manual_seed(seed)
     return BertForSequenceClassification(BertConfig(
         vocab_size=64, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
-        num_labels=num_labels, max_position_embeddings=32)).eval()
+        num_labels=num_labels, max_position_embeddings=32)).eval().to(DEVICE)
 
 
 def tiny_t5(seed: int = 0) -> nn.Module:
@@ -47,7 +52,7 @@ def tiny_t5(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     return T5ForConditionalGeneration(T5Config(
         vocab_size=64, d_model=16, d_kv=8, d_ff=32, num_layers=2, num_heads=2, decoder_start_token_id=0,
-        pad_token_id=0, eos_token_id=1)).eval()
+        pad_token_id=0, eos_token_id=1)).eval().to(DEVICE)
 
 
 class TinyConvNet(nn.Module):
@@ -66,13 +71,13 @@ class TinyConvNet(nn.Module):
 
 def tiny_convnet(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    return TinyConvNet().eval()
+    return TinyConvNet().eval().to(DEVICE)
 
 
 def token_batch(seed: int = 1, batch: int = 2, length: int = 7, vocab: int = 64) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(2, vocab, (batch, length), generator=g)
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    return {"input_ids": ids.to(DEVICE), "attention_mask": torch.ones_like(ids).to(DEVICE)}
 
 
 def randomize_adapters(model: nn.Module, seed: int = 3, std: float = 0.2) -> None:
@@ -81,7 +86,7 @@ def randomize_adapters(model: nn.Module, seed: int = 3, std: float = 0.2) -> Non
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_" in name or "modules_to_save" in name:
-                noise = torch.randn(param.shape, generator=g) * std
+                noise = (torch.randn(param.shape, generator=g) * std).to(param.device)
                 if "magnitude" in name or "modules_to_save" in name:
                     param.add_(noise.to(param.dtype))
                 else:
@@ -91,7 +96,7 @@ def randomize_adapters(model: nn.Module, seed: int = 3, std: float = 0.2) -> Non
 def run(model: nn.Module, inputs) -> torch.Tensor:
     with torch.no_grad():
         if isinstance(inputs, torch.Tensor):
-            return model(inputs)
+            return model(inputs.to(DEVICE))
         out = model(**inputs)
         return out.logits if hasattr(out, "logits") else out[0]
 

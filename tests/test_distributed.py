@@ -66,3 +66,21 @@ def test_two_process_training_matches_single_process(single, tmp_path, mode):
                                         num_attention_heads=2, num_key_value_heads=1, initializer_range=0.2))
     loaded = graftkit.PeftModel.from_pretrained(base, tmp_path / "adapter")
     assert run(loaded, token_batch()).isfinite().all()
+
+
+def test_trainer_under_ddp_checkpoints_and_resumes(tmp_path):
+    """graftkit.Trainer with 2 DDP processes: a run stopped after its first checkpoint and resumed logs the same
+    losses as an uninterrupted run, and the checkpoints hold adapter files only."""
+    import json
+
+    script = os.path.join(os.path.dirname(__file__), "distributed", "trainer_resume.py")
+    for mode, out in (("full", tmp_path / "full"), ("stop", tmp_path / "run"), ("resume", tmp_path / "run")):
+        _run([*_launcher("ddp"), script, mode, str(out)], tmp_path)
+    assert {"adapter_config.json", "adapter_model.safetensors"} <= set(os.listdir(tmp_path / "run" / "checkpoint-3"))
+    assert not any(name.startswith("model") for name in os.listdir(tmp_path / "run" / "checkpoint-3"))
+    full = json.loads((tmp_path / "full" / "losses-full.json").read_text())
+    resumed = json.loads((tmp_path / "run" / "losses-resume.json").read_text())
+    later = {step: loss for step, loss in resumed.items() if int(step) > 3}
+    assert sorted(later, key=int) == ["4", "5", "6"]
+    for step, loss in later.items():
+        assert abs(loss - full[step]) <= 1e-6, (step, loss, full[step])

@@ -122,14 +122,22 @@ def test_fused_path_is_skipped_where_not_exact(monkeypatch, case):
     assert len(calls) == expected
 
 
-def test_autocast_training_takes_the_plain_path(monkeypatch):
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["no-dropout", "dropout"])
+def test_autocast_training_takes_the_plain_path(monkeypatch, dropout):
+    """Under autocast (TRL's default bf16 on CPU) neither the fused node nor seeded dropout runs: autocast recasts
+    ops one by one, and the plain path follows it. (Found by the docs' SFT example: seeded dropout under autocast
+    saved bf16 activations against fp32 gradients.)"""
     calls = _count_fused(monkeypatch)
-    model = graftkit.get_peft_model(tiny_llama(), graftkit.LoraConfig(r=4, target_modules="all-linear")).train()
+    update_calls = []
+    original = fused_lora.LoraUpdate.apply
+    monkeypatch.setattr(fused_lora.LoraUpdate, "apply", lambda *a: update_calls.append(1) or original(*a))
+    config = graftkit.LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout)
+    model = graftkit.get_peft_model(tiny_llama(), config).train()
     x = token_batch()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss = model(**x, labels=x["input_ids"]).loss
     loss.backward()
-    assert calls == [] and torch.isfinite(loss)
+    assert calls == [] and update_calls == [] and torch.isfinite(loss)
     assert all(p.grad is not None for n, p in model.named_parameters() if "lora_B" in n)
 
 

@@ -199,5 +199,8 @@ def can_fuse(base: nn.Module, x: torch.Tensor) -> bool:
 
 def can_seed_dropout(x: torch.Tensor) -> bool:
     """Whether seeded dropout can run here: CPU or CUDA, and not while ``torch.compile`` traces (drawing a seed
-    reads a number back to Python, a graph break; compiled graphs use ``nn.Dropout``)."""
-    return ENABLED and x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
+    reads a number back to Python, a graph break; compiled graphs use ``nn.Dropout``), and not under autocast
+    (it recasts ops one by one, so the saved activations and the backward's gradients would disagree in dtype;
+    the plain path follows autocast)."""
+    return (ENABLED and x.device.type in ("cpu", "cuda") and not torch.compiler.is_compiling()
+            and not torch.is_autocast_enabled(x.device.type))
