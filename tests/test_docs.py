@@ -45,3 +45,4 @@ def test_block_runs(name, code, tmp_path, monkeypatch):
         best = trainer.state.best_model_checkpoint
         assert best is not None and (Path(best) / "adapter_model.safetensors").is_file()
         assert (tmp_path / "quick-tour" / "best" / "adapter_model.safetensors").is_file()
+

@@ -294,3 +294,15 @@ def test_load_adapter_into_an_existing_adapter_replaces_its_weights(tmp_path):
     with pytest.raises(graftkit.ConfigError, match="lora_alpha"):
         model.load_adapter(tmp_path / "b", adapter_name="default")
     torch.testing.assert_close(logits(model), before, atol=0, rtol=0)
+
+
+def test_sft_trainer_without_trl_names_the_package(monkeypatch):
+    import sys
+
+    import graftkit
+
+    monkeypatch.setitem(sys.modules, "trl", None)  # as if TRL were not installed
+    monkeypatch.delitem(sys.modules, "graftkit.integrations.trl", raising=False)
+    with pytest.raises(graftkit.MissingPackageError, match="pip install trl"):
+        from graftkit import SFTTrainer  # noqa: F401
+    assert "SFTTrainer" not in graftkit.__all__  # `from graftkit import *` works without TRL

@@ -39,7 +39,8 @@ from .model import (
 __version__ = "0.1.0"
 
 # The trainers import transformers' Trainer (and TRL): loaded on first use, so `import graftkit` stays light and
-# works without TRL. `from graftkit import SFTTrainer` without TRL raises MissingPackageError naming the package.
+# works without TRL. `from graftkit import SFTTrainer` without TRL raises MissingPackageError naming the package
+# (so SFTTrainer stays out of __all__: `from graftkit import *` must work without TRL).
 _LAZY = {"Trainer": ".integrations.trainer", "AdapterTrainerMixin": ".integrations.trainer",
          "SFTTrainer": ".integrations.trl"}
 
@@ -75,7 +76,6 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
-    "SFTTrainer",
     "TargetError",
     "TaskType",
     "Trainer",
