@@ -11,7 +11,6 @@ the adapters must agree with the single-process run.
 from __future__ import annotations
 
 import faulthandler
-import os
 import sys
 import warnings
 
@@ -71,15 +70,9 @@ def main() -> None:
         accelerator.wait_for_everyone()
     else:
         model.save_pretrained(out_dir, is_main_process=rank == 0)
-    if mode not in ("single", "accelerate"):
-        dist.barrier()  # nobody tears gloo down while a peer still talks to it
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
-    # gloo can leave a native thread that blocks interpreter shutdown now and then (seen here as a hang after
-    # main() returned); the work is done and flushed, so leave without finalization.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    from launch import run_and_exit
+
+    run_and_exit(main)

@@ -52,17 +52,9 @@ def main() -> None:
         losses = {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
         with open(os.path.join(out, f"losses-{mode}.json"), "w") as fh:
             json.dump(losses, fh)
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()  # nobody tears gloo down while a peer still talks to it
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
-    # gloo's threads can abort the interpreter's finalization ("terminate called without an active exception");
-    # the work is done and flushed, so leave without it.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    from launch import run_and_exit
+
+    run_and_exit(main)
