@@ -49,6 +49,8 @@ def test_wrong_shape_names_key_and_both_shapes(tmp_path):
     cfg = json.loads((tmp_path / "adapter_config.json").read_text())
     cfg["r"] = 4
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    weights = tmp_path / "adapter_model.safetensors"  # as another writer saves it: no graftkit pairing record
+    save_file(load_file(weights), weights, {"format": "pt"})
     base = tiny_llama()
     with pytest.raises(graftkit.CheckpointError) as err:
         graftkit.PeftModel.from_pretrained(base, tmp_path)

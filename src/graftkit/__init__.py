@@ -19,8 +19,10 @@ from .errors import (
     ConfigError,
     GraftkitError,
     MissingPackageError,
+    SaveError,
     TargetError,
     UnsupportedError,
+    UsageError,
 )
 from .integrations import prepare_model_for_kbit_training
 from .methods import LoraConfig
@@ -76,10 +78,12 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "SaveError",
     "TargetError",
     "TaskType",
     "Trainer",
     "UnsupportedError",
+    "UsageError",
     "get_peft_model",
     "inject_adapter_in_model",
     "prepare_model_for_kbit_training",

@@ -24,6 +24,14 @@ class CheckpointError(GraftkitError, ValueError):
     """An adapter checkpoint cannot be read, or does not fit the model (keys, shapes, files)."""
 
 
+class UsageError(GraftkitError, ValueError):
+    """A call's arguments do not fit the model's state (a base already wrapped, routing that does not fit)."""
+
+
+class SaveError(GraftkitError, OSError):
+    """A checkpoint could not be written (permissions, disk full ...); the folder keeps its previous checkpoint."""
+
+
 class AdapterNameError(GraftkitError, KeyError):
     """An adapter name is unknown, or already taken."""
 

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from torch import nn
 
+from .config import ALL_LINEAR
 from .errors import TargetError
 from .layer import AdaptedLayer, ModulesToSave
 from .registry import method_for
@@ -26,7 +27,6 @@ from .registry import method_for
 if TYPE_CHECKING:
     from .config import TunerConfig
 
-ALL_LINEAR = "all-linear"
 
 
 def iter_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

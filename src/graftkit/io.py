@@ -1,53 +1,199 @@
-"""Checkpoint files: atomic writes, safetensors read/write, and finding an adapter folder.
+"""Checkpoint files: whole-checkpoint atomic saves, checked reads, and finding an adapter folder.
 
 An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (tensor names as in the
-ecosystem's format, see ``model.py``). Writes go to a temporary file in the same folder, are flushed to disk
-and renamed over the old file, so a failed save leaves the previous checkpoint readable. Reads never
-unpickle unless asked: ``adapter_model.bin`` is read only with ``allow_pickle=True``, and then with
+ecosystem's format, see ``model.py``).
+
+**A save is one unit.** Every file of the new checkpoint is first written to a temporary file in the folder
+and flushed to disk. Then a small journal (``.graftkit-save.json``) naming those files is renamed into place:
+that rename is the commit point. The temporary files are then renamed over the old ones, the other format's
+stale weights file is removed, and the journal is deleted. A save killed before the commit point leaves the
+old checkpoint untouched (its temporary files are removed by the next save); one killed after it is finished
+by the next load or save, which replays the journal. A reader that finds a journal it cannot replay (a
+read-only folder) reads the files the journal names. Either way graftkit sees the old pair or the new pair.
+
+**The pair is recorded.** The safetensors metadata (which HF peft and vLLM ignore) holds the config the
+weights were saved with (``graftkit.adapter_config``: the fields that decide what the adapter computes).
+Loading compares it with ``adapter_config.json`` and refuses a mix of two saves, whatever produced it.
+
+**Reads are checked.** Only regular files are opened (a FIFO would block), safetensors headers are parsed by
+the safetensors library behind one error type, tensors must be floating point, and NaN/Inf values are named
+in a warning. ``adapter_model.bin`` is read only with ``allow_pickle=True``, and then with
 ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import tempfile
+import secrets
+import warnings
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from .config import CONFIG_NAME
-from .errors import CheckpointError
+from .config import CONFIG_NAME, PeftConfig, check_regular_file, read_regular_file
+from .errors import CheckpointError, SaveError
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+JOURNAL_NAME = ".graftkit-save.json"
+TMP_PREFIX = ".graftkit-"
+RECORD_KEY = "graftkit.adapter_config"  # safetensors metadata key: the config the weights were saved with
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    os.close(fd)
+# ---------------------------------------------------------------------------------------------- writing
+def _fsync_path(path: str) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(directory: str) -> None:
+    try:  # makes the renames durable; not every platform/filesystem allows opening a folder
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
     try:
-        write(tmp)
-        with open(tmp, "rb+") as fh:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _read_journal(directory: str) -> dict[str, Any] | None:
+    """The pending save's journal, or ``None``.
+
+    Raises:
+        CheckpointError: a journal exists but is not one graftkit wrote.
+    """
+    path = os.path.join(directory, JOURNAL_NAME)
+    if not os.path.lexists(path):
+        return None
+    try:
+        journal = json.loads(read_regular_file(path, "the save journal", CheckpointError).decode("utf-8"))
+        renames, remove = journal["rename"], journal["remove"]
+        valid = (isinstance(renames, dict) and isinstance(remove, list)
+                 and all(isinstance(t, str) and t.startswith(TMP_PREFIX) and os.sep not in t and n in _CHECKPOINT_FILES
+                         for t, n in renames.items())
+                 and all(n in _CHECKPOINT_FILES for n in remove))
+    except (ValueError, KeyError, TypeError, RecursionError):
+        valid = False
+    if not valid:
+        raise CheckpointError(
+            f"{path}: the record of an interrupted save is damaged, so graftkit cannot tell which files belong "
+            "together. Delete it if the folder's adapter files are the ones you want, or save the adapter again"
+        )
+    return journal
+
+
+def _replay(directory: str, journal: dict[str, Any]) -> None:
+    """Finish a committed save (idempotent: a second replay, or a concurrent one, changes nothing)."""
+    for tmp, name in journal["rename"].items():
+        try:
+            os.replace(os.path.join(directory, tmp), os.path.join(directory, name))
+        except FileNotFoundError:  # renamed already
+            pass
+    for name in journal["remove"]:
+        try:
+            os.remove(os.path.join(directory, name))
+        except FileNotFoundError:
+            pass
+    _fsync_dir(directory)
+    try:
+        os.remove(os.path.join(directory, JOURNAL_NAME))
+    except FileNotFoundError:
+        pass
+    _fsync_dir(directory)
+
+
+def recover(directory: str) -> None:
+    """Finish the committed save an earlier process was killed in (if any). Raises ``OSError`` when the folder
+    cannot be written."""
+    journal = _read_journal(directory)
+    if journal is not None:
+        _replay(directory, journal)
+
+
+def save_checkpoint(directory: str, files: dict[str, Callable[[str], None]], stale: list[str] = ()) -> None:
+    """Write one checkpoint folder as a unit: ``files`` maps each file name to a writer ``write(tmp_path)``;
+    the names in ``stale`` are removed in the same step (the other format's weights).
+
+    Files get the mode the umask gives ordinary files. A failure before the commit point removes this save's
+    temporary files and leaves the folder's old checkpoint as it was.
+
+    Raises:
+        SaveError: the folder cannot be created or written (the message says why); the old checkpoint is intact.
+        CheckpointError: ``directory`` is a file, or holds a damaged journal.
+    """
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise CheckpointError(f"cannot save the adapter to '{directory}': it is a file; pass a folder path")
+    try:
+        os.makedirs(directory, exist_ok=True)
+        recover(directory)
+        for entry in os.listdir(directory):  # temp files of saves killed before their commit point
+            if entry.startswith(TMP_PREFIX) and entry.endswith(".tmp"):
+                os.remove(os.path.join(directory, entry))
+    except OSError as exc:
+        raise SaveError(f"cannot save the adapter to '{directory}': {exc.strerror or exc}. Check that the folder is "
+                        "writable and the disk has room; its previous checkpoint (if any) is unchanged") from exc
+    token = secrets.token_hex(6)
+    created: list[str] = []
+    renames: dict[str, str] = {}
+    try:
+        for name, write in files.items():
+            tmp = f"{TMP_PREFIX}{token}.{name}.tmp"
+            path = os.path.join(directory, tmp)
+            created.append(path)
+            write(path)  # writers create the file with open()/create(), so the umask applies
+            _fsync_path(path)
+            renames[tmp] = name
+        journal_tmp = os.path.join(directory, f"{TMP_PREFIX}{token}.journal.tmp")
+        created.append(journal_tmp)
+        with open(journal_tmp, "w", encoding="utf-8") as fh:
+            json.dump({"rename": renames, "remove": [n for n in stale if n not in files]}, fh)
+            fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+        os.replace(journal_tmp, os.path.join(directory, JOURNAL_NAME))  # the commit point
+    except BaseException as exc:
+        for path in created:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+        if isinstance(exc, OSError):
+            raise SaveError(f"cannot save the adapter to '{directory}': {exc.strerror or exc}. The previous "
+                            "checkpoint there is unchanged") from exc
         raise
+    try:
+        _replay(directory, _read_journal(directory))
+    except OSError as exc:
+        raise SaveError(f"the adapter save to '{directory}' was committed but not finished ({exc.strerror or exc}); "
+                        "the next load or save of that folder finishes it") from exc
 
 
 def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    """Write ``text`` to ``path`` through a temporary file and a rename (the umask applies).
 
-    def write(tmp: str) -> None:
+    Raises:
+        SaveError: the file cannot be written.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f"{TMP_PREFIX}{secrets.token_hex(6)}.{os.path.basename(path)}.tmp")
+    try:
         with open(tmp, "w", encoding="utf-8") as fh:
             fh.write(text)
-
-    _atomic_write(path, write)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SaveError(f"cannot write '{path}': {exc.strerror or exc}") from exc
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -66,49 +212,89 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_adapter_files(
-    directory: str, config_json: str, tensors: dict[str, torch.Tensor], safe_serialization: bool = True
-) -> None:
-    """Write one adapter folder: weights first, then the config, each atomically.
+def save_adapter_files(directory: str, config: PeftConfig, tensors: dict[str, torch.Tensor],
+                       safe_serialization: bool = True) -> None:
+    """Write one adapter folder (config + weights) as one unit, removing the other format's weights file.
 
     Raises:
-        CheckpointError: ``directory`` exists as a file.
+        SaveError / CheckpointError: see :func:`save_checkpoint`.
     """
-    if os.path.isfile(directory):
-        raise CheckpointError(f"cannot save the adapter to '{directory}': it is a file; pass a folder path")
-    os.makedirs(directory, exist_ok=True)
     tensors = _unshare(tensors)
+    config_json = config.to_json_string()
     if safe_serialization:
-        _atomic_write(os.path.join(directory, WEIGHTS_NAME), lambda tmp: save_file(tensors, tmp, {"format": "pt"}))
+        metadata = {"format": "pt", RECORD_KEY: json.dumps(config.semantic_dict(), sort_keys=True)}
+        weights, stale = (WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata)), PICKLE_WEIGHTS_NAME
     else:
-        _atomic_write(os.path.join(directory, PICKLE_WEIGHTS_NAME), lambda tmp: torch.save(tensors, tmp))
-    atomic_write_text(os.path.join(directory, CONFIG_NAME), config_json)
+        weights, stale = (PICKLE_WEIGHTS_NAME, lambda tmp: torch.save(tensors, tmp)), WEIGHTS_NAME
+
+    def write_config(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(config_json)
+
+    save_checkpoint(directory, {weights[0]: weights[1], CONFIG_NAME: write_config}, stale=[stale])
 
 
-def load_adapter_tensors(directory: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """Read the adapter tensors of a folder (to CPU).
+# ---------------------------------------------------------------------------------------------- reading
+def checkpoint_paths(directory: str) -> dict[str, str | None]:
+    """Where each checkpoint file of ``directory`` is (``None``: not part of the checkpoint). A committed but
+    unfinished save is finished first or, in a folder graftkit cannot write, read from the files its journal
+    names."""
+    paths: dict[str, str | None] = {name: os.path.join(directory, name) for name in _CHECKPOINT_FILES}
+    journal = _read_journal(directory)
+    if journal is None:
+        return paths
+    try:
+        _replay(directory, journal)
+        return paths
+    except OSError:  # read-only: read the new files where they are
+        for tmp, name in journal["rename"].items():
+            if os.path.exists(os.path.join(directory, tmp)):
+                paths[name] = os.path.join(directory, tmp)
+        for name in journal["remove"]:
+            paths[name] = None  # removed by the committed save
+        return paths
 
-    Raises:
-        CheckpointError: no weights file, an unreadable file, or only a pickle file without ``allow_pickle``.
-    """
-    st_path = os.path.join(directory, WEIGHTS_NAME)
-    bin_path = os.path.join(directory, PICKLE_WEIGHTS_NAME)
-    if os.path.isfile(st_path):
-        try:
-            return load_file(st_path, device="cpu")
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{st_path}: not a readable safetensors file ({exc}); re-save the adapter") from None
-    if os.path.isfile(bin_path):
+
+def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    check_regular_file(path, "the weights file", CheckpointError)
+    try:
+        with safe_open(path, "pt", device="cpu") as fh:
+            metadata = fh.metadata() or {}
+            return {key: fh.get_tensor(key) for key in fh.keys()}, metadata
+    except BaseException as exc:  # safetensors raises SafetensorError, and a Rust panic for some headers
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, MemoryError)):
+            raise
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(exc)[:200]}); re-save the adapter") \
+            from None
+
+
+def _read_pickle(path: str) -> dict[str, torch.Tensor]:
+    check_regular_file(path, "the weights file", CheckpointError)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except BaseException as exc:  # torch raises many types for a bad pickle
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, MemoryError)):
+            raise
+        raise CheckpointError(f"{path}: cannot be read with weights_only=True ({str(exc)[:200]})") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                             for k, v in data.items()):
+        raise CheckpointError(f"{path}: expected a mapping of tensor names to tensors, got {type(data).__name__}"
+                              f"{' with other values' if isinstance(data, dict) else ''}; re-save the adapter")
+    return data
+
+
+def _weight_path(directory: str, paths: dict[str, str], allow_pickle: bool) -> tuple[str, bool]:
+    st_path, bin_path = paths[WEIGHTS_NAME], paths[PICKLE_WEIGHTS_NAME]
+    if st_path is not None and os.path.lexists(st_path):
+        return st_path, False
+    if bin_path is not None and os.path.lexists(bin_path):
         if not allow_pickle:
             raise CheckpointError(
                 f"{directory} holds only {PICKLE_WEIGHTS_NAME}, a pickle file; graftkit does not unpickle by default. "
                 "If you trust its origin, pass allow_pickle=True (it is read with torch.load(weights_only=True)), "
                 "then re-save it as safetensors"
             )
-        try:
-            return torch.load(bin_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # torch raises several types for a bad pickle
-            raise CheckpointError(f"{bin_path}: cannot be read with weights_only=True ({exc})") from None
+        return bin_path, True
     present = sorted(os.listdir(directory)) if os.path.isdir(directory) else []
     raise CheckpointError(
         f"{directory}: no {WEIGHTS_NAME} (or {PICKLE_WEIGHTS_NAME}); files there: {present[:20]}. "
@@ -116,6 +302,76 @@ def load_adapter_tensors(directory: str, allow_pickle: bool = False) -> dict[str
     )
 
 
+def check_tensors(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse non-floating tensors; warn, naming them, about tensors holding NaN or Inf."""
+    wrong = [f"{k} ({str(t.dtype).replace('torch.', '')})" for k, t in tensors.items() if t.dtype not in FLOAT_DTYPES]
+    if wrong:
+        raise CheckpointError(
+            f"{source}: adapter tensors must be float16, bfloat16, float32 or float64; {len(wrong)} are not, "
+            f"e.g. {wrong[:5]}. The file is damaged or is not an adapter; re-save it"
+        )
+    bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        warnings.warn(f"{source}: {len(bad)} adapter tensor(s) hold NaN or Inf values, e.g. {bad[:5]}; the model's "
+                      "outputs will not be finite where they are used, and merging them is refused", stacklevel=4)
+
+
+def _check_record(config: PeftConfig, metadata: dict[str, str], weights: str, config_path: str) -> None:
+    raw = metadata.get(RECORD_KEY)
+    if raw is None:
+        return  # written by another library: nothing to compare
+    try:
+        record = json.loads(raw)
+        if not isinstance(record, dict):
+            raise ValueError(type(record).__name__)
+    except (ValueError, RecursionError):
+        raise CheckpointError(f"{weights}: the record of the config these weights were saved with is damaged; "
+                              "re-save the adapter") from None
+    current = json.loads(json.dumps(config.semantic_dict(), sort_keys=True))
+    differ = sorted(k for k in record if current.get(k) != record[k])
+    if differ:
+        shown = ", ".join(f"{k}: {current.get(k)!r} in the config, {record[k]!r} for the weights" for k in differ[:4])
+        raise CheckpointError(
+            f"{config_path} and {os.path.basename(weights)} come from different saves ({shown}). Loading them "
+            "together would compute something neither save held: restore the matching adapter_config.json or "
+            "save the adapter again"
+        )
+
+
+def read_checkpoint(directory: str, allow_pickle: bool = False, config: PeftConfig | None = None
+                    ) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """The config and tensors (on CPU) of an adapter folder, checked: the files are regular files, the weights
+    parse, the tensors are floating point, and the weights were saved with this config (when they say so).
+
+    Args:
+        config: use this config instead of the folder's ``adapter_config.json`` (no pairing check then).
+
+    Raises:
+        ConfigError: the config file is missing or invalid.
+        CheckpointError: missing, unreadable or damaged weights, a pickle file without ``allow_pickle``, or a
+            weights file and config from two different saves.
+    """
+    paths = checkpoint_paths(directory)
+    weights, pickled = _weight_path(directory, paths, allow_pickle)
+    paired = config is None
+    if config is None:
+        config = PeftConfig.from_json_file(paths[CONFIG_NAME])
+    if pickled:
+        tensors, metadata = _read_pickle(weights), {}
+    else:
+        tensors, metadata = _read_safetensors(weights)
+    if paired:
+        _check_record(config, metadata, weights, os.path.join(directory, CONFIG_NAME))
+    check_tensors(tensors, weights)
+    return config, tensors
+
+
+def load_adapter_tensors(directory: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The checked tensors of an adapter folder (see :func:`read_checkpoint`)."""
+    return read_checkpoint(directory, allow_pickle)[1]
+
+
+# ---------------------------------------------------------------------------------------------- finding
 def resolve_adapter_file(
     model_id: str | os.PathLike[str],
     filename: str,
@@ -129,13 +385,15 @@ def resolve_adapter_file(
     Raises:
         CheckpointError: neither a local file nor a cached/downloadable one.
     """
+    if not isinstance(model_id, (str, os.PathLike)):
+        raise CheckpointError(f"an adapter location must be a path or a Hub id, got {type(model_id).__name__}")
     model_id = os.fspath(model_id)
-    local = os.path.join(model_id, subfolder or "", filename)
+    folder = os.path.join(model_id, subfolder or "")
+    local = os.path.join(folder, filename)
     if os.path.isdir(model_id):
-        if os.path.isfile(local):
+        if os.path.lexists(local) or (os.path.isdir(folder) and os.path.lexists(os.path.join(folder, JOURNAL_NAME))):
             return local
-        present = sorted(os.listdir(os.path.join(model_id, subfolder or ""))) if os.path.isdir(
-            os.path.join(model_id, subfolder or "")) else []
+        present = sorted(os.listdir(folder)) if os.path.isdir(folder) else []
         raise CheckpointError(f"{local}: no such file (files there: {present[:20]}); is this an adapter folder?")
     from huggingface_hub import hf_hub_download
 
@@ -171,3 +429,4 @@ def resolve_adapter_dir(
             except CheckpointError:
                 continue
     return directory
+

@@ -20,10 +20,28 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AdapterNameError, GraftkitError
+from .errors import AdapterNameError, GraftkitError, UsageError
 from .weights import get_weight, set_weight
 
 BASE = "__base__"  # the adapter name that means "no adapter" in a mixed batch
+
+
+def check_adapter_name(name: object) -> None:
+    """Refuse names that cannot be a module key or a folder name inside a save folder.
+
+    Raises:
+        AdapterNameError: ``name`` is not a non-empty string, holds ``.``, ``/``, ``\\`` or a NUL, or is reserved.
+    """
+    if not isinstance(name, str):
+        raise AdapterNameError(f"an adapter name must be a string, got {type(name).__name__} {name!r:.40}")
+    bad = [c for c in (".", "/", "\\", "\0") if c in name]
+    if not name.strip() or bad or name == BASE:
+        why = ("it is empty" if not name.strip() else f"it holds {bad[0]!r}" if bad
+               else "it is reserved (it means 'no adapter' in mixed batches)")
+        raise AdapterNameError(
+            f"adapter name {name!r} cannot be used: {why}. Adapter names become module keys and folder names on "
+            "save; use letters, digits, '-' and '_' (e.g. 'task_a')"
+        )
 
 
 class Routing:
@@ -166,25 +184,43 @@ class AdaptedLayer(nn.Module):
         return grouped_forward(routing, x, y, run)
 
     # ------------------------------------------------------------------ merge
+    def _to_merge(self, names: Iterable[str] | None) -> list[str]:
+        return [n for n in (self.active if names is None else names) if n in self.adapters and n not in self.merged]
+
+    def check_merge(self, names: Iterable[str] | None = None, module_name: str = "") -> None:
+        """Compute the merged weight on a copy and refuse NaN/Inf in it; changes nothing.
+
+        Raises:
+            UsageError: the merged weight would hold NaN or Inf (non-finite adapter values, or an overflow of the
+                base dtype).
+        """
+        todo = self._to_merge(names)
+        if not todo:
+            return
+        merged = get_weight(self.base_layer).clone()
+        for name in todo:
+            merged = self.adapters[name].merge(merged, self.base_layer)
+        if not bool(torch.isfinite(merged).all()):
+            raise UsageError(
+                f"merging adapter(s) {todo} into '{module_name or type(self.base_layer).__name__}' would write NaN/Inf "
+                "into the base weights; nothing was merged. Check the adapter weights (or the base dtype's range), "
+                "or pass allow_non_finite=True to merge anyway"
+            )
+
     def merge(self, names: Iterable[str] | None = None, safe_merge: bool = False, module_name: str = "") -> None:
         """Fold adapters (default: the active ones) into the base weight.
 
         Raises:
-            GraftkitError: with ``safe_merge``, when the merged weight would hold NaN or Inf; nothing changes.
+            UsageError: with ``safe_merge``, when the merged weight would hold NaN or Inf; nothing changes.
         """
-        todo = [n for n in (self.active if names is None else names) if n in self.adapters and n not in self.merged]
+        if safe_merge:
+            self.check_merge(names, module_name)
+        todo = self._to_merge(names)
         if not todo:
             return
         merged = get_weight(self.base_layer)  # plain layers: the live weight, which adapters update in place
-        if safe_merge:
-            merged = merged.clone()  # check before anything is written
         for name in todo:
             merged = self.adapters[name].merge(merged, self.base_layer)
-        if safe_merge and not torch.isfinite(merged).all():
-            raise GraftkitError(
-                f"merging adapter(s) {todo} into '{module_name or type(self.base_layer).__name__}' gives NaN/Inf; "
-                "the model was left unchanged. Check the adapter weights before merging."
-            )
         set_weight(self.base_layer, merged)
         self.merged.extend(todo)
 

@@ -27,10 +27,10 @@ import torch
 from torch import nn
 
 from .config import PeftConfig, TaskType, TunerConfig
-from .errors import AdapterNameError, CheckpointError, ConfigError, GraftkitError, TargetError
-from .inject import find_modules_to_save, inject, iter_modules, set_submodule
-from .io import load_adapter_tensors, resolve_adapter_dir, save_adapter_files
-from .layer import BASE, AdaptedLayer, ModulesToSave, Routing
+from .errors import AdapterNameError, CheckpointError, ConfigError, GraftkitError, TargetError, UsageError
+from .inject import find_modules_to_save, find_targets, inject, iter_modules, set_submodule
+from .io import read_checkpoint, resolve_adapter_dir, save_adapter_files
+from .layer import BASE, AdaptedLayer, ModulesToSave, Routing, check_adapter_name
 from .registry import method_for
 from .weights import dense_linear, is_quantized
 
@@ -111,6 +111,51 @@ def _targets_embeddings(config: PeftConfig) -> bool:
     return any(name in targets for name in EMBEDDING_NAMES)
 
 
+def _batch_rows(args: tuple, kwargs: dict[str, Any]) -> int | None:
+    """The number of input rows of a forward/generate call (``None`` when no batched tensor input is found)."""
+    for value in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), args[0] if args else None):
+        if isinstance(value, torch.Tensor) and value.dim() >= 2:
+            return value.shape[0]
+    return None
+
+
+def check_base_model(model: Any) -> None:
+    """Refuse a base model that already carries another PeftModel's adapters (or is a PeftModel).
+
+    Two PeftModels wrapping one set of layers would change each other: a new adapter, a failed load's clean-up
+    or an unload in one would silently change what the other computes.
+
+    Raises:
+        UsageError: ``model`` is not a module, is a PeftModel, or holds graftkit wrappers.
+    """
+    if isinstance(model, PeftModel):
+        raise UsageError(f"the model is already a {type(model).__name__}; add more adapters to it with "
+                         "add_adapter() / load_adapter() instead of wrapping it again")
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"the base model must be a torch nn.Module, got {type(model).__name__}")
+    wrapped = [path for path, _ in wrappers(model)]
+    if wrapped:
+        raise UsageError(
+            f"{type(model).__name__} already carries graftkit adapter layers (e.g. '{wrapped[0]}'), from another "
+            "PeftModel or inject_adapter_in_model. Wrapping it again would change that model too: add the adapter "
+            "to the existing PeftModel (add_adapter / load_adapter), call unload() on it first, or pass a fresh "
+            "copy of the base model"
+        )
+
+
+def as_config(config: Any) -> PeftConfig:
+    """``config`` as a :class:`PeftConfig` (a dict is read as ``adapter_config.json`` would be).
+
+    Raises:
+        ConfigError: neither a config object nor a valid config dict.
+    """
+    if isinstance(config, PeftConfig):
+        return config
+    if isinstance(config, dict):
+        return PeftConfig.from_dict(config, source="config dict")
+    raise ConfigError(f"expected an adapter config such as LoraConfig(...), got {type(config).__name__}")
+
+
 # ---------------------------------------------------------------------------------------------- classes
 class AdapterModel(nn.Module):
     """The module at ``PeftModel.base_model``: holds the adapted transformers model as ``.model``."""
@@ -152,6 +197,8 @@ class PeftModel(nn.Module):
         adapter_name: str = "default",
         autocast_adapter_dtype: bool = True,
     ) -> None:
+        check_base_model(model)
+        peft_config = as_config(peft_config)
         super().__init__()
         self.base_model = AdapterModel(model)
         self.peft_config: dict[str, PeftConfig] = {}
@@ -183,16 +230,21 @@ class PeftModel(nn.Module):
         return self._active[0] if len(self._active) == 1 else list(self._active)
 
     def _prepare_config(self, config: PeftConfig) -> PeftConfig:
+        return self._prepare_config_for(self.model, config)
+
+    @classmethod
+    def _prepare_config_for(cls, model: nn.Module, config: PeftConfig) -> PeftConfig:
+        """A copy of ``config`` with the task class's defaults filled in (task type, classifier heads, base name)."""
         config = config.copy()
         if not isinstance(config, TunerConfig):
             raise ConfigError(f"{type(config).__name__} is not a layer-wrapping config graftkit can inject")
-        if self.default_modules_to_save:
-            extra = [m for m in self.default_modules_to_save if m not in (config.modules_to_save or [])]
+        if cls.default_modules_to_save:
+            extra = [m for m in cls.default_modules_to_save if m not in (config.modules_to_save or [])]
             config.modules_to_save = list(config.modules_to_save or []) + extra
-        if config.task_type is None and self.task_type is not None:
-            config.task_type = self.task_type
+        if config.task_type is None and cls.task_type is not None:
+            config.task_type = cls.task_type
         if config.base_model_name_or_path is None:
-            name = getattr(getattr(self.model, "config", None), "_name_or_path", None)
+            name = getattr(getattr(model, "config", None), "_name_or_path", None)
             config.base_model_name_or_path = name or None
         return config
 
@@ -203,11 +255,10 @@ class PeftModel(nn.Module):
             AdapterNameError: the name is taken.
             TargetError: its targets match nothing, or an unsupported layer kind.
         """
+        check_adapter_name(adapter_name)
         if adapter_name in self.peft_config:
             raise AdapterNameError(f"adapter '{adapter_name}' already exists; delete_adapter() it or pick another name")
-        if adapter_name == BASE:
-            raise AdapterNameError(f"'{BASE}' is reserved (it means 'no adapter' in mixed batches); pick another name")
-        config = self._prepare_config(peft_config)
+        config = self._prepare_config(as_config(peft_config))
         user_names = [m for m in (config.modules_to_save or []) if m not in self.default_modules_to_save]
         missing = [m for m in user_names if not find_modules_to_save(self.model, [m])]
         if missing:
@@ -235,8 +286,11 @@ class PeftModel(nn.Module):
         adapters are unmerged first.
         """
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        if not names:
+            raise UsageError("set_adapter() needs at least one adapter name; to run the base model alone use "
+                             "disable_adapter() (a context manager) or disable_adapter_layers()")
         for name in names:
-            if name not in self.peft_config:
+            if not isinstance(name, str) or name not in self.peft_config:
                 raise AdapterNameError(f"no adapter named '{name}'; adapters: {sorted(self.peft_config)}")
         if any(isinstance(m, AdaptedLayer) and m.merged for _, m in wrappers(self.model)):
             warnings.warn("set_adapter on a merged model: unmerging first", stacklevel=2)
@@ -337,7 +391,7 @@ class PeftModel(nn.Module):
         kwargs.update({k: v for k, v in named.items() if v is not None and k in accepted})
         if adapter_names is None:
             return self.base_model.model(*args, **kwargs)
-        with self._mixed_batch(adapter_names):
+        with self._mixed_batch(adapter_names, _batch_rows(args, kwargs)):
             return self.base_model.model(*args, **kwargs)
 
     def _forward_inputs(self) -> frozenset[str]:
@@ -355,11 +409,20 @@ class PeftModel(nn.Module):
         """The model's ``generate``; ``adapter_names`` as in :meth:`forward` (beams follow their input row)."""
         if adapter_names is None:
             return self.base_model.model.generate(*args, **kwargs)
-        with self._mixed_batch(adapter_names):
+        with self._mixed_batch(adapter_names, _batch_rows(args, kwargs)):
             return self.base_model.model.generate(*args, **kwargs)
 
     @contextlib.contextmanager
-    def _mixed_batch(self, adapter_names: list[str]) -> Iterator[None]:
+    def _mixed_batch(self, adapter_names: list[str], rows: int | None) -> Iterator[None]:
+        if isinstance(adapter_names, str) or not isinstance(adapter_names, (list, tuple)):
+            raise UsageError(f"adapter_names must be a list with one adapter name per input row, got "
+                             f"{type(adapter_names).__name__} {adapter_names!r:.60}; e.g. adapter_names=['a', 'b']")
+        if not all(isinstance(n, str) for n in adapter_names):
+            raise UsageError("adapter_names must hold adapter names (strings), got "
+                             f"{sorted({type(n).__name__ for n in adapter_names})}")
+        if rows is not None and len(adapter_names) != rows:
+            raise UsageError(f"adapter_names has {len(adapter_names)} entries for {rows} input rows; pass one "
+                             "adapter name per input row (beams and num_return_sequences follow their input row)")
         unknown = sorted({n for n in adapter_names if n != BASE and n not in self.peft_config})
         if unknown:
             raise AdapterNameError(
@@ -367,7 +430,7 @@ class PeftModel(nn.Module):
             )
         layers = [m for _, m in wrappers(self.model)]
         if any(isinstance(m, AdaptedLayer) and m.merged for m in layers):
-            raise GraftkitError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
+            raise UsageError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
         device = next((p.device for p in self.parameters()), None)
         routing = Routing(list(adapter_names), device)
         for module in layers:
@@ -470,20 +533,40 @@ class PeftModel(nn.Module):
         print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {share:.4f}")
 
     # ------------------------------------------------------------------ merge / unload
-    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        """Fold adapters (default: the active ones) into the base weights; :meth:`unmerge_adapter` undoes it."""
-        self._merge_all(adapter_names, safe_merge)
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False,
+                      allow_non_finite: bool = False) -> None:
+        """Fold adapters (default: the active ones) into the base weights; :meth:`unmerge_adapter` undoes it.
+
+        Every merged weight is checked before any is written: NaN/Inf is refused and the model stays as it was
+        (``safe_merge`` is always on; ``allow_non_finite=True`` skips the check).
+
+        Raises:
+            UsageError: a merged weight would hold NaN or Inf.
+        """
+        self._merge_all(adapter_names, allow_non_finite)
 
     def unmerge_adapter(self) -> None:
         for _, module in wrappers(self.model):
             if isinstance(module, AdaptedLayer):
                 module.unmerge()
 
-    def _merge_all(self, adapter_names: list[str] | None, safe_merge: bool) -> None:
+    def _merge_names(self, adapter_names: list[str] | str | None) -> list[str]:
         names = adapter_names if adapter_names is not None else self._active
+        names = [names] if isinstance(names, str) else list(names)
         for name in names:
             if name not in self.peft_config:
                 raise AdapterNameError(f"no adapter named '{name}'; adapters: {sorted(self.peft_config)}")
+        return names
+
+    def _check_merges(self, adapter_names: list[str] | str | None) -> None:
+        """Refuse (before anything is written) a merge that would put NaN/Inf into any base weight."""
+        names = self._merge_names(adapter_names)
+        for path, module in wrappers(self.model):
+            if isinstance(module, AdaptedLayer):
+                module.check_merge(names, module_name=path)
+
+    def _merge_all(self, adapter_names: list[str] | str | None, allow_non_finite: bool) -> None:
+        names = self._merge_names(adapter_names)
         layers = [(p, m) for p, m in wrappers(self.model) if isinstance(m, AdaptedLayer)]
         if any(is_quantized(m.base_layer) for _, m in layers):
             warnings.warn(
@@ -491,10 +574,12 @@ class PeftModel(nn.Module):
                 "to the quantization grid; merge_and_unload(dequantize=True) gives a full-precision merged model",
                 stacklevel=3,
             )
+        if not allow_non_finite:  # every layer is checked before any is written
+            self._check_merges(names)
         done: list[AdaptedLayer] = []
         try:
             for path, module in layers:
-                module.merge(names, safe_merge=safe_merge, module_name=path)
+                module.merge(names, module_name=path)
                 done.append(module)
         except BaseException:
             for module in done:  # leave the model as it was
@@ -507,6 +592,7 @@ class PeftModel(nn.Module):
         safe_merge: bool = False,
         adapter_names: list[str] | None = None,
         dequantize: bool = False,
+        allow_non_finite: bool = False,
     ) -> nn.Module:
         """Merge adapters into the base weights and return the plain base model (no graftkit modules left).
 
@@ -514,13 +600,17 @@ class PeftModel(nn.Module):
             dequantize: on a quantized base (bitsandbytes 4/8-bit), first replace every quantized linear layer by a
                 full-precision ``nn.Linear`` and merge there: a full-precision merged model, with no re-quantization
                 rounding, that ``save_pretrained`` writes as an ordinary checkpoint.
+            allow_non_finite: merge even where a merged weight would hold NaN/Inf (by default that is refused
+                before anything is written, as ``safe_merge`` does; ``safe_merge`` is always on).
 
         Raises:
-            GraftkitError: with ``safe_merge``, if a merged weight would hold NaN/Inf (the model is unchanged).
+            UsageError: a merged weight would hold NaN/Inf (the model is unchanged).
         """
+        if not allow_non_finite:  # before dequantizing, which cannot be undone
+            self._check_merges(adapter_names)
         if dequantize:
             self._dequantize_base()
-        self._merge_all(adapter_names, safe_merge)
+        self._merge_all(adapter_names, allow_non_finite=True)  # checked above
         return self._unwrap(merge=True)
 
     def _dequantize_base(self) -> None:
@@ -560,18 +650,29 @@ class PeftModel(nn.Module):
         selected_adapters: list[str] | None = None,
         save_embedding_layers: bool | str = "auto",
         is_main_process: bool = True,
+        allow_empty: bool = False,
         **_: Any,
     ) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.
 
-        ``"default"`` goes into ``save_directory``, other adapters into ``save_directory/<name>``. Files are
-        replaced atomically: a failed save leaves the previous checkpoint intact. Under FSDP, call it on every
-        rank with ``is_main_process=(rank == 0)``: sharded adapter weights are gathered, then rank 0 writes.
+        ``"default"`` goes into ``save_directory``, other adapters into ``save_directory/<name>``. Each adapter
+        folder is replaced as one unit: a save that fails or is killed leaves the previous checkpoint loadable
+        (see ``docs/reliability.md``). Under FSDP, call it on every rank with ``is_main_process=(rank == 0)``:
+        sharded adapter weights are gathered, then rank 0 writes.
 
         Args:
             save_embedding_layers: also save the base weights of adapted input/output embeddings;
                 ``"auto"`` does so when ``target_modules`` names ``embed_tokens`` or ``lm_head``.
+            allow_empty: write an adapter that has no tensors in the model (after ``merge_and_unload`` or
+                ``unload``) instead of refusing.
+
+        Raises:
+            AdapterNameError: ``selected_adapters`` names an unknown adapter.
+            UsageError: an adapter has no tensors in the model (merged and unloaded?) and not ``allow_empty``.
+            SaveError: the folder cannot be written; the previous checkpoint there is unchanged.
         """
+        if not isinstance(save_directory, (str, os.PathLike)):
+            raise UsageError(f"save_directory must be a path, got {type(save_directory).__name__}")
         save_directory = os.fspath(save_directory)
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         for name in names:
@@ -584,6 +685,12 @@ class PeftModel(nn.Module):
                 base = self.model
                 config.auto_mapping = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
             tensors = adapter_tensors(self.model, name, config)
+            if not tensors and not allow_empty:
+                raise UsageError(
+                    f"adapter '{name}' has no tensors in the model (after merge_and_unload(), unload() or "
+                    "delete_adapter() the model no longer holds it), so the save would write an empty adapter. Save "
+                    "before unloading, or pass allow_empty=True if an empty adapter is what you want"
+                )
             with_embeddings = save_embedding_layers is True or (
                 save_embedding_layers == "auto" and _targets_embeddings(config)
             )
@@ -595,7 +702,7 @@ class PeftModel(nn.Module):
             if not is_main_process:
                 continue
             out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
-            save_adapter_files(out_dir, config.to_json_string(), tensors, safe_serialization)
+            save_adapter_files(out_dir, config, tensors, safe_serialization)
 
     @classmethod
     def from_pretrained(
@@ -618,27 +725,34 @@ class PeftModel(nn.Module):
         Args:
             model_id: a folder written by ``save_pretrained`` (or a Hub id present in the local HF cache).
             is_trainable: load for further training; by default the adapter is frozen.
+            config: use this config (a config object or dict) instead of the folder's ``adapter_config.json``.
             strict: missing or unexpected tensor names are errors; ``False`` loads the tensors that match.
             allow_pickle: accept an ``adapter_model.bin`` (read with ``torch.load(weights_only=True)``).
 
         Raises:
-            ConfigError / CheckpointError: bad config, missing files, mismatched names or shapes. On error the
-                model is left as it was.
+            ConfigError / CheckpointError: bad config, missing or damaged files, mismatched names, shapes or saves.
+            UsageError: ``model`` already carries another PeftModel's adapters.
+            On any error ``model`` is left exactly as it was.
         """
+        check_base_model(model)
+        check_adapter_name(adapter_name)
         directory = resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
-        if config is None:
-            config = PeftConfig.from_pretrained(directory)
+        config, tensors = read_checkpoint(directory, allow_pickle, None if config is None else as_config(config))
         config = config.copy()
         config.inference_mode = not is_trainable
-        tensors = load_adapter_tensors(directory, allow_pickle=allow_pickle)
         target_cls = cls
         if cls is PeftModel and config.task_type is not None:
             target_cls = TASK_CLASSES.get(TaskType(config.task_type), PeftModel)
+        tensors = _with_prefix(tensors)
+        _check_shapes_before_building(model, target_cls._prepare_config_for(model, config), tensors, strict, directory)
+        grads = {id(p): p.requires_grad for p in model.parameters()}
         peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             peft_model._load_tensors(adapter_name, tensors, strict=strict, source=directory)
         except BaseException:
-            peft_model.unload()
+            peft_model._remove_modules(adapter_name)  # only what this call built
+            for param in model.parameters():
+                param.requires_grad_(grads.get(id(param), param.requires_grad))
             raise
         return peft_model
 
@@ -662,26 +776,25 @@ class PeftModel(nn.Module):
 
         Raises:
             ConfigError: loading into an existing adapter whose config differs (the fields are named).
-            CheckpointError: missing files, mismatched tensor names or shapes. On any error the model is unchanged.
+            CheckpointError: missing or damaged files, mismatched tensor names or shapes. On any error the model
+                is unchanged.
         """
+        check_adapter_name(adapter_name)
         directory = resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
-        config = PeftConfig.from_pretrained(directory)
+        config, tensors = read_checkpoint(directory, allow_pickle)
         config.inference_mode = not is_trainable
-        tensors = load_adapter_tensors(directory, allow_pickle=allow_pickle)
+        tensors = _with_prefix(tensors)
         if adapter_name in self.peft_config:
             self._check_same_adapter(adapter_name, config, directory)
             self._load_tensors(adapter_name, tensors, strict=strict, source=directory)
             return
+        _check_shapes_before_building(self.model, self._prepare_config(config), tensors, strict, directory)
         self.add_adapter(adapter_name, config)
         try:
             self._load_tensors(adapter_name, tensors, strict=strict, source=directory)
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
-
-    # Config fields that say nothing about what an adapter computes.
-    _BOOKKEEPING_FIELDS = frozenset({"inference_mode", "base_model_name_or_path", "revision", "auto_mapping",
-                                     "task_type", "peft_version"})
 
     def _check_same_adapter(self, adapter_name: str, saved: PeftConfig, source: str) -> None:
         def normal(config: PeftConfig) -> dict[str, Any]:  # lists of names compare as sets (files keep no order)
@@ -690,7 +803,7 @@ class PeftModel(nn.Module):
 
         current, incoming = normal(self.peft_config[adapter_name]), normal(saved)
         differ = sorted(k for k in set(current) | set(incoming)
-                        if k not in self._BOOKKEEPING_FIELDS and current.get(k) != incoming.get(k))
+                        if k not in saved.bookkeeping_fields and current.get(k) != incoming.get(k))
         if differ:
             shown = ", ".join(f"{k}: {current.get(k)!r} here, {incoming.get(k)!r} in the file" for k in differ[:5])
             raise ConfigError(
@@ -701,20 +814,11 @@ class PeftModel(nn.Module):
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], strict: bool, source: str) -> None:
         expected = adapter_tensors(self.model, adapter_name, self.peft_config[adapter_name])
         optional = embedding_base_tensors(self.model)
-        if tensors and not any(k.startswith(PREFIX) for k in tensors):
-            tensors = {PREFIX + k: v for k, v in tensors.items()}  # writers that drop the wrapper prefix
+        tensors = _with_prefix(tensors)
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected) - set(optional))
         if strict and (missing or unexpected):
-            parts = []
-            if missing:
-                parts.append(f"{len(missing)} missing tensor(s), e.g. {missing[:5]}")
-            if unexpected:
-                parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:5]}")
-            raise CheckpointError(
-                f"{source}: the adapter does not fit {type(self.model).__name__}: {'; '.join(parts)}. Was it trained "
-                "on another base model or with other target_modules? Pass strict=False to load what matches"
-            )
+            raise CheckpointError(_fit_message(source, self.model, missing, unexpected))
         if missing or unexpected:
             warnings.warn(f"{source}: loaded non-strictly; missing {missing[:5]}, unexpected {unexpected[:5]}",
                           stacklevel=3)
@@ -734,6 +838,51 @@ class PeftModel(nn.Module):
                     dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
 
 
+def _with_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if tensors and not any(k.startswith(PREFIX) for k in tensors):
+        return {PREFIX + k: v for k, v in tensors.items()}  # writers that drop the wrapper prefix
+    return tensors
+
+
+def _fit_message(source: str, model: nn.Module, missing: list[str], unexpected: list[str]) -> str:
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} missing tensor(s), e.g. {missing[:5]}")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:5]}")
+    return (f"{source}: the adapter does not fit {type(model).__name__}: {'; '.join(parts)}. Was it trained on "
+            "another base model or with other target_modules? Pass strict=False to load what matches")
+
+
+def _check_shapes_before_building(model: nn.Module, config: PeftConfig, tensors: dict[str, torch.Tensor],
+                                  strict: bool, source: str) -> None:
+    """Compare the file's tensors with the shapes ``config`` would build on ``model``, before anything sized by
+    the config is allocated (a damaged ``r`` must not allocate gigabytes before the shape error).
+
+    Raises:
+        CheckpointError: a tensor's shape differs, or (``strict``) an adapter tensor the config implies is missing.
+    """
+    if not isinstance(config, TunerConfig):
+        return
+    method = method_for(config)
+    implied: list[str] = []
+    for path in find_targets(model, config):
+        module = model.get_submodule(path)
+        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        for key, shape in (method.adapter_shapes(base, config, path) or {}).items():
+            name = f"{PREFIX}{path}.{key}"
+            implied.append(name)
+            src = tensors.get(name)
+            if src is not None and tuple(src.shape) != tuple(shape):
+                raise CheckpointError(
+                    f"{source}: tensor '{name}' has shape {tuple(src.shape)} in the file, but the config "
+                    f"(r / rank_pattern) and the base layer give {tuple(shape)}; the config and weights do not match"
+                )
+    if strict and implied and not any(name in tensors for name in implied):  # nothing fits: build nothing
+        unexpected = sorted(set(tensors) - set(implied))
+        raise CheckpointError(_fit_message(source, model, implied, unexpected))
+
+
 def enable_input_grads(model: nn.Module) -> None:
     """Make the input embeddings' output require grad (the frozen-base gradient-checkpointing fix)."""
     enable = getattr(model, "enable_input_require_grads", None)
@@ -744,6 +893,7 @@ def enable_input_grads(model: nn.Module) -> None:
     if embeddings is None:
         raise GraftkitError(f"cannot find the input embeddings of {type(model).__name__} to enable input gradients")
     embeddings.register_forward_hook(lambda _module, _inputs, output: output.requires_grad_(True))
+
 
 
 class PeftModelForCausalLM(PeftModel):

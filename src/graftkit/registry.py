@@ -41,6 +41,13 @@ class Method:
         raise NotImplementedError
 
     @classmethod
+    def adapter_shapes(cls, base_layer: nn.Module, config: TunerConfig, module_name: str) -> dict[str, tuple] | None:
+        """The saved tensor names (relative to the layer) and shapes the adapter on ``base_layer`` would have,
+        computed without allocating anything; loading checks a file against them before building adapters sized
+        by the config. ``None``: not known (the check then runs after the adapters are built)."""
+        return None
+
+    @classmethod
     def supported_layers(cls) -> str:
         """Human-readable list of layer kinds, for error messages."""
         return "see the method's documentation"

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftType, TunerConfig
+from ..config import PeftType, TunerConfig, check_regex
 from ..errors import ConfigError, UnsupportedError
 from ..kernels.lora import FusedLoraLinear, LoraUpdate, can_fuse, can_seed_dropout, draw_seed
 from ..layer import AdaptedLayer
@@ -99,20 +99,24 @@ class LoraConfig(TunerConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.LORA
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            raise ConfigError(f"LoraConfig.r must be a positive int, got {self.r!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
+        if self.r <= 0:
+            raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in _INIT_CHOICES:
+        if self.init_lora_weights not in _INIT_CHOICES or (
+                isinstance(self.init_lora_weights, str) != (self.init_lora_weights == "gaussian")):
             raise UnsupportedError(
                 f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not implemented in graftkit; "
                 f"use one of {list(_INIT_CHOICES)}"
             )
         for key, value in self.rank_pattern.items():
-            if not isinstance(value, int) or value <= 0:
-                raise ConfigError(f"LoraConfig.rank_pattern[{key!r}] must be a positive int, got {value!r}")
+            check_regex(key, f"LoraConfig.rank_pattern key {key!r}")
+            if value <= 0:
+                raise ConfigError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        for key in self.alpha_pattern:
+            check_regex(key, f"LoraConfig.alpha_pattern key {key!r}")
 
     def rank_and_alpha(self, module_name: str) -> tuple[int, float]:
         """``r`` and ``lora_alpha`` for one module path, after ``rank_pattern`` / ``alpha_pattern``."""
@@ -498,6 +502,26 @@ class Lora(Method):
     @classmethod
     def supported_layers(cls) -> str:
         return "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv2d"
+
+    @classmethod
+    def adapter_shapes(cls, base_layer: nn.Module, config: LoraConfig, module_name: str) -> dict[str, tuple] | None:
+        r = config.rank_and_alpha(module_name)[0]
+        if isinstance(base_layer, nn.Embedding):
+            return {"lora_embedding_A": (r, base_layer.num_embeddings),
+                    "lora_embedding_B": (base_layer.embedding_dim, r)}
+        if isinstance(base_layer, nn.Conv2d):
+            return {"lora_A.weight": (r, base_layer.in_channels, *base_layer.kernel_size),
+                    "lora_B.weight": (base_layer.out_channels, r, 1, 1)}
+        if type(base_layer).__name__ == "Conv1D":
+            fan_in, fan_out = base_layer.weight.shape
+        elif isinstance(getattr(base_layer, "in_features", None), int):
+            fan_in, fan_out = base_layer.in_features, base_layer.out_features
+        else:
+            return None
+        shapes = {"lora_A.weight": (r, fan_in), "lora_B.weight": (fan_out, r)}
+        if config.use_dora:
+            shapes["lora_magnitude_vector"] = (fan_out,)
+        return shapes
 
     @classmethod
     def create_adapter(cls, base_layer: nn.Module, config: LoraConfig, module_name: str) -> nn.Module | None:
