@@ -46,33 +46,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from safetensors import safe_open
-
-    from .config import PeftConfig
-    from .io import WEIGHTS_NAME, resolve_adapter_dir
+    from .io import read_checkpoint, resolve_adapter_dir
 
     directory = resolve_adapter_dir(args.adapter)
-    config = PeftConfig.from_pretrained(directory)
+    config, tensors = read_checkpoint(directory, allow_pickle=args.allow_pickle)
     print(f"adapter: {directory}")
     print(f"method: {config.peft_type}  task: {config.task_type}  base: {config.base_model_name_or_path}")
     shown = {k: v for k, v in config.to_dict().items()
              if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora", "bias",
                       "modules_to_save", "rank_pattern", "alpha_pattern")}
     print(json.dumps(shown, indent=2, sort_keys=True))
-    path = os.path.join(directory, WEIGHTS_NAME)
-    if os.path.isfile(path):
-        total = 0
-        with safe_open(path, "pt") as fh:
-            keys = sorted(fh.keys())
-            for key in keys:
-                shape = fh.get_slice(key).get_shape()
-                count = 1
-                for dim in shape:
-                    count *= dim
-                total += count
-                if args.tensors:
-                    print(f"  {key} {tuple(shape)}")
-        print(f"tensors: {len(keys)}, parameters: {total:,d}")
+    if args.tensors:
+        for key in sorted(tensors):
+            print(f"  {key} {tuple(tensors[key].shape)}")
+    print(f"tensors: {len(tensors)}, parameters: {sum(t.numel() for t in tensors.values()):,d}")
     return 0
 
 
@@ -131,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = sub.add_parser("inspect", help="show an adapter's config and tensors")
     inspect.add_argument("adapter")
     inspect.add_argument("--tensors", action="store_true", help="list every tensor")
+    inspect.add_argument("--allow-pickle", action="store_true",
+                         help="read an adapter_model.bin (torch.load with weights_only=True); trust its origin first")
     inspect.set_defaults(func=cmd_inspect)
 
     merge = sub.add_parser("merge", help="merge an adapter into its base model and save a plain model")
@@ -150,12 +139,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Bad input ends with one ``graftkit <command>: error: ...`` line and exit status 2 (set
+    ``GRAFTKIT_DEBUG=1`` to see the traceback of errors raised by other libraries)."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
     except GraftkitError as exc:
         print(f"graftkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (OSError, ValueError, ImportError) as exc:  # e.g. transformers cannot read the --model folder
+        if os.environ.get("GRAFTKIT_DEBUG") == "1":
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"graftkit {args.command}: error: {type(exc).__name__}: {first} (GRAFTKIT_DEBUG=1 shows the traceback)",
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"graftkit {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -65,6 +65,12 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
+    os.umask(mask)
+    return mask
+
+
 def _read_journal(directory: str) -> dict[str, Any] | None:
     """The pending save's journal, or ``None``.
 
@@ -89,6 +95,15 @@ def _read_journal(directory: str) -> dict[str, Any] | None:
             "together. Delete it if the folder's adapter files are the ones you want, or save the adapter again"
         )
     return journal
+
+
+def _committed(directory: str, token: str) -> bool:
+    """Whether the journal in ``directory`` is the one of the save ``token``."""
+    try:
+        journal = _read_journal(directory)
+    except CheckpointError:
+        return False
+    return journal is not None and any(tmp.startswith(f"{TMP_PREFIX}{token}.") for tmp in journal["rename"])
 
 
 def _replay(directory: str, journal: dict[str, Any]) -> None:
@@ -142,6 +157,7 @@ def save_checkpoint(directory: str, files: dict[str, Callable[[str], None]], sta
         raise SaveError(f"cannot save the adapter to '{directory}': {exc.strerror or exc}. Check that the folder is "
                         "writable and the disk has room; its previous checkpoint (if any) is unchanged") from exc
     token = secrets.token_hex(6)
+    mode = 0o666 & ~_umask()
     created: list[str] = []
     renames: dict[str, str] = {}
     try:
@@ -149,7 +165,8 @@ def save_checkpoint(directory: str, files: dict[str, Callable[[str], None]], sta
             tmp = f"{TMP_PREFIX}{token}.{name}.tmp"
             path = os.path.join(directory, tmp)
             created.append(path)
-            write(path)  # writers create the file with open()/create(), so the umask applies
+            write(path)
+            os.chmod(path, mode)  # some writers (safetensors) create private files; ours follow the umask
             _fsync_path(path)
             renames[tmp] = name
         journal_tmp = os.path.join(directory, f"{TMP_PREFIX}{token}.journal.tmp")
@@ -160,6 +177,8 @@ def save_checkpoint(directory: str, files: dict[str, Callable[[str], None]], sta
             os.fsync(fh.fileno())
         os.replace(journal_tmp, os.path.join(directory, JOURNAL_NAME))  # the commit point
     except BaseException as exc:
+        if _committed(directory, token):  # interrupted right at the commit point: the next load finishes it
+            raise
         for path in created:
             try:
                 os.remove(path)

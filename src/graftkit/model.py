@@ -943,7 +943,13 @@ def get_peft_model(
     autocast_adapter_dtype: bool = True,
     **_: Any,
 ) -> PeftModel:
-    """Wrap ``model`` with a new adapter; the task class follows ``peft_config.task_type``."""
+    """Wrap ``model`` with a new adapter; the task class follows ``peft_config.task_type``.
+
+    Raises:
+        UsageError: ``model`` already carries another PeftModel's adapters (see :func:`check_base_model`).
+        ConfigError / TargetError: a bad config, or targets that match nothing.
+    """
+    peft_config = as_config(peft_config)
     cls = TASK_CLASSES.get(TaskType(peft_config.task_type), PeftModel) if peft_config.task_type else PeftModel
     return cls(model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
 
