@@ -148,7 +148,7 @@ class Stop(BaseException):
     """Stands for the process dying at this point (no except-clause of graftkit's handles it)."""
 
 
-@pytest.mark.parametrize("step", range(7))
+@pytest.mark.parametrize("step", range(9))
 def test_a_save_stopped_at_any_step_leaves_the_old_or_the_new_checkpoint(tmp_path, monkeypatch, step):
     old, new = trained(seed=3), trained(seed=4, r=4)
     x = token_batch()
@@ -165,7 +165,8 @@ def test_a_save_stopped_at_any_step_leaves_the_old_or_the_new_checkpoint(tmp_pat
             return fn(*args, **kwargs)
         return wrapper
 
-    # The steps of a save, in order: fsync weights, fsync config, fsync journal, commit rename, renames, ...
+    # The steps of a save, in order: fsync weights, config and staging folder, fsync journal, commit rename,
+    # two renames, two folder fsyncs
     monkeypatch.setattr(gio.os, "replace", counting(real_replace))
     monkeypatch.setattr(gio.os, "fsync", counting(real_fsync))
     with pytest.raises(Stop):

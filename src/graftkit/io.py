@@ -3,12 +3,13 @@
 An adapter folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` (tensor names as in the
 ecosystem's format, see ``model.py``).
 
-**A save is one unit.** Every file of the new checkpoint is first written to a temporary file in the folder
-and flushed to disk. Then a small journal (``.graftkit-save.json``) naming those files is renamed into place:
-that rename is the commit point. The temporary files are then renamed over the old ones, the other format's
-stale weights file is removed, and the journal is deleted. A save killed before the commit point leaves the
-old checkpoint untouched (its temporary files are removed by the next save); one killed after it is finished
-by the next load or save, which replays the journal. A reader that finds a journal it cannot replay (a
+**A save is one unit.** Every file of the new checkpoint is first written into a staging folder inside the
+adapter folder (``.graftkit-<id>.tmp/``) and flushed to disk. Then a small journal (``.graftkit-save.json``)
+naming the staging folder is renamed into place: that rename is the commit point. The staged files are then
+renamed over the old ones, the other format's stale weights file is removed, and the journal and staging
+folder are deleted. A save killed before the commit point leaves the old checkpoint untouched (its staging
+folder is removed by the next save); one killed after it is finished by the next load or save, which replays
+the journal. A reader that finds a journal it cannot replay (a
 read-only folder) reads the files the journal names. Either way graftkit sees the old pair or the new pair.
 
 **The pair is recorded.** The safetensors metadata (which HF peft and vLLM ignore) holds the config the
@@ -23,9 +24,11 @@ in a warning. ``adapter_model.bin`` is read only with ``allow_pickle=True``, and
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
+import shutil
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -82,11 +85,10 @@ def _read_journal(directory: str) -> dict[str, Any] | None:
         return None
     try:
         journal = json.loads(read_regular_file(path, "the save journal", CheckpointError).decode("utf-8"))
-        renames, remove = journal["rename"], journal["remove"]
-        valid = (isinstance(renames, dict) and isinstance(remove, list)
-                 and all(isinstance(t, str) and t.startswith(TMP_PREFIX) and os.sep not in t and n in _CHECKPOINT_FILES
-                         for t, n in renames.items())
-                 and all(n in _CHECKPOINT_FILES for n in remove))
+        stage, names, remove = journal["stage"], journal["files"], journal["remove"]
+        valid = (isinstance(stage, str) and stage.startswith(TMP_PREFIX) and stage.endswith(".tmp")
+                 and os.sep not in stage and isinstance(names, list) and isinstance(remove, list)
+                 and all(n in _CHECKPOINT_FILES for n in names + remove))
     except (ValueError, KeyError, TypeError, RecursionError):
         valid = False
     if not valid:
@@ -97,21 +99,13 @@ def _read_journal(directory: str) -> dict[str, Any] | None:
     return journal
 
 
-def _committed(directory: str, token: str) -> bool:
-    """Whether the journal in ``directory`` is the one of the save ``token``."""
-    try:
-        journal = _read_journal(directory)
-    except CheckpointError:
-        return False
-    return journal is not None and any(tmp.startswith(f"{TMP_PREFIX}{token}.") for tmp in journal["rename"])
-
-
 def _replay(directory: str, journal: dict[str, Any]) -> None:
     """Finish a committed save (idempotent: a second replay, or a concurrent one, changes nothing)."""
-    for tmp, name in journal["rename"].items():
+    stage = os.path.join(directory, journal["stage"])
+    for name in journal["files"]:
         try:
-            os.replace(os.path.join(directory, tmp), os.path.join(directory, name))
-        except FileNotFoundError:  # renamed already
+            os.replace(os.path.join(stage, name), os.path.join(directory, name))
+        except FileNotFoundError:  # moved already
             pass
     for name in journal["remove"]:
         try:
@@ -124,22 +118,31 @@ def _replay(directory: str, journal: dict[str, Any]) -> None:
     except FileNotFoundError:
         pass
     _fsync_dir(directory)
+    shutil.rmtree(stage, ignore_errors=True)
 
 
 def recover(directory: str) -> None:
-    """Finish the committed save an earlier process was killed in (if any). Raises ``OSError`` when the folder
-    cannot be written."""
+    """Finish the committed save an earlier process was killed in (if any), and remove what saves killed before
+    their commit point left behind. Raises ``OSError`` when the folder cannot be written."""
     journal = _read_journal(directory)
     if journal is not None:
         _replay(directory, journal)
+    for entry in os.listdir(directory):
+        if entry.startswith(TMP_PREFIX) and entry.endswith(".tmp"):
+            path = os.path.join(directory, entry)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            else:
+                os.remove(path)
 
 
 def save_checkpoint(directory: str, files: dict[str, Callable[[str], None]], stale: list[str] = ()) -> None:
-    """Write one checkpoint folder as a unit: ``files`` maps each file name to a writer ``write(tmp_path)``;
-    the names in ``stale`` are removed in the same step (the other format's weights).
+    """Write one checkpoint folder as a unit: ``files`` maps each file name to a writer ``write(path)``; the
+    names in ``stale`` are removed in the same step (the other format's weights).
 
-    Files get the mode the umask gives ordinary files. A failure before the commit point removes this save's
-    temporary files and leaves the folder's old checkpoint as it was.
+    The writers write into a staging folder inside ``directory`` (so their own temporary files, if any, stay
+    there); a journal naming the staged files is the commit point. Files get the mode the umask gives ordinary
+    files. A failure before the commit point removes the staging folder and leaves the old checkpoint as it was.
 
     Raises:
         SaveError: the folder cannot be created or written (the message says why); the old checkpoint is intact.
@@ -147,43 +150,36 @@ def save_checkpoint(directory: str, files: dict[str, Callable[[str], None]], sta
     """
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise CheckpointError(f"cannot save the adapter to '{directory}': it is a file; pass a folder path")
+    token = secrets.token_hex(6)
+    stage_name = f"{TMP_PREFIX}{token}.tmp"
+    stage = os.path.join(directory, stage_name)
     try:
         os.makedirs(directory, exist_ok=True)
         recover(directory)
-        for entry in os.listdir(directory):  # temp files of saves killed before their commit point
-            if entry.startswith(TMP_PREFIX) and entry.endswith(".tmp"):
-                os.remove(os.path.join(directory, entry))
+        os.mkdir(stage)
     except OSError as exc:
         raise SaveError(f"cannot save the adapter to '{directory}': {exc.strerror or exc}. Check that the folder is "
                         "writable and the disk has room; its previous checkpoint (if any) is unchanged") from exc
-    token = secrets.token_hex(6)
     mode = 0o666 & ~_umask()
-    created: list[str] = []
-    renames: dict[str, str] = {}
+    journal_tmp = os.path.join(directory, f"{TMP_PREFIX}{token}.journal.tmp")
     try:
         for name, write in files.items():
-            tmp = f"{TMP_PREFIX}{token}.{name}.tmp"
-            path = os.path.join(directory, tmp)
-            created.append(path)
+            path = os.path.join(stage, name)
             write(path)
             os.chmod(path, mode)  # some writers (safetensors) create private files; ours follow the umask
             _fsync_path(path)
-            renames[tmp] = name
-        journal_tmp = os.path.join(directory, f"{TMP_PREFIX}{token}.journal.tmp")
-        created.append(journal_tmp)
+        _fsync_dir(stage)
         with open(journal_tmp, "w", encoding="utf-8") as fh:
-            json.dump({"rename": renames, "remove": [n for n in stale if n not in files]}, fh)
+            json.dump({"stage": stage_name, "files": list(files), "remove": [n for n in stale if n not in files]}, fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(journal_tmp, os.path.join(directory, JOURNAL_NAME))  # the commit point
     except BaseException as exc:
-        if _committed(directory, token):  # interrupted right at the commit point: the next load finishes it
+        if _committed(directory, stage_name):  # interrupted right at the commit point: the next load finishes it
             raise
-        for path in created:
-            try:
-                os.remove(path)
-            except OSError:
-                pass
+        shutil.rmtree(stage, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            os.remove(journal_tmp)
         if isinstance(exc, OSError):
             raise SaveError(f"cannot save the adapter to '{directory}': {exc.strerror or exc}. The previous "
                             "checkpoint there is unchanged") from exc
@@ -193,6 +189,15 @@ def save_checkpoint(directory: str, files: dict[str, Callable[[str], None]], sta
     except OSError as exc:
         raise SaveError(f"the adapter save to '{directory}' was committed but not finished ({exc.strerror or exc}); "
                         "the next load or save of that folder finishes it") from exc
+
+
+def _committed(directory: str, stage_name: str) -> bool:
+    """Whether the journal in ``directory`` is the one of the save staged in ``stage_name``."""
+    try:
+        journal = _read_journal(directory)
+    except CheckpointError:
+        return False
+    return journal is not None and journal["stage"] == stage_name
 
 
 def atomic_write_text(path: str, text: str) -> None:
@@ -266,9 +271,10 @@ def checkpoint_paths(directory: str) -> dict[str, str | None]:
         _replay(directory, journal)
         return paths
     except OSError:  # read-only: read the new files where they are
-        for tmp, name in journal["rename"].items():
-            if os.path.exists(os.path.join(directory, tmp)):
-                paths[name] = os.path.join(directory, tmp)
+        for name in journal["files"]:
+            staged = os.path.join(directory, journal["stage"], name)
+            if os.path.exists(staged):
+                paths[name] = staged
         for name in journal["remove"]:
             paths[name] = None  # removed by the committed save
         return paths
