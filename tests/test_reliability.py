@@ -53,6 +53,8 @@ def test_failed_load_onto_a_shared_base_leaves_the_first_model_as_it_was(tmp_pat
         graftkit.get_peft_model(base, lora(), adapter_name="second")
     with pytest.raises(graftkit.UsageError, match="already a PeftModel"):
         graftkit.get_peft_model(p1, lora())
+    with pytest.raises(graftkit.UsageError, match="base of a PeftModel"):
+        graftkit.inject_adapter_in_model(lora(), base, adapter_name="third")
     assert torch.equal(run(p1, x), before)
     # a load into p1 itself that fails after its layers were built leaves p1 as it was too
     with_extra_tensor(tmp_path / "other")

@@ -413,6 +413,8 @@ def resolve_adapter_file(
     if not isinstance(model_id, (str, os.PathLike)):
         raise CheckpointError(f"an adapter location must be a path or a Hub id, got {type(model_id).__name__}")
     model_id = os.fspath(model_id)
+    if os.path.isfile(model_id):
+        raise CheckpointError(f"'{model_id}' is a file; pass the adapter's folder (the one holding {filename})")
     folder = os.path.join(model_id, subfolder or "")
     local = os.path.join(folder, filename)
     if os.path.isdir(model_id):

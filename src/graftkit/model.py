@@ -17,9 +17,11 @@ Task classes differ only in what truly differs per task (default ``modules_to_sa
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import warnings
+import weakref
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -35,6 +37,7 @@ from .registry import method_for
 from .weights import dense_linear, is_quantized
 
 PREFIX = "base_model.model."
+_OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()  # base -> its PeftModel
 _FORWARD_INPUTS: dict[type, frozenset[str]] = {}
 EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 
@@ -143,6 +146,18 @@ def check_base_model(model: Any) -> None:
         )
 
 
+def name_list(value: Any, what: str) -> list[str]:
+    """``value`` (one adapter name or a list of them) as a list of names.
+
+    Raises:
+        AdapterNameError: neither a string nor a list of strings.
+    """
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise AdapterNameError(f"{what} must be an adapter name or a list of adapter names, got {value!r:.80}")
+    return list(names)
+
+
 def as_config(config: Any) -> PeftConfig:
     """``config`` as a :class:`PeftConfig` (a dict is read as ``adapter_config.json`` would be).
 
@@ -207,6 +222,7 @@ class PeftModel(nn.Module):
         self._autocast_adapter_dtype = autocast_adapter_dtype
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name, inference_mode=peft_config.inference_mode)
+        _OWNERS[model] = weakref.ref(self)
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -285,7 +301,7 @@ class PeftModel(nn.Module):
         The active adapters require grad (unless ``inference_mode``); every other adapter is frozen. Merged
         adapters are unmerged first.
         """
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        names = name_list(adapter_name, "adapter_name")
         if not names:
             raise UsageError("set_adapter() needs at least one adapter name; to run the base model alone use "
                              "disable_adapter() (a context manager) or disable_adapter_layers()")
@@ -477,9 +493,13 @@ class PeftModel(nn.Module):
             AdapterNameError: an unknown source adapter, or a taken name.
             ConfigError: weights that do not match the adapters, ranks that the combination cannot mix.
         """
+        adapters = name_list(adapters, "adapters")
         for name in adapters:
             if name not in self.peft_config:
                 raise AdapterNameError(f"no adapter named '{name}'; adapters: {sorted(self.peft_config)}")
+        if not isinstance(weights, (list, tuple)) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) for w in weights):
+            raise ConfigError(f"add_weighted_adapter weights must be a list of finite numbers, got {weights!r:.80}")
         if len(weights) != len(adapters):
             raise ConfigError(f"add_weighted_adapter got {len(adapters)} adapters but {len(weights)} weights")
         methods = {method_for(self.peft_config[a]) for a in adapters}
@@ -552,7 +572,7 @@ class PeftModel(nn.Module):
 
     def _merge_names(self, adapter_names: list[str] | str | None) -> list[str]:
         names = adapter_names if adapter_names is not None else self._active
-        names = [names] if isinstance(names, str) else list(names)
+        names = name_list(names, "adapter_names")
         for name in names:
             if name not in self.peft_config:
                 raise AdapterNameError(f"no adapter named '{name}'; adapters: {sorted(self.peft_config)}")
@@ -674,7 +694,8 @@ class PeftModel(nn.Module):
         if not isinstance(save_directory, (str, os.PathLike)):
             raise UsageError(f"save_directory must be a path, got {type(save_directory).__name__}")
         save_directory = os.fspath(save_directory)
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        names = list(self.peft_config) if selected_adapters is None else name_list(selected_adapters,
+                                                                                   "selected_adapters")
         for name in names:
             if name not in self.peft_config:
                 raise AdapterNameError(f"no adapter named '{name}' to save; adapters: {sorted(self.peft_config)}")
@@ -959,8 +980,16 @@ def inject_adapter_in_model(peft_config: PeftConfig, model: nn.Module, adapter_n
 
     The adapter is active; only its parameters (and ``modules_to_save``) require grad.
     """
+    peft_config = as_config(peft_config)
     if not isinstance(peft_config, TunerConfig):
         raise ConfigError(f"{type(peft_config).__name__} cannot be injected into layers")
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"the model must be a torch nn.Module, got {type(model).__name__}")
+    check_adapter_name(adapter_name)
+    owner = _OWNERS.get(model)
+    if owner is not None and owner() is not None and any(True for _ in wrappers(model)):
+        raise UsageError(f"{type(model).__name__} is the base of a PeftModel; injecting another adapter would change "
+                         "what that model computes. Use its add_adapter() instead")
     inject(model, peft_config, adapter_name)
     activate(model, [adapter_name])
     mark_trainable(model, {adapter_name: peft_config}, [adapter_name], train=not peft_config.inference_mode)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UsageError
 from ..model import enable_input_grads
 
 
@@ -21,7 +22,13 @@ def prepare_model_for_kbit_training(
 
     Returns:
         The same model, changed in place.
+
+    Raises:
+        UsageError: ``model`` is not a torch module.
     """
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"prepare_model_for_kbit_training needs the base model (an nn.Module), "
+                         f"got {type(model).__name__}")
     for param in model.parameters():
         param.requires_grad_(False)
     for param in model.parameters():
