@@ -271,6 +271,14 @@ def test_bad_config_values_name_field_value_and_what_is_allowed(field, value, me
         graftkit.PeftConfig.from_dict(data)
 
 
+def test_a_misspelled_keyword_in_code_names_the_field():
+    with pytest.raises(graftkit.ConfigError, match="no field 'lora_aplha'; did you mean 'lora_alpha'") as err:
+        graftkit.LoraConfig(r=4, lora_aplha=16)
+    assert isinstance(err.value, TypeError)  # what Python raises for an unknown keyword
+    with pytest.raises(graftkit.ConfigError, match="HF peft that graftkit does not implement"):
+        graftkit.LoraConfig(use_qalora=True)
+
+
 def test_a_misspelled_key_in_a_file_names_the_field(tmp_path):
     trained(lora_alpha=4).save_pretrained(tmp_path)
     text = (tmp_path / CONFIG).read_text().replace('"lora_alpha"', '"lora_alpah"')

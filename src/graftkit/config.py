@@ -28,7 +28,7 @@ import typing
 import warnings
 from typing import Any, ClassVar, Union
 
-from .errors import ConfigError, UnsupportedError
+from .errors import ConfigError, UnknownFieldError, UnsupportedError
 
 CONFIG_NAME = "adapter_config.json"
 ALL_LINEAR = "all-linear"  # target_modules value: every linear layer but the output layer
@@ -230,6 +230,18 @@ class PeftConfig:
         {"inference_mode", "base_model_name_or_path", "revision", "auto_mapping", "task_type", "peft_version"})
     # Keys of features that only HF peft implements, with the inert value that means "not used".
     peft_only_fields: ClassVar[dict[str, Any]] = {}
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> PeftConfig:
+        # Runs before the dataclass __init__: an unknown keyword gets a ConfigError naming the likely field
+        # (also a TypeError, which Python raises for unknown keywords).
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in kwargs:
+            if key not in names:
+                likely = difflib.get_close_matches(key, sorted(names), n=1, cutoff=0.75)
+                hint = ("it is an option of HF peft that graftkit does not implement" if key in cls.peft_only_fields
+                        else f"did you mean '{likely[0]}'?" if likely else f"the fields are {sorted(names)}")
+                raise UnknownFieldError(f"{cls.__name__} has no field '{key}'; {hint}")
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         if self.task_type is not None:

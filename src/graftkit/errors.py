@@ -16,6 +16,10 @@ class ConfigError(GraftkitError, ValueError):
     """A config value, or an ``adapter_config.json`` file, is invalid."""
 
 
+class UnknownFieldError(ConfigError, TypeError):
+    """A config was built with a keyword that is not one of its fields (the message names the likely one)."""
+
+
 class TargetError(GraftkitError, ValueError):
     """Target modules did not match, or matched a layer kind the method cannot adapt."""
 
