@@ -225,6 +225,28 @@ def test_a_committed_save_in_a_read_only_folder_is_read_through_its_journal(tmp_
     assert sorted(os.listdir(tmp_path)) == [CONFIG, WEIGHTS]
 
 
+def test_saving_into_a_read_only_folder_keeps_its_checkpoint(tmp_path, monkeypatch):
+    old = trained(seed=3)
+    old.save_pretrained(tmp_path)
+    if os.geteuid() != 0:
+        os.chmod(tmp_path, 0o555)
+    else:  # root ignores folder permissions: the folder refuses new entries the way a read-only one does
+
+        def refuse(*_args, **_kwargs):
+            raise PermissionError(13, "Permission denied")
+
+        monkeypatch.setattr(gio.os, "mkdir", refuse)
+    try:
+        with pytest.raises(graftkit.SaveError, match="Permission denied"):
+            trained(seed=4).save_pretrained(tmp_path)
+    finally:
+        os.chmod(tmp_path, 0o755)
+        monkeypatch.undo()
+    x = token_batch()
+    assert sorted(os.listdir(tmp_path)) == [CONFIG, WEIGHTS]
+    assert torch.equal(_outputs_of(tmp_path, x), run(old, x))
+
+
 def test_saving_into_an_unwritable_place_is_a_save_error(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(graftkit.CheckpointError, match="it is a file"):

@@ -364,12 +364,12 @@ class PeftConfig:
         **hub_kwargs: Any,
     ) -> PeftConfig:
         """Read the config of an adapter folder (local, or a Hub id found in the local HF cache)."""
-        from .io import resolve_adapter_file
+        from .io import checkpoint_paths, resolve_adapter_file
 
         path = resolve_adapter_file(
             pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, revision=revision, **hub_kwargs
         )
-        return cls.from_json_file(path)
+        return cls.from_json_file(checkpoint_paths(os.path.dirname(path))[CONFIG_NAME])  # after an interrupted save
 
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
         """Write ``adapter_config.json`` into ``save_directory`` (atomically)."""
