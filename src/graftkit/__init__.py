@@ -12,7 +12,7 @@ from .auto import (
     AutoPeftModelForSequenceClassification,
     AutoPeftModelForTokenClassification,
 )
-from .config import PeftConfig, PeftType, TaskType
+from .config import PeftConfig, PeftType, PromptLearningConfig, TaskType
 from .errors import (
     AdapterNameError,
     CheckpointError,
@@ -25,7 +25,7 @@ from .errors import (
     UsageError,
 )
 from .integrations import prepare_model_for_kbit_training
-from .methods import LoraConfig
+from .methods import LoraConfig, PromptTuningConfig, PromptTuningInit
 from .model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -78,6 +78,9 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PromptLearningConfig",
+    "PromptTuningConfig",
+    "PromptTuningInit",
     "SaveError",
     "TargetError",
     "TaskType",

@@ -426,3 +426,58 @@ class TunerConfig(PeftConfig):
             )
         if self.layers_pattern is not None and self.layers_to_transform is None:
             raise ConfigError("layers_pattern is only used with layers_to_transform; set both, or neither")
+
+
+@dataclasses.dataclass
+class PromptLearningConfig(PeftConfig):
+    """Fields shared by methods that add virtual tokens instead of wrapping layers (prompt, prefix, p-tuning).
+
+    Args:
+        num_virtual_tokens: how many virtual tokens the adapter adds (required, > 0).
+        token_dim: the model's hidden size; read from the model when ``None``.
+        num_transformer_submodules: 1 for decoder-only and encoder-only models, 2 when an encoder-decoder model
+            gets virtual tokens on both sides; filled in when the adapter is added.
+        num_attention_heads / num_layers: the model's, read from its config when ``None``.
+        modules_to_save: modules (by name) trained in full and saved with the adapter, such as a classifier head.
+    """
+
+    num_virtual_tokens: int | None = None
+    token_dim: int | None = None
+    num_transformer_submodules: int | None = None
+    num_attention_heads: int | None = None
+    num_layers: int | None = None
+    modules_to_save: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.modules_to_save, str):
+            self.modules_to_save = [self.modules_to_save]
+        super().__post_init__()
+        name = type(self).__name__
+        if self.num_virtual_tokens is None:
+            raise ConfigError(f"{name}.num_virtual_tokens is required: how many virtual tokens to train (e.g. 20)")
+        for field in ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
+                      "num_layers"):
+            value = getattr(self, field)
+            if value is not None and value <= 0:
+                raise ConfigError(f"{name}.{field} must be a positive integer, got {value!r}")
+
+    def fill_from_model(self, model: Any) -> None:
+        """Read ``token_dim``, ``num_layers`` and ``num_attention_heads`` from the model's config where unset.
+
+        Raises:
+            ConfigError: the model's config does not say (the message names the field to set).
+        """
+        model_config = getattr(model, "config", None)
+        text = getattr(model_config, "text_config", None) or model_config  # multimodal models: the language model
+        sources = {"token_dim": ("hidden_size", "n_embd", "d_model"),
+                   "num_layers": ("num_hidden_layers", "num_layers", "n_layer"),
+                   "num_attention_heads": ("num_attention_heads", "n_head", "num_heads", "encoder_attention_heads")}
+        for field, keys in sources.items():
+            if getattr(self, field) is None:
+                value = next((getattr(text, k) for k in keys if isinstance(getattr(text, k, None), int)), None)
+                if value is None:
+                    raise ConfigError(f"cannot read {field} from {type(model).__name__}'s config (looked for "
+                                      f"{list(keys)}); set {type(self).__name__}({field}=...)")
+                setattr(self, field, value)
+        if self.num_transformer_submodules is None:
+            self.num_transformer_submodules = 1

@@ -159,13 +159,18 @@ def inject(model: nn.Module, config: TunerConfig, adapter_name: str) -> list[str
             module = AdaptedLayer(base)
             set_submodule(model, name, module)
         module.add(adapter_name, adapter)
-    for name in find_modules_to_save(model, config.modules_to_save):
+    add_modules_to_save(model, config.modules_to_save, adapter_name)
+    return targets
+
+
+def add_modules_to_save(model: nn.Module, names: list[str] | None, adapter_name: str) -> None:
+    """Give adapter ``adapter_name`` its own trainable copy of each module ``names`` selects."""
+    for name in find_modules_to_save(model, names):
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
             set_submodule(model, name, module)
         module.add(adapter_name)
-    return targets
 
 
 def find_modules_to_save(model: nn.Module, names: list[str] | None) -> list[str]:

@@ -235,6 +235,26 @@ class AdaptedLayer(nn.Module):
         self.merged = []
 
 
+class ModelAdapter(nn.Module):
+    """An adapter that changes what the base model receives instead of wrapping its layers (prompt methods).
+
+    The model wrapper calls the active one around the base model; every hook has a do-nothing default, so a
+    method implements only what it changes. Its parameters are trained and saved like any adapter's.
+    """
+
+    def prepare(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The keyword arguments of the base model's forward, changed (inputs, attention mask, labels, cache)."""
+        return inputs
+
+    def generate(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
+        """Run ``model.generate(**inputs)`` with the adapter applied; returns what ``generate`` returns."""
+        return model.generate(**inputs)
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors to save under their on-disk names (live tensors: loading copies into them)."""
+        return {}
+
+
 class ModulesToSave(nn.Module):
     """A module trained in full: one trainable copy per adapter, the original kept frozen.
 

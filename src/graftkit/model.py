@@ -29,11 +29,19 @@ import torch
 from torch import nn
 
 from .config import PeftConfig, TaskType, TunerConfig
-from .errors import AdapterNameError, CheckpointError, ConfigError, GraftkitError, TargetError, UsageError
+from .errors import (
+    AdapterNameError,
+    CheckpointError,
+    ConfigError,
+    GraftkitError,
+    TargetError,
+    UnsupportedError,
+    UsageError,
+)
 from .inject import find_modules_to_save, find_targets, inject, iter_modules, set_submodule
 from .io import read_checkpoint, resolve_adapter_dir, save_adapter_files
-from .layer import BASE, AdaptedLayer, ModulesToSave, Routing, check_adapter_name
-from .registry import method_for
+from .layer import BASE, AdaptedLayer, ModelAdapter, ModulesToSave, Routing, check_adapter_name
+from .registry import loading, method_for
 from .weights import dense_linear, is_quantized
 
 PREFIX = "base_model.model."
@@ -59,14 +67,19 @@ def activate(model: nn.Module, names: list[str]) -> None:
             module.active = next((n for n in names if n in module.modules_to_save), None)
 
 
-def mark_trainable(model: nn.Module, configs: dict[str, PeftConfig], names: list[str], train: bool = True) -> None:
+def mark_trainable(model: nn.Module, configs: dict[str, PeftConfig], names: list[str], train: bool = True,
+                   model_adapters: nn.ModuleDict | None = None) -> None:
     """Freeze everything, then (``train``) unfreeze what the adapters ``names`` own."""
     for param in model.parameters():
         param.requires_grad_(False)
+    for module in (model_adapters or {}).values():
+        module.requires_grad_(False)
     if not train:
         return
     for name in names:
         config = configs[name]
+        if model_adapters is not None and name in model_adapters:
+            model_adapters[name].requires_grad_(True)
         for _, module in wrappers(model):
             if isinstance(module, AdaptedLayer) and name in module.adapters:
                 module.adapters[name].requires_grad_(True)
@@ -76,9 +89,10 @@ def mark_trainable(model: nn.Module, configs: dict[str, PeftConfig], names: list
             param.requires_grad_(True)
 
 
-def adapter_tensors(model: nn.Module, name: str, config: PeftConfig) -> dict[str, torch.Tensor]:
+def adapter_tensors(model: nn.Module, name: str, config: PeftConfig,
+                    model_adapter: ModelAdapter | None = None) -> dict[str, torch.Tensor]:
     """Adapter ``name``'s tensors under their saved names (live tensors, not copies)."""
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor] = dict(model_adapter.saved_tensors()) if model_adapter is not None else {}
     for path, module in wrappers(model):
         if isinstance(module, AdaptedLayer) and name in module.adapters:
             part = module.adapters[name]
@@ -112,6 +126,13 @@ def _targets_embeddings(config: PeftConfig) -> bool:
     if targets is None:
         return False
     return any(name in targets for name in EMBEDDING_NAMES)
+
+
+def _ids_as_keyword(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
+    """Move a positional ``input_ids`` into the keywords (prompt methods rewrite the inputs by name)."""
+    if args and isinstance(args[0], torch.Tensor) and "input_ids" not in kwargs:
+        return args[1:], {**kwargs, "input_ids": args[0]}
+    return args, kwargs
 
 
 def _batch_rows(args: tuple, kwargs: dict[str, Any]) -> int | None:
@@ -219,6 +240,8 @@ class PeftModel(nn.Module):
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
         self._train_active = True  # whether the active adapters require grad
+        self._disabled = False  # inside disable_adapter(): model adapters (prompt methods) step aside too
+        self.model_adapters = nn.ModuleDict()  # adapters that act on the model's inputs (see layer.ModelAdapter)
         self._autocast_adapter_dtype = autocast_adapter_dtype
         self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name, inference_mode=peft_config.inference_mode)
@@ -252,9 +275,7 @@ class PeftModel(nn.Module):
     def _prepare_config_for(cls, model: nn.Module, config: PeftConfig) -> PeftConfig:
         """A copy of ``config`` with the task class's defaults filled in (task type, classifier heads, base name)."""
         config = config.copy()
-        if not isinstance(config, TunerConfig):
-            raise ConfigError(f"{type(config).__name__} is not a layer-wrapping config graftkit can inject")
-        if cls.default_modules_to_save:
+        if cls.default_modules_to_save and hasattr(config, "modules_to_save"):
             extra = [m for m in cls.default_modules_to_save if m not in (config.modules_to_save or [])]
             config.modules_to_save = list(config.modules_to_save or []) + extra
         if config.task_type is None and cls.task_type is not None:
@@ -275,14 +296,17 @@ class PeftModel(nn.Module):
         if adapter_name in self.peft_config:
             raise AdapterNameError(f"adapter '{adapter_name}' already exists; delete_adapter() it or pick another name")
         config = self._prepare_config(as_config(peft_config))
-        user_names = [m for m in (config.modules_to_save or []) if m not in self.default_modules_to_save]
+        user_names = [m for m in (getattr(config, "modules_to_save", None) or [])
+                      if m not in self.default_modules_to_save]
         missing = [m for m in user_names if not find_modules_to_save(self.model, [m])]
         if missing:
             raise TargetError(
                 f"modules_to_save {missing} match no module of {type(self.model).__name__}; check the names"
             )
         try:
-            inject(self.model, config, adapter_name)
+            module = method_for(config).attach(self.model, config, adapter_name)
+            if module is not None:
+                self.model_adapters[adapter_name] = module
         except BaseException:
             self._remove_modules(adapter_name)
             raise
@@ -293,7 +317,7 @@ class PeftModel(nn.Module):
                     if dtype.is_floating_point:
                         module.adapters[adapter_name].to(dtype)
         self.peft_config[adapter_name] = config
-        mark_trainable(self.model, self.peft_config, self._active, self._train_active)
+        mark_trainable(self.model, self.peft_config, self._active, self._train_active, self.model_adapters)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate one adapter (or several, whose updates add up, in order).
@@ -308,15 +332,20 @@ class PeftModel(nn.Module):
         for name in names:
             if not isinstance(name, str) or name not in self.peft_config:
                 raise AdapterNameError(f"no adapter named '{name}'; adapters: {sorted(self.peft_config)}")
+        if sum(n in self.model_adapters for n in names) > 1:
+            raise UsageError(f"adapters {[n for n in names if n in self.model_adapters]} each change the model's "
+                             "inputs (prompt methods); activate one of them at a time")
         if any(isinstance(m, AdaptedLayer) and m.merged for _, m in wrappers(self.model)):
             warnings.warn("set_adapter on a merged model: unmerging first", stacklevel=2)
             self.unmerge_adapter()
         self._active = names
         self._train_active = not inference_mode
         activate(self.model, names)
-        mark_trainable(self.model, self.peft_config, names, self._train_active)
+        mark_trainable(self.model, self.peft_config, names, self._train_active, self.model_adapters)
 
     def _remove_modules(self, adapter_name: str) -> None:
+        if adapter_name in self.model_adapters:
+            del self.model_adapters[adapter_name]
         for path, module in list(wrappers(self.model)):
             if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
                 module.remove(adapter_name)
@@ -339,7 +368,7 @@ class PeftModel(nn.Module):
             self._train_active = True
         self._active = remaining
         activate(self.model, self._active)
-        mark_trainable(self.model, self.peft_config, self._active, self._train_active)
+        mark_trainable(self.model, self.peft_config, self._active, self._train_active, self.model_adapters)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -351,10 +380,12 @@ class PeftModel(nn.Module):
             self.enable_adapter_layers()
 
     def disable_adapter_layers(self) -> None:
+        self._disabled = True
         for _, module in wrappers(self.model):
             module.disabled = True
 
     def enable_adapter_layers(self) -> None:
+        self._disabled = False
         for _, module in wrappers(self.model):
             module.disabled = False
 
@@ -405,10 +436,25 @@ class PeftModel(nn.Module):
         }
         accepted = self._forward_inputs()
         kwargs.update({k: v for k, v in named.items() if v is not None and k in accepted})
+        hook = self._model_adapter(adapter_names)
+        if hook is not None:
+            args, kwargs = _ids_as_keyword(args, kwargs)
+            return self.base_model.model(*args, **hook.prepare(self.base_model.model, kwargs))
         if adapter_names is None:
             return self.base_model.model(*args, **kwargs)
         with self._mixed_batch(adapter_names, _batch_rows(args, kwargs)):
             return self.base_model.model(*args, **kwargs)
+
+    def _model_adapter(self, adapter_names: list[str] | None) -> ModelAdapter | None:
+        """The active adapter that changes the model's inputs (a prompt method), if any and not disabled."""
+        active = [self.model_adapters[n] for n in self._active if n in self.model_adapters]
+        if not active or self._disabled:
+            return None
+        if adapter_names is not None:
+            raise UsageError("adapter_names (one adapter per row) is not supported while a prompt-style adapter "
+                             f"({[n for n in self._active if n in self.model_adapters][0]}) is active: its virtual "
+                             "tokens change every row's length. Run one adapter per call")
+        return active[0]
 
     def _forward_inputs(self) -> frozenset[str]:
         """Parameter names of the base model's forward (cached per base class)."""
@@ -423,6 +469,12 @@ class PeftModel(nn.Module):
 
     def generate(self, *args: Any, adapter_names: list[str] | None = None, **kwargs: Any) -> Any:
         """The model's ``generate``; ``adapter_names`` as in :meth:`forward` (beams follow their input row)."""
+        hook = self._model_adapter(adapter_names)
+        if hook is not None:
+            args, kwargs = _ids_as_keyword(args, kwargs)
+            if args:
+                raise UsageError("pass generate's inputs by keyword (input_ids=..., attention_mask=...)")
+            return hook.generate(self.base_model.model, kwargs)
         if adapter_names is None:
             return self.base_model.model.generate(*args, **kwargs)
         with self._mixed_batch(adapter_names, _batch_rows(args, kwargs)):
@@ -576,6 +628,10 @@ class PeftModel(nn.Module):
         for name in names:
             if name not in self.peft_config:
                 raise AdapterNameError(f"no adapter named '{name}'; adapters: {sorted(self.peft_config)}")
+            if name in self.model_adapters:
+                raise UnsupportedError(f"adapter '{name}' ({self.peft_config[name].peft_type}) changes the model's "
+                                       "inputs and has no weights to merge into the base model; use unload() to get "
+                                       "the base model back")
         return names
 
     def _check_merges(self, adapter_names: list[str] | str | None) -> None:
@@ -661,7 +717,8 @@ class PeftModel(nn.Module):
         """Adapter tensors under their saved names (what ``save_pretrained`` writes, without embeddings)."""
         if adapter_name not in self.peft_config:
             raise AdapterNameError(f"no adapter named '{adapter_name}'; adapters: {sorted(self.peft_config)}")
-        return adapter_tensors(self.model, adapter_name, self.peft_config[adapter_name])
+        return adapter_tensors(self.model, adapter_name, self.peft_config[adapter_name],
+                               self.model_adapters[adapter_name] if adapter_name in self.model_adapters else None)
 
     def save_pretrained(
         self,
@@ -705,7 +762,8 @@ class PeftModel(nn.Module):
             if config.task_type is None:
                 base = self.model
                 config.auto_mapping = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
-            tensors = adapter_tensors(self.model, name, config)
+            tensors = adapter_tensors(self.model, name, config, self.model_adapters[name]
+                                      if name in self.model_adapters else None)
             if not tensors and not allow_empty:
                 raise UsageError(
                     f"adapter '{name}' has no tensors in the model (after merge_and_unload(), unload() or "
@@ -767,7 +825,8 @@ class PeftModel(nn.Module):
         tensors = _with_prefix(tensors)
         _check_shapes_before_building(model, target_cls._prepare_config_for(model, config), tensors, strict, directory)
         grads = {id(p): p.requires_grad for p in model.parameters()}
-        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        with loading():
+            peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
             peft_model._load_tensors(adapter_name, tensors, strict=strict, source=directory)
         except BaseException:
@@ -810,7 +869,8 @@ class PeftModel(nn.Module):
             self._load_tensors(adapter_name, tensors, strict=strict, source=directory)
             return
         _check_shapes_before_building(self.model, self._prepare_config(config), tensors, strict, directory)
-        self.add_adapter(adapter_name, config)
+        with loading():
+            self.add_adapter(adapter_name, config)
         try:
             self._load_tensors(adapter_name, tensors, strict=strict, source=directory)
         except BaseException:
@@ -833,7 +893,7 @@ class PeftModel(nn.Module):
             )
 
     def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], strict: bool, source: str) -> None:
-        expected = adapter_tensors(self.model, adapter_name, self.peft_config[adapter_name])
+        expected = self.get_adapter_state_dict(adapter_name)
         optional = embedding_base_tensors(self.model)
         tensors = _with_prefix(tensors)
         missing = sorted(set(expected) - set(tensors))
@@ -860,8 +920,10 @@ class PeftModel(nn.Module):
 
 
 def _with_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # Writers that drop the wrapper prefix: put it back on module paths (names without a dot, such as
+    # ``prompt_embeddings``, are model-level tensors and have none).
     if tensors and not any(k.startswith(PREFIX) for k in tensors):
-        return {PREFIX + k: v for k, v in tensors.items()}  # writers that drop the wrapper prefix
+        return {(PREFIX + k if "." in k else k): v for k, v in tensors.items()}
     return tensors
 
 

@@ -7,6 +7,8 @@ matching targets, wrapping layers, trainability, save/load, merge.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, ClassVar
 
@@ -30,6 +32,19 @@ class Method:
     peft_type: ClassVar[str]
     config_class: ClassVar[type[TunerConfig]]
     default_targets: ClassVar[dict[str, list[str]]] = {}
+
+    @classmethod
+    def attach(cls, model: nn.Module, config: PeftConfig, adapter_name: str) -> nn.Module | None:
+        """Add adapter ``adapter_name`` to ``model``.
+
+        Layer-wrapping methods (the default) wrap every targeted layer (see ``inject.py``) and return ``None``.
+        Methods that act on the model's inputs instead (prompt methods) return a :class:`~graftkit.layer.ModelAdapter`
+        that the model wrapper keeps and calls around the base model's forward and generate.
+        """
+        from .inject import inject
+
+        inject(model, config, adapter_name)
+        return None
 
     @classmethod
     def create_adapter(cls, base_layer: nn.Module, config: TunerConfig, module_name: str) -> nn.Module | None:
@@ -72,6 +87,22 @@ class Method:
 
 
 _METHODS: dict[str, type[Method]] = {}
+_LOADING = contextvars.ContextVar("graftkit_loading", default=False)
+
+
+@contextlib.contextmanager
+def loading() -> Iterator[None]:
+    """Inside: adapters are being built to receive saved weights, so methods skip initialisations that need
+    outside resources (a tokenizer for text-initialised prompts)."""
+    token = _LOADING.set(True)
+    try:
+        yield
+    finally:
+        _LOADING.reset(token)
+
+
+def is_loading() -> bool:
+    return _LOADING.get()
 
 
 def register(method: type[Method]) -> type[Method]:

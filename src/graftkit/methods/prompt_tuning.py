@@ -1,0 +1,214 @@
+"""Prompt tuning (Lester et al. 2021): ``n`` trainable virtual token embeddings in front of every input.
+
+::
+
+    input_ids ──► word embeddings ──┐
+                                    ├── [p₁ … pₙ │ e(x₁) … e(x_L)] ──► base model (frozen)
+    P (n × d, trained) ─────────────┘
+                 attention mask:  [1 … 1 │ mask]     labels: [-100 … -100 │ labels]
+
+The base model is untouched: the adapter only rewrites the inputs of each call (see
+:class:`~graftkit.layer.ModelAdapter`), so ``disable_adapter()`` gives the base model bit for bit. Positions
+follow the extended attention mask (a left-padded row sees the positions it would see alone), and ``generate``
+feeds the virtual tokens as input embeddings on the first step only, so the KV cache holds them afterwards.
+
+On disk the prompt is the tensor ``prompt_embeddings`` (n·submodules × d), as in the ecosystem's format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import inspect
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import PeftType, PromptLearningConfig
+from ..errors import ConfigError, MissingPackageError, UnsupportedError, UsageError
+from ..inject import add_modules_to_save
+from ..layer import ModelAdapter
+from ..registry import Method, is_loading, register
+
+
+class PromptTuningInit(str, enum.Enum):
+    """How the virtual tokens start: embeddings of a text, of random vocabulary tokens, or random vectors."""
+
+    TEXT = "TEXT"
+    SAMPLE_VOCAB = "SAMPLE_VOCAB"
+    RANDOM = "RANDOM"
+
+
+@dataclasses.dataclass
+class PromptTuningConfig(PromptLearningConfig):
+    """Config of a prompt-tuning adapter (field names and meanings as in the HF ecosystem).
+
+    Args:
+        prompt_tuning_init: ``"RANDOM"`` (standard normal vectors), ``"SAMPLE_VOCAB"`` (embeddings of random
+            vocabulary tokens) or ``"TEXT"`` (embeddings of ``prompt_tuning_init_text``, repeated or cut to
+            ``num_virtual_tokens``).
+        prompt_tuning_init_text: the text of ``"TEXT"`` initialisation.
+        tokenizer_name_or_path: a local tokenizer folder (or a Hub id in the local cache) for ``"TEXT"``.
+        tokenizer_kwargs: extra arguments for ``AutoTokenizer.from_pretrained`` (``"TEXT"`` only; remote code is
+            never enabled).
+    """
+
+    peft_type: str | PeftType | None = PeftType.PROMPT_TUNING
+    prompt_tuning_init: str | PromptTuningInit = PromptTuningInit.RANDOM
+    prompt_tuning_init_text: str | None = None
+    tokenizer_name_or_path: str | None = None
+    tokenizer_kwargs: dict[str, Any] | None = None
+
+    # How the prompt started says nothing about what a trained prompt computes.
+    bookkeeping_fields: ClassVar[frozenset[str]] = PromptLearningConfig.bookkeeping_fields | {
+        "prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.PROMPT_TUNING
+        choices = [c.value for c in PromptTuningInit]
+        init = str(getattr(self.prompt_tuning_init, "value", self.prompt_tuning_init))
+        if init not in choices:
+            raise ConfigError(f"PromptTuningConfig.prompt_tuning_init must be one of {choices}, got {init!r}")
+        self.prompt_tuning_init = PromptTuningInit(init)
+        if init == "TEXT" and not (self.prompt_tuning_init_text and self.tokenizer_name_or_path):
+            missing = [f for f in ("prompt_tuning_init_text", "tokenizer_name_or_path") if not getattr(self, f)]
+            raise ConfigError(f"prompt_tuning_init='TEXT' needs {' and '.join(missing)}: the text whose token "
+                              "embeddings start the prompt, and a local tokenizer folder to split it")
+        if self.tokenizer_kwargs and init != "TEXT":
+            raise ConfigError("tokenizer_kwargs is only used with prompt_tuning_init='TEXT'")
+
+
+def _start_values(config: PromptTuningConfig, embeddings: nn.Embedding, total: int) -> torch.Tensor | None:
+    """Initial prompt rows (total × d), or ``None`` for standard-normal vectors."""
+    init = config.prompt_tuning_init
+    if init == PromptTuningInit.RANDOM or is_loading():
+        return None
+    if init == PromptTuningInit.SAMPLE_VOCAB:
+        ids = torch.randint(0, embeddings.num_embeddings, (total,))
+    else:
+        try:
+            from transformers import AutoTokenizer
+        except ImportError as exc:  # pragma: no cover - transformers is a dependency
+            raise MissingPackageError("TEXT initialisation needs transformers: pip install transformers") from exc
+        kwargs = {k: v for k, v in (config.tokenizer_kwargs or {}).items() if k != "trust_remote_code"}
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_name_or_path, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"tokenizer_name_or_path={config.tokenizer_name_or_path!r}: cannot load a tokenizer "
+                              f"there ({str(exc).splitlines()[0][:160]}); pass a local tokenizer folder") from None
+        text_ids = tokenizer(config.prompt_tuning_init_text)["input_ids"]
+        if not text_ids:
+            raise ConfigError("prompt_tuning_init_text gives no tokens; pass a non-empty text")
+        ids = torch.tensor((text_ids * math.ceil(total / len(text_ids)))[:total])
+    with torch.no_grad():
+        return embeddings(ids.to(embeddings.weight.device)).detach().float()
+
+
+class PromptEmbedding(ModelAdapter):
+    """The trained virtual tokens of one adapter and the input rewriting they need.
+
+    Attributes:
+        embedding: ``nn.Embedding(n, d)``; its weight is the prompt (fp32 master, cast to the activation dtype).
+    """
+
+    def __init__(self, config: PromptTuningConfig, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        total = config.num_virtual_tokens * config.num_transformer_submodules
+        weight = word_embeddings.weight
+        self.embedding = nn.Embedding(total, config.token_dim, device=weight.device, dtype=torch.float32)
+        start = _start_values(config, word_embeddings, total)
+        if start is not None:
+            with torch.no_grad():
+                self.embedding.weight.copy_(start)
+        self.num_tokens = total
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": self.embedding.weight}
+
+    def _prompt(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.embedding.weight.to(dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, n, d)
+
+    def _embed(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        ids = inputs.pop("input_ids", None)
+        embeds = inputs.pop("inputs_embeds", None)
+        if embeds is None:
+            if ids is None:
+                raise UsageError("a prompt-tuning adapter needs input_ids or inputs_embeds")
+            embeds = model.get_input_embeddings()(ids)  # (B, L, d)
+        return embeds, ids
+
+    def prepare(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        embeds, _ = self._embed(model, inputs)
+        batch, length = embeds.shape[:2]
+        n = self.num_tokens
+        inputs["inputs_embeds"] = torch.cat([self._prompt(batch, embeds.dtype), embeds], dim=1)  # (B, n+L, d)
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            mask = torch.cat([mask.new_ones(batch, n), mask], dim=1)  # (B, n+L)
+            inputs["attention_mask"] = mask
+        labels = inputs.get("labels")
+        if isinstance(labels, torch.Tensor) and labels.dim() >= 2 and tuple(labels.shape[:2]) == (batch, length):
+            inputs["labels"] = torch.cat([labels.new_full((batch, n, *labels.shape[2:]), -100), labels], dim=1)
+        token_types = inputs.get("token_type_ids")
+        if token_types is not None:
+            inputs["token_type_ids"] = torch.cat([token_types.new_zeros(batch, n), token_types], dim=1)
+        positions = inputs.get("position_ids")
+        if positions is not None:
+            front = torch.arange(n, device=positions.device).expand(positions.shape[0], n)
+            inputs["position_ids"] = torch.cat([front, positions + n], dim=1)
+        elif mask is not None and mask.dim() == 2 and _takes(model, "position_ids"):
+            # Positions count the tokens each row really has, so a left-padded row matches the row alone.
+            inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        return inputs
+
+    def generate(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
+        embeds, ids = self._embed(model, inputs)
+        batch, length = embeds.shape[:2]
+        mask = inputs.pop("attention_mask", None)
+        if mask is None:
+            mask = torch.ones(batch, length, dtype=torch.long, device=embeds.device)
+        inputs["inputs_embeds"] = torch.cat([self._prompt(batch, embeds.dtype), embeds], dim=1)
+        inputs["attention_mask"] = torch.cat([mask.new_ones(batch, self.num_tokens), mask], dim=1)
+        out = model.generate(**inputs)
+        if ids is None:
+            return out
+        # Given input embeddings, generate returns the new tokens only; put the input ids in front, as it does
+        # for input_ids (rows repeat for beams and num_return_sequences).
+        sequences = out.sequences if hasattr(out, "sequences") else out
+        full = torch.cat([ids.repeat_interleave(sequences.shape[0] // batch, dim=0), sequences], dim=1)
+        if hasattr(out, "sequences"):
+            out.sequences = full
+            return out
+        return full
+
+
+def _takes(model: nn.Module, name: str) -> bool:
+    return name in inspect.signature(type(model).forward).parameters
+
+
+@register
+class PromptTuning(Method):
+    peft_type = PeftType.PROMPT_TUNING.value
+    config_class = PromptTuningConfig
+    default_targets: ClassVar[dict[str, list[str]]] = {}
+
+    @classmethod
+    def attach(cls, model: nn.Module, config: PromptTuningConfig, adapter_name: str) -> PromptEmbedding:
+        model_config = getattr(model, "config", None)
+        if getattr(model_config, "is_encoder_decoder", False):
+            raise UnsupportedError(f"prompt tuning on encoder-decoder models ({type(model).__name__}) is not "
+                                   "implemented in graftkit yet; use LoRA, or a decoder-only or encoder-only model")
+        get = getattr(model, "get_input_embeddings", None)
+        embeddings = get() if callable(get) else None
+        if not isinstance(embeddings, nn.Embedding):
+            raise UnsupportedError(f"{type(model).__name__} has no input embedding layer (get_input_embeddings()); "
+                                   "prompt tuning prepends to the token embeddings")
+        config.fill_from_model(model)
+        if config.token_dim != embeddings.embedding_dim:
+            raise ConfigError(f"PromptTuningConfig.token_dim={config.token_dim} but the model's token embeddings "
+                              f"have {embeddings.embedding_dim} dimensions; leave token_dim unset")
+        add_modules_to_save(model, config.modules_to_save, adapter_name)
+        return PromptEmbedding(config, embeddings)
