@@ -25,7 +25,13 @@ from .errors import (
     UsageError,
 )
 from .integrations import prepare_model_for_kbit_training
-from .methods import LoraConfig, PromptTuningConfig, PromptTuningInit
+from .methods import (
+    LoraConfig,
+    PromptEncoderConfig,
+    PromptEncoderReparameterizationType,
+    PromptTuningConfig,
+    PromptTuningInit,
+)
 from .model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -78,6 +84,8 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType",
     "PromptLearningConfig",
     "PromptTuningConfig",
     "PromptTuningInit",

@@ -251,8 +251,15 @@ class ModelAdapter(nn.Module):
         return model.generate(**inputs)
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
-        """The tensors to save under their on-disk names (live tensors: loading copies into them)."""
+        """The tensors to save under their on-disk names (their shapes are what loading expects)."""
         return {}
+
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take saved tensors (names and shapes already checked); by default copies into :meth:`saved_tensors`."""
+        live = self.saved_tensors()
+        with torch.no_grad():
+            for key, src in tensors.items():
+                live[key].copy_(src.to(device=live[key].device, dtype=live[key].dtype))
 
 
 class ModulesToSave(nn.Module):

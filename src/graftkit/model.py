@@ -912,10 +912,13 @@ class PeftModel(nn.Module):
                     f"{source}: tensor '{key}' has shape {tuple(src.shape)} in the file but "
                     f"{tuple(dst.shape)} in the model; check r / rank_pattern and the base model"
                 )
+        model_level = {k: v for k, v in tensors.items() if k in expected and "." not in k}
+        if model_level:  # tensors of an adapter that acts on the inputs: it takes them itself
+            self.model_adapters[adapter_name].load_saved(model_level)
         with torch.no_grad():
             for key, src in tensors.items():
                 dst = expected.get(key, optional.get(key))
-                if dst is not None:
+                if dst is not None and key not in model_level:
                     dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
 
 

@@ -1,6 +1,10 @@
 """One file per method; importing this package registers them all."""
 
 from .lora import Lora, LoraConfig
+from .p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType, PTuning
 from .prompt_tuning import PromptTuning, PromptTuningConfig, PromptTuningInit
 
-__all__ = ["Lora", "LoraConfig", "PromptTuning", "PromptTuningConfig", "PromptTuningInit"]
+__all__ = [
+    "Lora", "LoraConfig", "PTuning", "PromptEncoderConfig", "PromptEncoderReparameterizationType", "PromptTuning",
+    "PromptTuningConfig", "PromptTuningInit",
+]

@@ -21,6 +21,7 @@ import dataclasses
 import enum
 import inspect
 import math
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -111,25 +112,43 @@ class PromptEmbedding(ModelAdapter):
     """The trained virtual tokens of one adapter and the input rewriting they need.
 
     Attributes:
-        embedding: ``nn.Embedding(n, d)``; its weight is the prompt (fp32 master, cast to the activation dtype).
+        embedding: ``nn.Embedding(n, d)``: the prompt itself (fp32 master, cast to the activation dtype), or the
+            input of ``encoder`` when the method reparameterizes the prompt (p-tuning).
+        encoder: ``None``, or a module mapping the embedding rows (1, n, d) to the prompt rows (1, n, d). On disk
+            the prompt is always saved as the computed rows, so a loaded adapter has no encoder.
     """
 
-    def __init__(self, config: PromptTuningConfig, word_embeddings: nn.Embedding) -> None:
+    def __init__(self, config: PromptLearningConfig, word_embeddings: nn.Embedding, encoder: nn.Module | None = None
+                 ) -> None:
         super().__init__()
         total = config.num_virtual_tokens * config.num_transformer_submodules
         weight = word_embeddings.weight
         self.embedding = nn.Embedding(total, config.token_dim, device=weight.device, dtype=torch.float32)
-        start = _start_values(config, word_embeddings, total)
+        start = _start_values(config, word_embeddings, total) if isinstance(config, PromptTuningConfig) else None
         if start is not None:
             with torch.no_grad():
                 self.embedding.weight.copy_(start)
+        self.encoder = encoder.to(weight.device) if encoder is not None else None
         self.num_tokens = total
 
+    def rows(self) -> torch.Tensor:
+        """The prompt, (n, d)."""
+        if self.encoder is None:
+            return self.embedding.weight
+        return self.encoder(self.embedding.weight.unsqueeze(0))[0]
+
     def saved_tensors(self) -> dict[str, torch.Tensor]:
-        return {"prompt_embeddings": self.embedding.weight}
+        return {"prompt_embeddings": self.rows() if self.encoder is None else self.rows().detach()}
+
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.encoder is not None:  # saved rows replace the encoder: training goes on from the prompt itself
+            warnings.warn("loading saved prompt rows into a reparameterized prompt adapter: the encoder is dropped "
+                          "and training continues on the prompt rows directly", stacklevel=4)
+            self.encoder = None
+        super().load_saved(tensors)
 
     def _prompt(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
-        return self.embedding.weight.to(dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, n, d)
+        return self.rows().to(dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, n, d)
 
     def _embed(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         ids = inputs.pop("input_ids", None)
@@ -197,18 +216,31 @@ class PromptTuning(Method):
 
     @classmethod
     def attach(cls, model: nn.Module, config: PromptTuningConfig, adapter_name: str) -> PromptEmbedding:
-        model_config = getattr(model, "config", None)
-        if getattr(model_config, "is_encoder_decoder", False):
-            raise UnsupportedError(f"prompt tuning on encoder-decoder models ({type(model).__name__}) is not "
-                                   "implemented in graftkit yet; use LoRA, or a decoder-only or encoder-only model")
-        get = getattr(model, "get_input_embeddings", None)
-        embeddings = get() if callable(get) else None
-        if not isinstance(embeddings, nn.Embedding):
-            raise UnsupportedError(f"{type(model).__name__} has no input embedding layer (get_input_embeddings()); "
-                                   "prompt tuning prepends to the token embeddings")
-        config.fill_from_model(model)
-        if config.token_dim != embeddings.embedding_dim:
-            raise ConfigError(f"PromptTuningConfig.token_dim={config.token_dim} but the model's token embeddings "
-                              f"have {embeddings.embedding_dim} dimensions; leave token_dim unset")
-        add_modules_to_save(model, config.modules_to_save, adapter_name)
+        embeddings = prepare_virtual_tokens(model, config, adapter_name, "prompt tuning")
         return PromptEmbedding(config, embeddings)
+
+
+def prepare_virtual_tokens(model: nn.Module, config: PromptLearningConfig, adapter_name: str, what: str
+                           ) -> nn.Embedding:
+    """Checks and fills ``config`` for virtual tokens in front of ``model``'s token embeddings, adds its
+    ``modules_to_save``, and returns the word embeddings.
+
+    Raises:
+        UnsupportedError: an encoder-decoder model, or no input embedding layer.
+        ConfigError: a ``token_dim`` that is not the model's.
+    """
+    model_config = getattr(model, "config", None)
+    if getattr(model_config, "is_encoder_decoder", False):
+        raise UnsupportedError(f"{what} on encoder-decoder models ({type(model).__name__}) is not implemented in "
+                               "graftkit yet; use LoRA, or a decoder-only or encoder-only model")
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    if not isinstance(embeddings, nn.Embedding):
+        raise UnsupportedError(f"{type(model).__name__} has no input embedding layer (get_input_embeddings()); "
+                               f"{what} puts virtual tokens in front of the token embeddings")
+    config.fill_from_model(model)
+    if config.token_dim != embeddings.embedding_dim:
+        raise ConfigError(f"{type(config).__name__}.token_dim={config.token_dim} but the model's token embeddings "
+                          f"have {embeddings.embedding_dim} dimensions; leave token_dim unset")
+    add_modules_to_save(model, config.modules_to_save, adapter_name)
+    return embeddings
