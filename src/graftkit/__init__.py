@@ -27,6 +27,7 @@ from .errors import (
 from .integrations import prepare_model_for_kbit_training
 from .methods import (
     LoraConfig,
+    PrefixTuningConfig,
     PromptEncoderConfig,
     PromptEncoderReparameterizationType,
     PromptTuningConfig,
@@ -84,6 +85,7 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptEncoderReparameterizationType",
     "PromptLearningConfig",

@@ -2,9 +2,10 @@
 
 from .lora import Lora, LoraConfig
 from .p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType, PTuning
+from .prefix_tuning import PrefixTuning, PrefixTuningConfig
 from .prompt_tuning import PromptTuning, PromptTuningConfig, PromptTuningInit
 
 __all__ = [
-    "Lora", "LoraConfig", "PTuning", "PromptEncoderConfig", "PromptEncoderReparameterizationType", "PromptTuning",
-    "PromptTuningConfig", "PromptTuningInit",
+    "Lora", "LoraConfig", "PTuning", "PrefixTuning", "PrefixTuningConfig", "PromptEncoderConfig",
+    "PromptEncoderReparameterizationType", "PromptTuning", "PromptTuningConfig", "PromptTuningInit",
 ]

@@ -1,0 +1,215 @@
+"""Prefix tuning (Li and Liang 2021): trained keys and values in front of every attention layer's cache.
+
+::
+
+    P (n × 2·layers·d, trained) ──view──► for each layer ℓ: K_ℓ, V_ℓ  (B, heads, n, d/heads)
+                                                  │
+    input_ids ──► base model, attending to [prefix K/V │ its own K/V]     attention mask: [1 … 1 │ mask]
+
+The prefix reaches the model as a ready-filled KV cache (``cache``, formerly ``past_key_values``), so the
+model's layers run unchanged and the logits cover the real tokens only. With ``prefix_projection`` the prefix
+is produced by a two-layer MLP (d → encoder_hidden_size → 2·layers·d, tanh) from ``n × d`` trained rows while
+training; what is saved (``prompt_embeddings``, n × 2·layers·d, the ecosystem's layout: per token, layer by
+layer, key then value, head by head) is always the prefix itself. For grouped-query attention ``d`` is
+``head_dim × num_key_value_heads``.
+
+``generate`` passes the prefix cache with ``n`` stand-in tokens in front of the input ids, so transformers
+treats the prefix as an already processed part of the sequence: positions, masks and the cache all line up,
+and a left-padded row generates what it generates alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import warnings
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import PeftType, PromptLearningConfig
+from ..errors import ConfigError, UnsupportedError, UsageError
+from ..inject import add_modules_to_save
+from ..layer import ModelAdapter
+from ..registry import Method, is_loading, register
+
+
+@dataclasses.dataclass
+class PrefixTuningConfig(PromptLearningConfig):
+    """Config of a prefix-tuning adapter (field names and meanings as in the HF ecosystem).
+
+    Args:
+        prefix_projection: produce the prefix with a two-layer MLP while training.
+        encoder_hidden_size: that MLP's hidden size (the model's key/value width when ``None``).
+        init_weights: ``None`` (random prefix) or ``"zero"`` (a zero prefix; with projection, a zero last layer).
+    """
+
+    peft_type: str | PeftType | None = PeftType.PREFIX_TUNING
+    encoder_hidden_size: int | None = None
+    prefix_projection: bool = False
+    init_weights: str | None = None
+
+    bookkeeping_fields: ClassVar[frozenset[str]] = PromptLearningConfig.bookkeeping_fields | {"init_weights"}
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = PeftType.PREFIX_TUNING
+        if self.init_weights not in (None, "zero"):
+            raise ConfigError(f"PrefixTuningConfig.init_weights must be None or 'zero', got {self.init_weights!r}")
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
+            raise ConfigError("PrefixTuningConfig.encoder_hidden_size must be a positive integer, got "
+                              f"{self.encoder_hidden_size}")
+
+
+class PrefixEncoder(ModelAdapter):
+    """The trained prefix of one adapter, handed to the model as a KV cache.
+
+    Attributes:
+        embedding: the prefix rows (n × 2·layers·d), or with a projection the MLP's input rows (n × d).
+        transform: the projection MLP, or ``None``.
+    """
+
+    def __init__(self, config: PrefixTuningConfig, device: torch.device, projection: bool) -> None:
+        super().__init__()
+        n, d, layers = config.num_virtual_tokens, config.token_dim, config.num_layers
+        width = layers * 2 * d
+        kw = {"device": device, "dtype": torch.float32}
+        self.transform: nn.Module | None = None
+        if projection:
+            self.embedding = nn.Embedding(n, d, **kw)
+            hidden = config.encoder_hidden_size
+            self.transform = nn.Sequential(nn.Linear(d, hidden, **kw), nn.Tanh(), nn.Linear(hidden, width, **kw))
+            last = self.transform[-1]
+        else:
+            self.embedding = nn.Embedding(n, width, **kw)
+            last = self.embedding
+        if config.init_weights == "zero":
+            with torch.no_grad():
+                for param in last.parameters():
+                    param.zero_()
+        self.num_tokens, self.layers, self.heads = n, layers, config.num_attention_heads
+        self.head_dim = d // config.num_attention_heads
+
+    def rows(self) -> torch.Tensor:
+        """The prefix, (n, 2·layers·d)."""
+        weight = self.embedding.weight
+        return weight if self.transform is None else self.transform(weight)
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        return {"prompt_embeddings": self.rows() if self.transform is None else self.rows().detach()}
+
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        if self.transform is not None:  # the saved prefix replaces the projection
+            warnings.warn("loading a saved prefix into a projected prefix-tuning adapter: the projection is dropped "
+                          "and training continues on the prefix directly", stacklevel=4)
+            rows = tensors["prompt_embeddings"]
+            grad = self.embedding.weight.requires_grad
+            self.embedding = nn.Embedding(*rows.shape, device=self.embedding.weight.device, dtype=torch.float32)
+            self.embedding.weight.requires_grad_(grad)
+            self.transform = None
+        super().load_saved(tensors)
+
+    def cache(self, model: nn.Module, batch: int, dtype: torch.dtype) -> Any:
+        """A fresh KV cache holding the prefix for ``batch`` rows."""
+        from transformers import DynamicCache
+
+        n = self.num_tokens
+        kv = self.rows().to(dtype).view(n, self.layers * 2, self.heads, self.head_dim).permute(1, 2, 0, 3)
+        cache = DynamicCache(config=model.config)  # kv: (2·layers, heads, n, head_dim)
+        for layer in range(self.layers):
+            key = kv[2 * layer].unsqueeze(0).expand(batch, -1, -1, -1)  # (B, heads, n, head_dim)
+            value = kv[2 * layer + 1].unsqueeze(0).expand(batch, -1, -1, -1)
+            cache.update(key, value, layer)
+        return cache
+
+    def prepare(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        first = inputs.get("input_ids")
+        if first is None:
+            first = inputs.get("inputs_embeds")
+        if first is None:
+            raise UsageError("a prefix-tuning adapter needs input_ids or inputs_embeds")
+        batch, length = first.shape[:2]
+        n = self.num_tokens
+        key = cache_keyword(model)
+        past = inputs.get(key, inputs.get("past_key_values"))
+        past_len = past.get_seq_length() if past is not None and hasattr(past, "get_seq_length") else 0
+        if past_len == 0:  # a new sequence: the prefix is its cache
+            inputs.pop("past_key_values", None)
+            inputs[key] = self.cache(model, batch, _compute_dtype(model))
+            past_len = n
+        mask = inputs.get("attention_mask")
+        if mask is not None and mask.dim() == 2 and mask.shape[1] + n == past_len + length:
+            mask = torch.cat([mask.new_ones(batch, n), mask], dim=1)  # (B, n + past + L)
+            inputs["attention_mask"] = mask
+        if mask is not None and mask.dim() == 2 and inputs.get("position_ids") is None \
+                and "position_ids" in inspect.signature(type(model).forward).parameters:
+            # Positions count the tokens each row really has, so a left-padded row matches the row alone.
+            inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
+        return inputs
+
+    def generate(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
+        ids = inputs.pop("input_ids", None)
+        if ids is None or inputs.get("inputs_embeds") is not None:
+            raise UsageError("generate with a prefix-tuning adapter takes input_ids (not inputs_embeds)")
+        batch, n = ids.shape[0], self.num_tokens
+        mask = inputs.pop("attention_mask", None)
+        if mask is None:
+            mask = torch.ones_like(ids)
+        config = inputs.get("generation_config") or model.generation_config
+        beams = inputs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+        returned = inputs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
+        rows = batch * (beams if beams > 1 else returned)  # generate repeats each row; the cache must match
+        # n stand-in tokens (the row's first token) take the prefix's place: generate sees them as already cached.
+        inputs["input_ids"] = torch.cat([ids[:, :1].expand(batch, n), ids], dim=1)
+        inputs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        inputs[cache_keyword(model)] = self.cache(model, rows, _compute_dtype(model))
+        out = model.generate(**inputs)
+        if hasattr(out, "sequences"):
+            out.sequences = out.sequences[:, n:]
+            return out
+        return out[:, n:]
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The name under which the model takes a KV cache (``cache`` since transformers 5.x, ``past_key_values``
+    before)."""
+    parameters = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+def _compute_dtype(model: nn.Module) -> torch.dtype:
+    weight = model.get_input_embeddings().weight
+    return weight.dtype if weight.dtype.is_floating_point else torch.float32
+
+
+@register
+class PrefixTuning(Method):
+    peft_type = PeftType.PREFIX_TUNING.value
+    config_class = PrefixTuningConfig
+    default_targets: ClassVar[dict[str, list[str]]] = {}
+
+    @classmethod
+    def attach(cls, model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> PrefixEncoder:
+        model_config = getattr(model, "config", None)
+        name = type(model).__name__
+        if getattr(model_config, "is_encoder_decoder", False):
+            raise UnsupportedError(f"prefix tuning on encoder-decoder models ({name}) is not implemented in graftkit "
+                                   "yet; use LoRA, or a decoder-only model")
+        parameters = inspect.signature(type(model).forward).parameters
+        if "cache" not in parameters and "past_key_values" not in parameters:
+            raise UnsupportedError(f"{name} takes no KV cache (past_key_values), so it cannot take a prefix; use "
+                                   "prompt tuning or LoRA")
+        config.fill_from_model(model)
+        kv_heads = getattr(model_config, "num_key_value_heads", None)
+        if isinstance(kv_heads, int):  # grouped-query attention: the cache holds the key/value heads only
+            head_dim = getattr(model_config, "head_dim", None) or config.token_dim // config.num_attention_heads
+            config.token_dim, config.num_attention_heads = head_dim * kv_heads, kv_heads
+        if config.token_dim % config.num_attention_heads:
+            raise ConfigError(f"PrefixTuningConfig.token_dim={config.token_dim} is not a multiple of "
+                              f"num_attention_heads={config.num_attention_heads}")
+        if config.encoder_hidden_size is None:
+            config.encoder_hidden_size = config.token_dim
+        add_modules_to_save(model, config.modules_to_save, adapter_name)
+        device = model.get_input_embeddings().weight.device
+        return PrefixEncoder(config, device, projection=config.prefix_projection and not is_loading())
