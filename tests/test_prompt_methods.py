@@ -1,7 +1,9 @@
-"""Prompt tuning: forward and files equal to HF peft's, generation equal to cacheless greedy decoding.
+"""Prompt methods (prompt tuning, p-tuning, prefix tuning): forward and files equal to HF peft's, generation
+equal to cacheless greedy decoding.
 
-HF peft's own ``generate()`` is not the reference (it drifts, and left padding changes a row's tokens); the
-reference is greedy decoding by full forward passes without a cache, whose forward logits equal HF peft's.
+HF peft's own ``generate()`` is not the reference (it ignores a prefix, drifts with prompt tuning, and left
+padding changes a row's tokens); the reference is greedy decoding by full forward passes without a cache, whose
+forward logits equal HF peft's.
 """
 
 from __future__ import annotations
@@ -18,18 +20,52 @@ from tests.conftest import DEVICE, run, tiny_bert_cls, tiny_llama, tiny_t5, toke
 peft = pytest.importorskip("peft")
 
 
+# method id -> (graftkit config class name, HF peft config class name, extra config fields)
+METHODS = {
+    "prompt": ("PromptTuningConfig", {}),
+    "p_mlp": ("PromptEncoderConfig", {"encoder_hidden_size": 8}),
+    "p_lstm": ("PromptEncoderConfig", {"encoder_reparameterization_type": "LSTM", "encoder_hidden_size": 8}),
+    "prefix": ("PrefixTuningConfig", {}),
+    "prefix_proj": ("PrefixTuningConfig", {"prefix_projection": True, "encoder_hidden_size": 12}),
+}
+VIRTUAL = {"prompt": 4, "p_mlp": 4, "p_lstm": 4, "prefix": 0, "prefix_proj": 0}  # extra logits positions
+
+
+def llama():
+    """The tiny Llama without an end-of-sequence token: every generation runs its full length."""
+    return tiny_llama(eos_token_id=None)
+
+
+TOLERANCE = {"p_lstm": 1e-6, "prefix_proj": 1e-6}  # encoders run on one copy of the rows, HF peft's on each row
+
+
 def prompt_config(**kwargs) -> dict:
     return {"num_virtual_tokens": 4, "task_type": "CAUSAL_LM", **kwargs}
 
 
-def ours_and_peft(base_fn=tiny_llama, **kwargs):
-    """The same random (non-zero) prompt in a graftkit model and an HF peft model."""
-    ours = graftkit.get_peft_model(base_fn(), graftkit.PromptTuningConfig(**prompt_config(**kwargs))).eval()
+def config_for(method: str, library, **kwargs):
+    name, extra = METHODS[method]
+    return getattr(library, name)(**prompt_config(**{**extra, **kwargs}))
+
+
+def _peft_keys(method: str, state: dict) -> dict:
+    """graftkit's adapter module state under HF peft's module names (the p-tuning encoder is named differently)."""
+    out = {}
+    for key, value in state.items():
+        if key.startswith("encoder."):
+            key = key[len("encoder."):]
+            key = f"mlp_head.{key}" if method == "p_mlp" else key
+        out[key] = value
+    return out
+
+
+def ours_and_peft(base_fn=llama, method: str = "prompt", **kwargs):
+    """The same random (non-zero) adapter in a graftkit model and an HF peft model."""
+    ours = graftkit.get_peft_model(base_fn(), config_for(method, graftkit, **kwargs)).eval()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        theirs = peft.get_peft_model(base_fn(), peft.PromptTuningConfig(**prompt_config(**kwargs))).eval()
-    with torch.no_grad():
-        theirs.prompt_encoder["default"].embedding.weight.copy_(ours.model_adapters["default"].embedding.weight)
+        theirs = peft.get_peft_model(base_fn(), config_for(method, peft, **kwargs)).eval()
+    theirs.prompt_encoder["default"].load_state_dict(_peft_keys(method, ours.model_adapters["default"].state_dict()))
     return ours, theirs
 
 
@@ -43,17 +79,23 @@ def greedy_without_cache(model, ids: torch.Tensor, mask: torch.Tensor, steps: in
     return ids
 
 
-def test_forward_logits_and_loss_equal_hf_peft():
-    ours, theirs = ours_and_peft()
+@pytest.mark.parametrize("method", METHODS)
+def test_forward_logits_and_loss_equal_hf_peft(method):
+    ours, theirs = ours_and_peft(method=method)
     x = token_batch(batch=3)
     labels = x["input_ids"].clone()
-    a, b = ours(**x, labels=labels), theirs(**x, labels=labels)
-    assert a.logits.shape == (3, 4 + 7, 64)  # the virtual positions are in the logits, as in HF peft
-    assert torch.equal(a.logits, b.logits) and torch.equal(a.loss, b.loss)
-    # right padding: positions of real tokens are the same, so their logits are too
-    x["attention_mask"][0, -3:] = 0
-    keep = torch.cat([torch.ones(3, 4, dtype=torch.bool, device=DEVICE), x["attention_mask"].bool()], 1)
-    assert torch.equal(ours(**x).logits[keep], theirs(**x).logits[keep])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' deprecation of past_key_values, which HF peft passes
+        a, b = ours(**x, labels=labels), theirs(**x, labels=labels)
+        assert a.logits.shape == (3, VIRTUAL[method] + 7, 64)  # virtual positions are in the logits, as in HF peft
+        torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=TOLERANCE.get(method, 0))
+        torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=TOLERANCE.get(method, 0))
+        # right padding: positions of real tokens are the same, so their logits are too
+        x["attention_mask"][0, -3:] = 0
+        keep = torch.cat([torch.ones(3, VIRTUAL[method], dtype=torch.bool, device=DEVICE),
+                          x["attention_mask"].bool()], 1)
+        torch.testing.assert_close(ours(**x).logits[keep], theirs(**x).logits[keep], rtol=0,
+                                   atol=TOLERANCE.get(method, 0))
 
 
 def test_sequence_classification_equals_hf_peft():
@@ -66,25 +108,28 @@ def test_sequence_classification_equals_hf_peft():
     assert "classifier" in str(ours.peft_config["default"].modules_to_save)
 
 
+@pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("direction", ["peft_to_ours", "ours_to_peft"])
-def test_files_move_both_ways_with_hf_peft(tmp_path, direction):
-    ours, theirs = ours_and_peft()
+def test_files_move_both_ways_with_hf_peft(tmp_path, direction, method):
+    ours, theirs = ours_and_peft(method=method)
     x = token_batch()
     want = run(ours, x)
-    if direction == "peft_to_ours":
-        theirs.save_pretrained(tmp_path)
-        loaded = graftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
-        assert isinstance(loaded, graftkit.PeftModelForCausalLM)
-    else:
-        ours.save_pretrained(tmp_path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            loaded = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
-    assert torch.equal(run(loaded, x), want)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if direction == "peft_to_ours":
+            theirs.save_pretrained(tmp_path)
+            loaded = graftkit.PeftModel.from_pretrained(llama(), tmp_path).eval()
+            assert isinstance(loaded, graftkit.PeftModelForCausalLM)
+        else:
+            ours.save_pretrained(tmp_path)
+            loaded = peft.PeftModel.from_pretrained(llama(), tmp_path).eval()
+        got = run(loaded, x)
+    torch.testing.assert_close(got, want, rtol=0, atol=TOLERANCE.get(method, 0))
 
 
-def test_generate_equals_greedy_decoding_without_cache_single_and_left_padded():
-    ours, _ = ours_and_peft()
+@pytest.mark.parametrize("method", METHODS)
+def test_generate_equals_greedy_decoding_without_cache_single_and_left_padded(method):
+    ours, _ = ours_and_peft(method=method)
     g = torch.Generator().manual_seed(5)
     ids = torch.randint(2, 64, (1, 6), generator=g).to(DEVICE)
     short = torch.randint(2, 64, (1, 3), generator=g).to(DEVICE)
@@ -100,12 +145,13 @@ def test_generate_equals_greedy_decoding_without_cache_single_and_left_padded():
     assert torch.equal(padded[1, 3:], short_alone[0])  # a left-padded row generates what it generates alone
     assert torch.equal(padded, greedy_without_cache(ours, batch, mask, 8))
     with ours.disable_adapter():
-        base = ours.generate(input_ids=ids, max_new_tokens=8, do_sample=False, pad_token_id=0)
-    assert not torch.equal(base, alone), "the prompt must change what the model generates"
+        base = run(ours, {"input_ids": ids})[:, -1]
+    assert (run(ours, {"input_ids": ids})[:, -1] - base).abs().max() > 1e-3, "the adapter must change the logits"
 
 
-def test_sampling_beams_and_return_sequences():
-    ours, _ = ours_and_peft()
+@pytest.mark.parametrize("method", METHODS)
+def test_sampling_beams_and_return_sequences(method):
+    ours, _ = ours_and_peft(method=method)
     x = token_batch(batch=2, length=5)
     greedy = ours.generate(**x, max_new_tokens=6, do_sample=False, pad_token_id=0)
     top1 = ours.generate(**x, max_new_tokens=6, do_sample=True, top_k=1, pad_token_id=0)
@@ -121,17 +167,21 @@ def test_sampling_beams_and_return_sequences():
 
 
 def test_disable_switch_and_several_prompt_adapters():
-    base = tiny_llama()
+    base = llama()
     x = token_batch()
     want_base = run(base, x)
-    model = graftkit.get_peft_model(base, graftkit.PromptTuningConfig(**prompt_config())).eval()
-    model.add_adapter("other", graftkit.PromptTuningConfig(**prompt_config(num_virtual_tokens=2)))
+    model = graftkit.get_peft_model(base, config_for("prompt", graftkit)).eval()
+    model.add_adapter("other", config_for("prefix", graftkit, num_virtual_tokens=2))
+    model.add_adapter("third", config_for("p_lstm", graftkit, num_virtual_tokens=3))
     first = run(model, x)
     with model.disable_adapter():
         assert torch.equal(run(model, x), want_base)
     model.set_adapter("other")
     second = run(model, x)
-    assert second.shape[1] == 2 + 7 and first.shape[1] == 4 + 7
+    model.set_adapter("third")
+    third = run(model, x)
+    assert first.shape[1] == 4 + 7 and second.shape[1] == 7 and third.shape[1] == 3 + 7
+    assert not torch.equal(second, want_base)
     model.set_adapter("default")
     assert torch.equal(run(model, x), first)
     with pytest.raises(graftkit.UsageError, match="one of them at a time"):
@@ -141,22 +191,23 @@ def test_disable_switch_and_several_prompt_adapters():
     with pytest.raises(graftkit.UnsupportedError, match="no weights to merge"):
         model.merge_and_unload()
     model.delete_adapter("other")
-    assert list(model.model_adapters) == ["default"]
+    assert list(model.model_adapters) == ["default", "third"]
     assert torch.equal(run(model.unload(), x), want_base)
 
 
-def test_training_lowers_the_loss_and_a_trainable_reload_continues(tmp_path):
+@pytest.mark.parametrize("method", METHODS)
+def test_training_lowers_the_loss_and_a_trainable_reload_continues(tmp_path, method):
     def wider():  # wide enough for a few virtual tokens to steer a random model
         return tiny_llama(hidden_size=64, intermediate_size=128, num_attention_heads=4)
 
-    model = graftkit.get_peft_model(wider(), graftkit.PromptTuningConfig(**prompt_config(num_virtual_tokens=8)))
+    model = graftkit.get_peft_model(wider(), config_for(method, graftkit, num_virtual_tokens=8))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable == ["model_adapters.default.embedding.weight"]
+    assert trainable and all(n.startswith("model_adapters.default.") for n in trainable)
     x = token_batch(batch=4, length=6)
     labels = torch.full_like(x["input_ids"], 5)  # learn to answer one token everywhere
 
     def train(m, steps):
-        opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=0.1)
+        opt = torch.optim.Adam([p for p in m.parameters() if p.requires_grad], lr=0.01 if "proj" in method else 0.1)
         losses = []
         for _ in range(steps):
             loss = m(**x, labels=labels).loss
@@ -170,9 +221,22 @@ def test_training_lowers_the_loss_and_a_trainable_reload_continues(tmp_path):
     assert first[-1] < 0.9 * first[0]
     model.save_pretrained(tmp_path)
     again = graftkit.PeftModel.from_pretrained(wider(), tmp_path, is_trainable=True)
-    assert [n for n, p in again.named_parameters() if p.requires_grad] == trainable
+    # a reparameterized prompt is saved (and loaded) as its rows: training goes on from them
+    assert [n for n, p in again.named_parameters() if p.requires_grad] == ["model_adapters.default.embedding.weight"]
     more = train(again.train(), 5)
     assert abs(more[0] - first[-1]) < 0.05 * first[-1] and more[-1] < more[0]  # it goes on from where it was
+
+
+@pytest.mark.parametrize("method", ["p_mlp", "prefix_proj"])
+def test_loading_into_a_reparameterized_adapter_keeps_the_saved_rows(tmp_path, method):
+    saved = graftkit.get_peft_model(tiny_llama(), config_for(method, graftkit)).eval()
+    saved.save_pretrained(tmp_path)
+    x = token_batch()
+    model = graftkit.get_peft_model(tiny_llama(), config_for(method, graftkit)).eval()
+    with pytest.warns(UserWarning, match="training continues on the"):
+        model.load_adapter(tmp_path, adapter_name="default", is_trainable=True)
+    torch.testing.assert_close(run(model, x), run(saved, x), rtol=0, atol=1e-6)
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["model_adapters.default.embedding.weight"]
 
 
 def test_sample_vocab_starts_from_rows_of_the_embedding_matrix():
@@ -221,6 +285,13 @@ def test_clear_errors():
             num_virtual_tokens=3, prompt_tuning_init="TEXT", prompt_tuning_init_text="hi",
             tokenizer_name_or_path="/nowhere/tokenizer"))
     base = tiny_t5()
-    with pytest.raises(graftkit.UnsupportedError, match="encoder-decoder"):
-        graftkit.get_peft_model(base, graftkit.PromptTuningConfig(num_virtual_tokens=3, task_type="SEQ_2_SEQ_LM"))
+    for method in METHODS:
+        with pytest.raises(graftkit.UnsupportedError, match="encoder-decoder"):
+            graftkit.get_peft_model(base, config_for(method, graftkit, task_type="SEQ_2_SEQ_LM"))
     assert not any(isinstance(m, graftkit.layer.ModelAdapter) for m in base.modules())
+    with pytest.raises(graftkit.UnsupportedError, match="cannot take a prefix"):
+        graftkit.get_peft_model(tiny_bert_cls(), config_for("prefix", graftkit, task_type="SEQ_CLS"))
+    with pytest.raises(graftkit.ConfigError, match="encoder_reparameterization_type must be one of"):
+        graftkit.PromptEncoderConfig(num_virtual_tokens=3, encoder_reparameterization_type="GRU")
+    with pytest.raises(graftkit.ConfigError, match="init_weights must be None or 'zero'"):
+        graftkit.PrefixTuningConfig(num_virtual_tokens=3, init_weights="ones")
