@@ -140,6 +140,28 @@ def test_resume_continues_the_uninterrupted_loss_curve(tmp_path, how):
         torch.testing.assert_close(resumed.model.get_adapter_state_dict()[key], value, atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("config", [graftkit.PromptTuningConfig, graftkit.PrefixTuningConfig])
+def test_prompt_methods_train_checkpoint_and_resume(tmp_path, config):
+    def trainer(path, max_steps):
+        model = graftkit.get_peft_model(tied_llama(), config(num_virtual_tokens=4, task_type="CAUSAL_LM"))
+        args = arguments(path, max_steps=max_steps, save_steps=3, learning_rate=5e-2)
+        return graftkit.Trainer(model=model, args=args, train_dataset=rows())
+
+    full = trainer(tmp_path / "full", 6)
+    full.train()
+    saved = load_file(tmp_path / "full" / "checkpoint-3" / "adapter_model.safetensors")
+    assert list(saved) == ["prompt_embeddings"]
+    interrupted = trainer(tmp_path / "run", 6)
+    interrupted.add_callback(StopAfter(3))
+    interrupted.train()
+    resumed = trainer(tmp_path / "run", 6)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-3"))
+    expected, got = losses(full), losses(resumed)
+    for step in (4, 5, 6):
+        assert abs(got[step] - expected[step]) <= 1e-6, (step, got[step], expected[step])
+    assert expected[6] < expected[1]
+
+
 def test_resume_needs_the_adapters_of_the_model(tmp_path):
     model = graftkit.get_peft_model(tied_llama(), lora())
     graftkit.Trainer(model=model, args=arguments(tmp_path, max_steps=2, save_steps=2), train_dataset=rows()).train()
