@@ -92,3 +92,20 @@ def test_cli_train_generate_merge(smol_dir, tmp_path, capsys):
     with torch.no_grad():
         merged = load(tmp_path / "merged")(input_ids=ids).logits
     assert (merged - expected).abs().max().item() <= 5e-5 * expected.abs().max().item()
+
+
+def test_prompt_tuning_trains_on_the_real_model(smol_dir):
+    from transformers import AutoTokenizer
+
+    from graftkit import sft
+    from graftkit.demo import demo_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(smol_dir)
+    config = graftkit.PromptTuningConfig(
+        task_type="CAUSAL_LM", num_virtual_tokens=16, prompt_tuning_init="TEXT", tokenizer_name_or_path=smol_dir,
+        prompt_tuning_init_text="Answer every question like a pirate, starting with Arr! and ending with matey.")
+    model = graftkit.get_peft_model(load(smol_dir), config)
+    assert model.get_nb_trainable_parameters()[0] == 16 * 576  # the prompt, nothing else
+    losses = sft.train(model, tokenizer, demo_pairs()[:64], steps=20, batch_size=4, lr=3e-2, seed=0, progress=False)
+    first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
+    assert last < 0.5 * first, losses
