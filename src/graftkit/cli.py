@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -52,9 +53,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     config, tensors = read_checkpoint(directory, allow_pickle=args.allow_pickle)
     print(f"adapter: {directory}")
     print(f"method: {config.peft_type}  task: {config.task_type}  base: {config.base_model_name_or_path}")
-    shown = {k: v for k, v in config.to_dict().items()
-             if k in ("r", "lora_alpha", "lora_dropout", "target_modules", "use_dora", "use_rslora", "bias",
-                      "modules_to_save", "rank_pattern", "alpha_pattern")}
+    fields = {f.name for f in dataclasses.fields(config)} - set(config.bookkeeping_fields) - {"peft_type"}
+    shown = {k: v for k, v in config.to_dict().items() if k in fields and v not in (None, {}, [])}
     print(json.dumps(shown, indent=2, sort_keys=True))
     if args.tensors:
         for key in sorted(tensors):
