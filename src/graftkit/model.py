@@ -447,7 +447,10 @@ class PeftModel(nn.Module):
 
     def _model_adapter(self, adapter_names: list[str] | None) -> ModelAdapter | None:
         """The active adapter that changes the model's inputs (a prompt method), if any and not disabled."""
-        active = [self.model_adapters[n] for n in self._active if n in self.model_adapters]
+        adapters = self._modules["model_adapters"]._modules  # read directly: this runs on every forward
+        if not adapters:
+            return None
+        active = [adapters[n] for n in self._active if n in adapters]
         if not active or self._disabled:
             return None
         if adapter_names is not None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import ClassVar
 
 from torch import nn
 
@@ -83,7 +82,6 @@ class LstmEncoder(nn.Module):
 class PTuning(Method):
     peft_type = PeftType.P_TUNING.value
     config_class = PromptEncoderConfig
-    default_targets: ClassVar[dict[str, list[str]]] = {}
 
     @classmethod
     def attach(cls, model: nn.Module, config: PromptEncoderConfig, adapter_name: str) -> PromptEmbedding:

@@ -187,7 +187,6 @@ def _compute_dtype(model: nn.Module) -> torch.dtype:
 class PrefixTuning(Method):
     peft_type = PeftType.PREFIX_TUNING.value
     config_class = PrefixTuningConfig
-    default_targets: ClassVar[dict[str, list[str]]] = {}
 
     @classmethod
     def attach(cls, model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> PrefixEncoder:

@@ -212,7 +212,6 @@ def _takes(model: nn.Module, name: str) -> bool:
 class PromptTuning(Method):
     peft_type = PeftType.PROMPT_TUNING.value
     config_class = PromptTuningConfig
-    default_targets: ClassVar[dict[str, list[str]]] = {}
 
     @classmethod
     def attach(cls, model: nn.Module, config: PromptTuningConfig, adapter_name: str) -> PromptEmbedding:
