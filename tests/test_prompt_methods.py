@@ -200,6 +200,34 @@ def test_sampling_beams_and_return_sequences(method):
     assert torch.equal(beams.sequences[:, :5], x["input_ids"].repeat_interleave(2, 0))
 
 
+@pytest.mark.parametrize("submodules", [None, 1])
+@pytest.mark.parametrize("method", ["prompt", "p_mlp", "p_lstm"])
+def test_encoder_decoder_equals_hf_peft_and_generates_like_the_reference(tmp_path, method, submodules):
+    extra = {"task_type": "SEQ_2_SEQ_LM", **({"num_transformer_submodules": submodules} if submodules else {})}
+    ours, theirs = ours_and_peft(tiny_t5, method=method, **extra)
+    assert ours.peft_config["default"].num_transformer_submodules == (submodules or 2)  # HF peft's default: 2
+    x = token_batch(batch=2, length=5)
+    labels = torch.randint(2, 64, (2, 4), generator=torch.Generator().manual_seed(3)).to(DEVICE)
+    a, b = ours(**x, labels=labels), theirs(**x, labels=labels)
+    torch.testing.assert_close(a.logits, b.logits, rtol=0, atol=TOLERANCE.get(method, 0))
+    torch.testing.assert_close(a.loss, b.loss, rtol=0, atol=TOLERANCE.get(method, 0))
+    with ours.disable_adapter():
+        assert (ours(**x, labels=labels).logits - a.logits).abs().max() > 1e-4
+    theirs.save_pretrained(tmp_path)
+    loaded = graftkit.PeftModel.from_pretrained(tiny_t5(), tmp_path).eval()
+    assert isinstance(loaded, graftkit.PeftModelForSeq2SeqLM)
+    torch.testing.assert_close(loaded(**x, labels=labels).logits, b.logits, rtol=0, atol=TOLERANCE.get(method, 0))
+    decoder = torch.zeros(2, 1, dtype=torch.long, device=DEVICE)  # cacheless greedy decoding
+    for _ in range(6):
+        with torch.no_grad():
+            token = ours(**x, decoder_input_ids=decoder).logits[:, -1].argmax(-1, keepdim=True)
+        decoder = torch.cat([decoder, token], 1)
+    generated = ours.generate(**x, max_new_tokens=6, min_new_tokens=6, do_sample=False)
+    assert torch.equal(generated, decoder)
+    beams = ours.generate(**x, max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False)
+    assert beams.shape[0] == 4
+
+
 def test_disable_switch_and_several_prompt_adapters():
     base = llama()
     x = token_batch()
@@ -319,10 +347,12 @@ def test_clear_errors():
             num_virtual_tokens=3, prompt_tuning_init="TEXT", prompt_tuning_init_text="hi",
             tokenizer_name_or_path="/nowhere/tokenizer"))
     base = tiny_t5()
-    for method in METHODS:
+    for method in ("prefix", "prefix_proj"):
         with pytest.raises(graftkit.UnsupportedError, match="encoder-decoder"):
             graftkit.get_peft_model(base, config_for(method, graftkit, task_type="SEQ_2_SEQ_LM"))
     assert not any(isinstance(m, graftkit.layer.ModelAdapter) for m in base.modules())
+    with pytest.raises(graftkit.ConfigError, match="num_transformer_submodules=2"):
+        graftkit.get_peft_model(llama(), config_for("prompt", graftkit, num_transformer_submodules=2))
     with pytest.raises(graftkit.UnsupportedError, match="cannot take a prefix"):
         graftkit.get_peft_model(tiny_bert_cls(), config_for("prefix", graftkit, task_type="SEQ_CLS"))
     with pytest.raises(graftkit.ConfigError, match="encoder_reparameterization_type must be one of"):

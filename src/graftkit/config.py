@@ -479,5 +479,5 @@ class PromptLearningConfig(PeftConfig):
                     raise ConfigError(f"cannot read {field} from {type(model).__name__}'s config (looked for "
                                       f"{list(keys)}); set {type(self).__name__}({field}=...)")
                 setattr(self, field, value)
-        if self.num_transformer_submodules is None:
-            self.num_transformer_submodules = 1
+        if self.num_transformer_submodules is None:  # encoder-decoder models: virtual tokens on both sides
+            self.num_transformer_submodules = 2 if getattr(model_config, "is_encoder_decoder", False) else 1

@@ -33,6 +33,7 @@ from ..errors import ConfigError, UnsupportedError, UsageError
 from ..inject import add_modules_to_save
 from ..layer import ModelAdapter
 from ..registry import Method, is_loading, register
+from .prompt_tuning import _generation_rows, cache_keyword
 
 
 @dataclasses.dataclass
@@ -156,10 +157,7 @@ class PrefixEncoder(ModelAdapter):
         mask = inputs.pop("attention_mask", None)
         if mask is None:
             mask = torch.ones_like(ids)
-        config = inputs.get("generation_config") or model.generation_config
-        beams = inputs.get("num_beams", getattr(config, "num_beams", 1)) or 1
-        returned = inputs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
-        rows = batch * (beams if beams > 1 else returned)  # generate repeats each row; the cache must match
+        rows = batch * _generation_rows(model, inputs)  # generate repeats each row; the cache must match
         # n stand-in tokens (the row's first token) take the prefix's place: generate sees them as already cached.
         inputs["input_ids"] = torch.cat([ids[:, :1].expand(batch, n), ids], dim=1)
         inputs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
@@ -169,13 +167,6 @@ class PrefixEncoder(ModelAdapter):
             out.sequences = out.sequences[:, n:]
             return out
         return out[:, n:]
-
-
-def cache_keyword(model: nn.Module) -> str:
-    """The name under which the model takes a KV cache (``cache`` since transformers 5.x, ``past_key_values``
-    before)."""
-    parameters = inspect.signature(type(model).forward).parameters
-    return "cache" if "cache" in parameters else "past_key_values"
 
 
 def _compute_dtype(model: nn.Module) -> torch.dtype:

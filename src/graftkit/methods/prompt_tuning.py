@@ -129,7 +129,7 @@ class PromptEmbedding(ModelAdapter):
             with torch.no_grad():
                 self.embedding.weight.copy_(start)
         self.encoder = encoder.to(weight.device) if encoder is not None else None
-        self.num_tokens = total
+        self.num_tokens = config.num_virtual_tokens  # in front of the inputs (of the encoder, on encoder-decoders)
 
     def rows(self) -> torch.Tensor:
         """The prompt, (n, d)."""
@@ -148,7 +148,7 @@ class PromptEmbedding(ModelAdapter):
         super().load_saved(tensors)
 
     def _prompt(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
-        return self.rows().to(dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, n, d)
+        return self.rows()[:self.num_tokens].to(dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, n, d)
 
     def _embed(self, model: nn.Module, inputs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor | None]:
         ids = inputs.pop("input_ids", None)
@@ -160,6 +160,8 @@ class PromptEmbedding(ModelAdapter):
         return embeds, ids
 
     def prepare(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        if getattr(model.config, "is_encoder_decoder", False):
+            return self._prepare_seq2seq(model, inputs)
         embeds, _ = self._embed(model, inputs)
         batch, length = embeds.shape[:2]
         n = self.num_tokens
@@ -183,7 +185,22 @@ class PromptEmbedding(ModelAdapter):
             inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)
         return inputs
 
+    def _prepare_seq2seq(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The encoder's inputs get the virtual tokens; the decoder's inputs and the labels stay as they are.
+
+        With ``num_transformer_submodules=2`` (the ecosystem's default for encoder-decoder models) the adapter
+        holds 2n rows and, as in HF peft, only the first n are used.
+        """
+        embeds, _ = self._embed(model, inputs)
+        batch, n = embeds.shape[0], self.num_tokens
+        inputs["inputs_embeds"] = torch.cat([self._prompt(batch, embeds.dtype), embeds], dim=1)  # (B, n+L, d)
+        mask = inputs.get("attention_mask")
+        if mask is not None:
+            inputs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        return inputs
+
     def generate(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
+        seq2seq = getattr(model.config, "is_encoder_decoder", False)
         embeds, ids = self._embed(model, inputs)
         batch, length = embeds.shape[:2]
         mask = inputs.pop("attention_mask", None)
@@ -192,7 +209,7 @@ class PromptEmbedding(ModelAdapter):
         inputs["inputs_embeds"] = torch.cat([self._prompt(batch, embeds.dtype), embeds], dim=1)
         inputs["attention_mask"] = torch.cat([mask.new_ones(batch, self.num_tokens), mask], dim=1)
         out = model.generate(**inputs)
-        if ids is None:
+        if ids is None or seq2seq:  # an encoder-decoder model returns the decoder's tokens, as usual
             return out
         # Given input embeddings, generate returns the new tokens only; put the input ids in front, as it does
         # for input_ids (rows repeat for beams and num_return_sequences).
@@ -202,6 +219,20 @@ class PromptEmbedding(ModelAdapter):
             out.sequences = full
             return out
         return full
+
+
+def _generation_rows(model: nn.Module, inputs: dict[str, Any]) -> int:
+    """How many rows ``generate`` makes of each input row (beams, or returned sequences when sampling)."""
+    config = inputs.get("generation_config") or model.generation_config
+    beams = inputs.get("num_beams", getattr(config, "num_beams", 1)) or 1
+    returned = inputs.get("num_return_sequences", getattr(config, "num_return_sequences", 1)) or 1
+    return beams if beams > 1 else returned
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The name under which the model takes a KV cache (``cache`` since transformers 5.x, ``past_key_values``
+    before)."""
+    return "cache" if _takes(model, "cache") else "past_key_values"
 
 
 def _takes(model: nn.Module, name: str) -> bool:
@@ -228,16 +259,17 @@ def prepare_virtual_tokens(model: nn.Module, config: PromptLearningConfig, adapt
         UnsupportedError: an encoder-decoder model, or no input embedding layer.
         ConfigError: a ``token_dim`` that is not the model's.
     """
-    model_config = getattr(model, "config", None)
-    if getattr(model_config, "is_encoder_decoder", False):
-        raise UnsupportedError(f"{what} on encoder-decoder models ({type(model).__name__}) is not implemented in "
-                               "graftkit yet; use LoRA, or a decoder-only or encoder-only model")
     get = getattr(model, "get_input_embeddings", None)
     embeddings = get() if callable(get) else None
     if not isinstance(embeddings, nn.Embedding):
         raise UnsupportedError(f"{type(model).__name__} has no input embedding layer (get_input_embeddings()); "
                                f"{what} puts virtual tokens in front of the token embeddings")
     config.fill_from_model(model)
+    if config.num_transformer_submodules not in (1, 2) or (
+            config.num_transformer_submodules == 2 and not getattr(model.config, "is_encoder_decoder", False)):
+        raise ConfigError(f"{type(config).__name__}.num_transformer_submodules={config.num_transformer_submodules}: "
+                          "use 1, or 2 on an encoder-decoder model (virtual tokens before the encoder and the "
+                          "decoder inputs)")
     if config.token_dim != embeddings.embedding_dim:
         raise ConfigError(f"{type(config).__name__}.token_dim={config.token_dim} but the model's token embeddings "
                           f"have {embeddings.embedding_dim} dimensions; leave token_dim unset")
