@@ -12,6 +12,10 @@ The base model is untouched: the adapter only rewrites the inputs of each call (
 follow the extended attention mask (a left-padded row sees the positions it would see alone), and ``generate``
 feeds the virtual tokens as input embeddings on the first step only, so the KV cache holds them afterwards.
 
+On encoder-decoder models the virtual tokens go in front of the encoder's inputs only (the decoder's inputs and
+the labels are left as they are), as in HF peft; with ``num_transformer_submodules=2``, the ecosystem's default
+there, the adapter holds 2n rows of which the first n are used.
+
 On disk the prompt is the tensor ``prompt_embeddings`` (n·submodules × d), as in the ecosystem's format.
 """
 
@@ -256,7 +260,7 @@ def prepare_virtual_tokens(model: nn.Module, config: PromptLearningConfig, adapt
     ``modules_to_save``, and returns the word embeddings.
 
     Raises:
-        UnsupportedError: an encoder-decoder model, or no input embedding layer.
+        UnsupportedError: no input embedding layer.
         ConfigError: a ``token_dim`` that is not the model's.
     """
     get = getattr(model, "get_input_embeddings", None)
