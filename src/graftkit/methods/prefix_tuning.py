@@ -21,7 +21,6 @@ and a left-padded row generates what it generates alone.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import warnings
 from typing import Any, ClassVar
 
@@ -33,7 +32,7 @@ from ..errors import ConfigError, UnsupportedError, UsageError
 from ..inject import add_modules_to_save
 from ..layer import ModelAdapter
 from ..registry import Method, is_loading, register
-from .prompt_tuning import _generation_rows, cache_keyword
+from .prompt_tuning import _generation_rows, _takes, cache_keyword
 
 
 @dataclasses.dataclass
@@ -144,7 +143,7 @@ class PrefixEncoder(ModelAdapter):
             mask = torch.cat([mask.new_ones(batch, n), mask], dim=1)  # (B, n + past + L)
             inputs["attention_mask"] = mask
         if mask is not None and mask.dim() == 2 and inputs.get("position_ids") is None \
-                and "position_ids" in inspect.signature(type(model).forward).parameters:
+                and _takes(model, "position_ids"):
             # Positions count the tokens each row really has, so a left-padded row matches the row alone.
             inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
         return inputs
@@ -186,8 +185,7 @@ class PrefixTuning(Method):
         if getattr(model_config, "is_encoder_decoder", False):
             raise UnsupportedError(f"prefix tuning on encoder-decoder models ({name}) is not implemented in graftkit "
                                    "yet; use LoRA, or a decoder-only model")
-        parameters = inspect.signature(type(model).forward).parameters
-        if "cache" not in parameters and "past_key_values" not in parameters:
+        if not (_takes(model, "cache") or _takes(model, "past_key_values")):
             raise UnsupportedError(f"{name} takes no KV cache (past_key_values), so it cannot take a prefix; use "
                                    "prompt tuning or LoRA")
         config.fill_from_model(model)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import inspect
 import math
 import warnings
@@ -240,7 +241,12 @@ def cache_keyword(model: nn.Module) -> str:
 
 
 def _takes(model: nn.Module, name: str) -> bool:
-    return name in inspect.signature(type(model).forward).parameters
+    return name in _forward_parameters(type(model))
+
+
+@functools.cache
+def _forward_parameters(cls: type) -> frozenset[str]:
+    return frozenset(inspect.signature(cls.forward).parameters)  # read once per model class, not per call
 
 
 @register
