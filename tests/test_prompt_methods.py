@@ -201,9 +201,13 @@ def test_sampling_beams_and_return_sequences(method):
 
 
 @pytest.mark.parametrize("submodules", [None, 1])
-@pytest.mark.parametrize("method", ["prompt", "p_mlp", "p_lstm"])
+@pytest.mark.parametrize("method", METHODS)
 def test_encoder_decoder_equals_hf_peft_and_generates_like_the_reference(tmp_path, method, submodules):
     extra = {"task_type": "SEQ_2_SEQ_LM", **({"num_transformer_submodules": submodules} if submodules else {})}
+    if submodules == 1 and method.startswith("prefix"):  # only the ecosystem's two-submodule layout exists there
+        with pytest.raises(graftkit.ConfigError, match="num_transformer_submodules=2"):
+            graftkit.get_peft_model(tiny_t5(), config_for(method, graftkit, **extra))
+        return
     ours, theirs = ours_and_peft(tiny_t5, method=method, **extra)
     assert ours.peft_config["default"].num_transformer_submodules == (submodules or 2)  # HF peft's default: 2
     x = token_batch(batch=2, length=5)
@@ -346,11 +350,6 @@ def test_clear_errors():
         graftkit.get_peft_model(tiny_llama(), graftkit.PromptTuningConfig(
             num_virtual_tokens=3, prompt_tuning_init="TEXT", prompt_tuning_init_text="hi",
             tokenizer_name_or_path="/nowhere/tokenizer"))
-    base = tiny_t5()
-    for method in ("prefix", "prefix_proj"):
-        with pytest.raises(graftkit.UnsupportedError, match="encoder-decoder"):
-            graftkit.get_peft_model(base, config_for(method, graftkit, task_type="SEQ_2_SEQ_LM"))
-    assert not any(isinstance(m, graftkit.layer.ModelAdapter) for m in base.modules())
     with pytest.raises(graftkit.ConfigError, match="num_transformer_submodules=2"):
         graftkit.get_peft_model(llama(), config_for("prompt", graftkit, num_transformer_submodules=2))
     with pytest.raises(graftkit.UnsupportedError, match="cannot take a prefix"):

@@ -16,6 +16,10 @@ layer, key then value, head by head) is always the prefix itself. For grouped-qu
 ``generate`` passes the prefix cache with ``n`` stand-in tokens in front of the input ids, so transformers
 treats the prefix as an already processed part of the sequence: positions, masks and the cache all line up,
 and a left-padded row generates what it generates alone.
+
+On encoder-decoder models (``num_transformer_submodules=2``) the prefix goes to the decoder's self-attention only,
+in the layout HF peft computes there (see :meth:`PrefixEncoder.cache`); the encoder and the cross-attention run as
+usual, and ``generate`` starts the decoder on top of the prefix cache.
 """
 
 from __future__ import annotations
@@ -111,19 +115,31 @@ class PrefixEncoder(ModelAdapter):
         super().load_saved(tensors)
 
     def cache(self, model: nn.Module, batch: int, dtype: torch.dtype) -> Any:
-        """A fresh KV cache holding the prefix for ``batch`` rows."""
-        from transformers import DynamicCache
+        """A fresh KV cache holding the prefix for ``batch`` rows.
 
-        n = self.num_tokens
-        kv = self.rows().to(dtype).view(n, self.layers * 2, self.heads, self.head_dim).permute(1, 2, 0, 3)
+        Decoder-only models: layer ℓ gets entries 2ℓ (keys) and 2ℓ+1 (values). Encoder-decoder models: the prefix
+        goes to the decoder's self-attention only, and layer ℓ reads entries 4ℓ and 4ℓ+1 (mod 2·layers): the layout
+        HF peft computes for them (its two-submodule view repeats the entries and takes them four at a time), kept so
+        that adapters move between the libraries with equal outputs. Half of the stored entries are unused there.
+        """
+        from transformers import DynamicCache, EncoderDecoderCache
+
+        n, two_l = self.num_tokens, self.layers * 2
+        kv = self.rows().to(dtype).view(n, two_l, self.heads, self.head_dim).permute(1, 2, 0, 3)
+        seq2seq = getattr(model.config, "is_encoder_decoder", False)
         cache = DynamicCache(config=model.config)  # kv: (2·layers, heads, n, head_dim)
         for layer in range(self.layers):
-            key = kv[2 * layer].unsqueeze(0).expand(batch, -1, -1, -1)  # (B, heads, n, head_dim)
-            value = kv[2 * layer + 1].unsqueeze(0).expand(batch, -1, -1, -1)
+            first = (4 * layer) % two_l if seq2seq else 2 * layer
+            key = kv[first].unsqueeze(0).expand(batch, -1, -1, -1)  # (B, heads, n, head_dim)
+            value = kv[first + 1].unsqueeze(0).expand(batch, -1, -1, -1)
             cache.update(key, value, layer)
+        if seq2seq:  # the cross-attention keys come from the encoder output, as usual
+            return EncoderDecoderCache(cache, DynamicCache(config=model.config))
         return cache
 
     def prepare(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        if getattr(model.config, "is_encoder_decoder", False):
+            return self._prepare_seq2seq(model, inputs)
         first = inputs.get("input_ids")
         if first is None:
             first = inputs.get("inputs_embeds")
@@ -148,7 +164,27 @@ class PrefixEncoder(ModelAdapter):
             inputs["position_ids"] = (mask.long().cumsum(-1) - 1).clamp(min=0)[:, -length:]
         return inputs
 
+    def _prepare_seq2seq(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
+        """The decoder's self-attention gets the prefix (a new sequence gets it as its cache); the decoder's attention
+        mask, when given, gets n ones in front."""
+        key = cache_keyword(model)
+        past = inputs.get(key, inputs.get("past_key_values"))
+        if past is None or past.get_seq_length() == 0:
+            source = next((inputs[k] for k in ("input_ids", "inputs_embeds", "decoder_input_ids") if
+                           inputs.get(k) is not None), None)
+            if source is None:
+                raise UsageError("a prefix-tuning adapter needs input_ids, inputs_embeds or decoder_input_ids")
+            inputs.pop("past_key_values", None)
+            inputs[key] = self.cache(model, source.shape[0], _compute_dtype(model))
+            decoder_mask = inputs.get("decoder_attention_mask")
+            if decoder_mask is not None:
+                inputs["decoder_attention_mask"] = torch.cat(
+                    [decoder_mask.new_ones(decoder_mask.shape[0], self.num_tokens), decoder_mask], dim=1)
+        return inputs
+
     def generate(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
+        if getattr(model.config, "is_encoder_decoder", False):
+            return self._generate_seq2seq(model, inputs)
         ids = inputs.pop("input_ids", None)
         if ids is None or inputs.get("inputs_embeds") is not None:
             raise UsageError("generate with a prefix-tuning adapter takes input_ids (not inputs_embeds)")
@@ -168,6 +204,17 @@ class PrefixEncoder(ModelAdapter):
         return out[:, n:]
 
 
+    def _generate_seq2seq(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
+        """The decoder starts from the prefix cache; unlike the decoder-only path no stand-in tokens are needed:
+        generate feeds an encoder-decoder's decoder the tokens it is given on top of the cache."""
+        ids = inputs.get("input_ids")
+        if ids is None:
+            raise UsageError("generate with a prefix-tuning adapter takes input_ids")
+        rows = ids.shape[0] * _generation_rows(model, inputs)  # generate repeats each row; the cache must match
+        inputs[cache_keyword(model)] = self.cache(model, rows, _compute_dtype(model))
+        return model.generate(**inputs)
+
+
 def _compute_dtype(model: nn.Module) -> torch.dtype:
     weight = model.get_input_embeddings().weight
     return weight.dtype if weight.dtype.is_floating_point else torch.float32
@@ -182,13 +229,14 @@ class PrefixTuning(Method):
     def attach(cls, model: nn.Module, config: PrefixTuningConfig, adapter_name: str) -> PrefixEncoder:
         model_config = getattr(model, "config", None)
         name = type(model).__name__
-        if getattr(model_config, "is_encoder_decoder", False):
-            raise UnsupportedError(f"prefix tuning on encoder-decoder models ({name}) is not implemented in graftkit "
-                                   "yet; use LoRA, or a decoder-only model")
         if not (_takes(model, "cache") or _takes(model, "past_key_values")):
             raise UnsupportedError(f"{name} takes no KV cache (past_key_values), so it cannot take a prefix; use "
                                    "prompt tuning or LoRA")
         config.fill_from_model(model)
+        if getattr(model_config, "is_encoder_decoder", False) and config.num_transformer_submodules != 2:
+            raise ConfigError(f"prefix tuning on an encoder-decoder model ({name}) uses num_transformer_submodules=2 "
+                              f"(the ecosystem's layout there), got {config.num_transformer_submodules}; leave it "
+                              "unset")
         kv_heads = getattr(model_config, "num_key_value_heads", None)
         if isinstance(kv_heads, int):  # grouped-query attention: the cache holds the key/value heads only
             head_dim = getattr(model_config, "head_dim", None) or config.token_dim // config.num_attention_heads
