@@ -372,11 +372,10 @@ class PeftConfig:
         return cls.from_json_file(checkpoint_paths(os.path.dirname(path))[CONFIG_NAME])  # after an interrupted save
 
     def save_pretrained(self, save_directory: str | os.PathLike[str]) -> None:
-        """Write ``adapter_config.json`` into ``save_directory`` (atomically)."""
-        from .io import atomic_write_text
+        """Write ``adapter_config.json`` into ``save_directory`` (as one unit, like an adapter save)."""
+        from .io import save_checkpoint, text_writer
 
-        os.makedirs(save_directory, exist_ok=True)
-        atomic_write_text(os.path.join(save_directory, CONFIG_NAME), self.to_json_string())
+        save_checkpoint(os.fspath(save_directory), {CONFIG_NAME: text_writer(self.to_json_string())})
 
     def to_json_string(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"

@@ -9,8 +9,8 @@ naming the staging folder is renamed into place: that rename is the commit point
 renamed over the old ones, the other format's stale weights file is removed, and the journal and staging
 folder are deleted. A save killed before the commit point leaves the old checkpoint untouched (its staging
 folder is removed by the next save); one killed after it is finished by the next load or save, which replays
-the journal. A reader that finds a journal it cannot replay (a
-read-only folder) reads the files the journal names. Either way graftkit sees the old pair or the new pair.
+the journal. A reader that finds a journal it cannot replay (a read-only folder) reads the files the journal
+names. Either way graftkit sees the old pair or the new pair.
 
 **The pair is recorded.** The safetensors metadata (which HF peft and vLLM ignore) holds the config the
 weights were saved with (``graftkit.adapter_config``: the fields that decide what the adapter computes).
@@ -200,24 +200,14 @@ def _committed(directory: str, stage_name: str) -> bool:
     return journal is not None and journal["stage"] == stage_name
 
 
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename (the umask applies).
+def text_writer(text: str) -> Callable[[str], None]:
+    """A writer for :func:`save_checkpoint` that writes ``text`` (UTF-8)."""
 
-    Raises:
-        SaveError: the file cannot be written.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f"{TMP_PREFIX}{secrets.token_hex(6)}.{os.path.basename(path)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
+    def write(path: str) -> None:
+        with open(path, "w", encoding="utf-8") as fh:
             fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise SaveError(f"cannot write '{path}': {exc.strerror or exc}") from exc
+
+    return write
 
 
 def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -251,11 +241,7 @@ def save_adapter_files(directory: str, config: PeftConfig, tensors: dict[str, to
     else:
         weights, stale = (PICKLE_WEIGHTS_NAME, lambda tmp: torch.save(tensors, tmp)), WEIGHTS_NAME
 
-    def write_config(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(config_json)
-
-    save_checkpoint(directory, {weights[0]: weights[1], CONFIG_NAME: write_config}, stale=[stale])
+    save_checkpoint(directory, {weights[0]: weights[1], CONFIG_NAME: text_writer(config_json)}, stale=[stale])
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -389,11 +375,6 @@ def read_checkpoint(directory: str, allow_pickle: bool = False, config: PeftConf
         _check_record(config, metadata, weights, os.path.join(directory, CONFIG_NAME))
     check_tensors(tensors, weights)
     return config, tensors
-
-
-def load_adapter_tensors(directory: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
-    """The checked tensors of an adapter folder (see :func:`read_checkpoint`)."""
-    return read_checkpoint(directory, allow_pickle)[1]
 
 
 # ---------------------------------------------------------------------------------------------- finding

@@ -207,14 +207,9 @@ class AdaptedLayer(nn.Module):
                 "or pass allow_non_finite=True to merge anyway"
             )
 
-    def merge(self, names: Iterable[str] | None = None, safe_merge: bool = False, module_name: str = "") -> None:
-        """Fold adapters (default: the active ones) into the base weight.
-
-        Raises:
-            UsageError: with ``safe_merge``, when the merged weight would hold NaN or Inf; nothing changes.
-        """
-        if safe_merge:
-            self.check_merge(names, module_name)
+    def merge(self, names: Iterable[str] | None = None) -> None:
+        """Fold adapters (default: the active ones) into the base weight; :meth:`check_merge` first refuses
+        NaN/Inf results."""
         todo = self._to_merge(names)
         if not todo:
             return

@@ -657,8 +657,8 @@ class PeftModel(nn.Module):
             self._check_merges(names)
         done: list[AdaptedLayer] = []
         try:
-            for path, module in layers:
-                module.merge(names, module_name=path)
+            for _, module in layers:
+                module.merge(names)
                 done.append(module)
         except BaseException:
             for module in done:  # leave the model as it was
