@@ -26,6 +26,7 @@ from .errors import (
 )
 from .integrations import prepare_model_for_kbit_training
 from .methods import (
+    IA3Config,
     LoraConfig,
     PrefixTuningConfig,
     PromptEncoderConfig,
@@ -74,6 +75,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "GraftkitError",
+    "IA3Config",
     "LoraConfig",
     "MissingPackageError",
     "PeftConfig",

@@ -230,6 +230,8 @@ class PeftConfig:
         {"inference_mode", "base_model_name_or_path", "revision", "auto_mapping", "task_type", "peft_version"})
     # Keys of features that only HF peft implements, with the inert value that means "not used".
     peft_only_fields: ClassVar[dict[str, Any]] = {}
+    # graftkit fields that the ecosystem's config class of this method lacks: written only when set.
+    graftkit_only_fields: ClassVar[frozenset[str]] = frozenset()
 
     def __new__(cls, *args: Any, **kwargs: Any) -> PeftConfig:
         # Runs before the dataclass __init__: an unknown keyword gets a ConfigError naming the likely field
@@ -264,7 +266,8 @@ class PeftConfig:
     # ------------------------------------------------------------------ dict / JSON
     def to_dict(self) -> dict[str, Any]:
         """The JSON-ready dict that ``adapter_config.json`` holds (peft's key set)."""
-        out = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        out = {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)
+               if f.name not in self.graftkit_only_fields or getattr(self, f.name) is not None}
         for key, default in self.peft_only_fields.items():
             out.setdefault(key, copy.deepcopy(default))
         if out.get("peft_version") is None:

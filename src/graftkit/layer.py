@@ -9,6 +9,15 @@
 ``AdaptedLayer`` calls ``base_layer`` exactly as the model would have (so a quantized base costs nothing
 here) and lets every active, unmerged adapter update the output. Merging asks each adapter to fold
 itself into the dense base weight (see ``weights.py``); unmerging undoes it in reverse order.
+
+The adapter protocol (every method meets the first line; the rest is optional):
+
+* ``adapter(x, y, base_layer) -> y'``, ``merge(w, base_layer) -> w'``, ``unmerge(w', base_layer) -> w``;
+* ``transform_input(x) -> x'``: the adapter also changes the layer's input before the base layer runs
+  (IA3 on feed-forward layers scales it); ``merge_bias(b)`` / ``unmerge_bias(b)``: merging changes the base bias too;
+* ``fused_forward(x, base_layer)`` and ``mixed_forward(...)``: faster paths for one adapter / mixed batches;
+* ``saved_tensors()`` / ``load_saved(tensors)``: the adapter saves other tensors than its ``state_dict``
+  (AdaLoRA saves only the ranks it kept).
 """
 
 from __future__ import annotations
@@ -115,6 +124,7 @@ class AdaptedLayer(nn.Module):
         self.disabled = False
         self.routing: Routing | None = None  # set by PeftModel for the duration of a mixed-batch call
         self._stacks: dict[Any, Any] = {}  # cache of stacked adapter weights for mixed batches
+        self._input_adapters: frozenset[str] = frozenset()  # names of adapters with ``transform_input``
 
     def __getattr__(self, name: str) -> Any:
         # Model code reads attributes of the layer it built (``.weight``, ``.in_features`` ...).
@@ -131,6 +141,8 @@ class AdaptedLayer(nn.Module):
             raise AdapterNameError(f"adapter '{name}' already exists on this layer; pick another name")
         self.adapters[name] = adapter
         self._stacks.clear()
+        if hasattr(adapter, "transform_input"):
+            self._input_adapters = self._input_adapters | {name}
 
     def remove(self, name: str) -> None:
         if name in self.merged:
@@ -138,6 +150,7 @@ class AdaptedLayer(nn.Module):
         del self.adapters[name]
         self.active = [n for n in self.active if n != name]
         self._stacks.clear()
+        self._input_adapters = self._input_adapters - {name}
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -149,20 +162,35 @@ class AdaptedLayer(nn.Module):
                 self.unmerge()
             return base(x, *args, **kwargs)
         adapters = self._modules["adapters"]._modules
-        if self.routing is None and not self.merged and len(self.active) == 1 and not args and not kwargs:
-            # One adapter on the layer: let it compute base + update in one fused step where it can.
-            adapter = adapters.get(self.active[0])
-            fused = getattr(adapter, "fused_forward", None) if adapter is not None else None
-            y = fused(x, base) if fused is not None else None
-            if y is not None:
-                return y
-        y = base(x, *args, **kwargs)
+        if self._input_adapters:
+            y = base(self._transform_input(x, adapters), *args, **kwargs)
+        else:
+            if self.routing is None and not self.merged and len(self.active) == 1 and not args and not kwargs:
+                # One adapter on the layer: let it compute base + update in one fused step where it can.
+                adapter = adapters.get(self.active[0])
+                fused = getattr(adapter, "fused_forward", None) if adapter is not None else None
+                y = fused(x, base) if fused is not None else None
+                if y is not None:
+                    return y
+            y = base(x, *args, **kwargs)
         if self.routing is not None:
             return self._mixed_forward(x, y)
         for name in self.active:
             if name in adapters and name not in self.merged:
                 y = adapters[name](x, y, base)
         return y
+
+    def _transform_input(self, x: torch.Tensor, adapters: dict[str, nn.Module]) -> torch.Tensor:
+        """The base layer's input after the active adapters that change it (per row in a mixed batch)."""
+        if self.routing is not None:
+            def run(name: str, xs: torch.Tensor, _: torch.Tensor) -> torch.Tensor | None:
+                return adapters[name].transform_input(xs) if name in self._input_adapters else None
+
+            return grouped_forward(self.routing.for_batch(x.shape[0]), x, x, run)
+        for name in self.active:
+            if name in self._input_adapters and name not in self.merged:
+                x = adapters[name].transform_input(x)
+        return x
 
     def _mixed_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Each row gets its own adapter (``self.routing``); rows of ``"__base__"`` get none."""
@@ -198,9 +226,13 @@ class AdaptedLayer(nn.Module):
         if not todo:
             return
         merged = get_weight(self.base_layer).clone()
+        bias = self._bias()
+        bias = None if bias is None else bias.detach().clone()
         for name in todo:
             merged = self.adapters[name].merge(merged, self.base_layer)
-        if not bool(torch.isfinite(merged).all()):
+            if bias is not None and hasattr(self.adapters[name], "merge_bias"):
+                bias = self.adapters[name].merge_bias(bias)
+        if not bool(torch.isfinite(merged).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
             raise UsageError(
                 f"merging adapter(s) {todo} into '{module_name or type(self.base_layer).__name__}' would write NaN/Inf "
                 "into the base weights; nothing was merged. Check the adapter weights (or the base dtype's range), "
@@ -214,8 +246,12 @@ class AdaptedLayer(nn.Module):
         if not todo:
             return
         merged = get_weight(self.base_layer)  # plain layers: the live weight, which adapters update in place
+        bias = self._bias()
         for name in todo:
             merged = self.adapters[name].merge(merged, self.base_layer)
+            if bias is not None and hasattr(self.adapters[name], "merge_bias"):
+                with torch.no_grad():
+                    bias.copy_(self.adapters[name].merge_bias(bias.detach().clone()))
         set_weight(self.base_layer, merged)
         self.merged.extend(todo)
 
@@ -224,10 +260,18 @@ class AdaptedLayer(nn.Module):
         if not self.merged:
             return
         weight = get_weight(self.base_layer)
+        bias = self._bias()
         for name in reversed(self.merged):
             weight = self.adapters[name].unmerge(weight, self.base_layer)
+            if bias is not None and hasattr(self.adapters[name], "unmerge_bias"):
+                with torch.no_grad():
+                    bias.copy_(self.adapters[name].unmerge_bias(bias.detach().clone()))
         set_weight(self.base_layer, weight)
         self.merged = []
+
+    def _bias(self) -> torch.Tensor | None:
+        bias = getattr(self.base_layer, "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None
 
 
 class ModelAdapter(nn.Module):

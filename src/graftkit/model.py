@@ -100,7 +100,8 @@ def adapter_tensors(model: nn.Module, name: str, config: PeftConfig,
             part = module.modules_to_save[name]
         else:
             continue
-        for key, tensor in part.state_dict(keep_vars=True).items():
+        own = getattr(part, "saved_tensors", None) if isinstance(module, AdaptedLayer) else None
+        for key, tensor in (own() if own is not None else part.state_dict(keep_vars=True)).items():
             out[f"{PREFIX}{path}.{key}"] = tensor
     for key, param in method_for(config).extra_trainable(model, config):
         out[PREFIX + key] = param
@@ -531,7 +532,7 @@ class PeftModel(nn.Module):
         adapters: list[str],
         weights: list[float],
         adapter_name: str,
-        combination_type: str = "svd",
+        combination_type: str | None = None,
         svd_rank: int | None = None,
         svd_clamp: float | None = None,
         svd_full_matrices: bool = True,
@@ -541,8 +542,9 @@ class PeftModel(nn.Module):
     ) -> None:
         """Add ``adapter_name``, a weighted combination of existing adapters (not activated, frozen).
 
-        ``combination_type``: ``svd``, ``linear``, ``cat``, ``ties``, ``dare_linear``, ``dare_ties``,
-        ``magnitude_prune`` and the ``*_svd`` forms of the last four (see the method's ``combine_into``).
+        ``combination_type`` (LoRA): ``svd`` (the default), ``linear``, ``cat``, ``ties``, ``dare_linear``,
+        ``dare_ties``, ``magnitude_prune`` and the ``*_svd`` forms of the last four (see the method's
+        ``combine_into``). IA3 adapters combine as the weighted sum of their vectors (``linear``, its default).
 
         Raises:
             AdapterNameError: an unknown source adapter, or a taken name.
@@ -918,10 +920,19 @@ class PeftModel(nn.Module):
         model_level = {k: v for k, v in tensors.items() if k in expected and "." not in k}
         if model_level:  # tensors of an adapter that acts on the inputs: it takes them itself
             self.model_adapters[adapter_name].load_saved(model_level)
+        taken = set(model_level)
+        for path, module in wrappers(self.model):  # layer adapters that save other tensors than their state
+            part = module.adapters[adapter_name] if isinstance(module, AdaptedLayer) and adapter_name in \
+                module.adapters else None
+            if part is not None and hasattr(part, "load_saved"):
+                head = f"{PREFIX}{path}."
+                own = {k: v for k, v in tensors.items() if k.startswith(head) and k in expected}
+                part.load_saved({k[len(head):]: v for k, v in own.items()})
+                taken.update(own)
         with torch.no_grad():
             for key, src in tensors.items():
                 dst = expected.get(key, optional.get(key))
-                if dst is not None and key not in model_level:
+                if dst is not None and key not in taken:
                     dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
 
 

@@ -69,9 +69,10 @@ class Method:
 
     @classmethod
     def weighted_config(
-        cls, configs: list[TunerConfig], combination_type: str, svd_rank: int | None, target_paths: list[str]
+        cls, configs: list[TunerConfig], combination_type: str | None, svd_rank: int | None, target_paths: list[str]
     ) -> tuple[str, TunerConfig]:
-        """(the combination to run, the config of the combined adapter) for ``add_weighted_adapter``."""
+        """(the combination to run, the config of the combined adapter) for ``add_weighted_adapter``;
+        ``combination_type=None`` asks for the method's default."""
         raise UnsupportedError(f"{cls.peft_type} adapters cannot be combined with add_weighted_adapter")
 
     @classmethod

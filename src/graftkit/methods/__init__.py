@@ -1,11 +1,12 @@
 """One file per method; importing this package registers them all."""
 
+from .ia3 import IA3, IA3Config
 from .lora import Lora, LoraConfig
 from .p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType, PTuning
 from .prefix_tuning import PrefixTuning, PrefixTuningConfig
 from .prompt_tuning import PromptTuning, PromptTuningConfig, PromptTuningInit
 
 __all__ = [
-    "Lora", "LoraConfig", "PTuning", "PrefixTuning", "PrefixTuningConfig", "PromptEncoderConfig",
+    "IA3", "IA3Config", "Lora", "LoraConfig", "PTuning", "PrefixTuning", "PrefixTuningConfig", "PromptEncoderConfig",
     "PromptEncoderReparameterizationType", "PromptTuning", "PromptTuningConfig", "PromptTuningInit",
 ]

@@ -550,10 +550,12 @@ class Lora(Method):
 
     @classmethod
     def weighted_config(
-        cls, configs: list[LoraConfig], combination_type: str, svd_rank: int | None, target_paths: list[str]
+        cls, configs: list[LoraConfig], combination_type: str | None, svd_rank: int | None, target_paths: list[str]
     ) -> tuple[str, LoraConfig]:
-        """Rank rules: ``cat`` adds the ranks, ``*svd`` takes ``svd_rank`` or the largest, the others need equal
-        ranks. The combined adapter has ``lora_alpha = r`` and targets every module any source adapts."""
+        """Rank rules: ``cat`` adds the ranks, ``*svd`` (``svd`` is the default) takes ``svd_rank`` or the largest,
+        the others need equal ranks. The combined adapter has ``lora_alpha = r`` and targets every module any
+        source adapts."""
+        combination_type = "svd" if combination_type is None else combination_type
         if len(configs) == 1:
             combination_type = "linear"
         ranks = [c.r if not c.rank_pattern else max(c.r, *c.rank_pattern.values()) for c in configs]
