@@ -26,6 +26,7 @@ from .errors import (
 )
 from .integrations import prepare_model_for_kbit_training
 from .methods import (
+    AdaLoraConfig,
     IA3Config,
     LoraConfig,
     PrefixTuningConfig,
@@ -63,6 +64,7 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'graftkit' has no attribute '{name}'")
 
 __all__ = [
+    "AdaLoraConfig",
     "AdapterNameError",
     "AdapterTrainerMixin",
     "AutoPeftModel",

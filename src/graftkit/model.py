@@ -204,6 +204,14 @@ class AdapterModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
+    def update_and_allocate(self, global_step: int) -> None:
+        """The ecosystem's spelling, ``model.base_model.update_and_allocate(step)``: see
+        :meth:`PeftModel.update_and_allocate`."""
+        owner = _OWNERS.get(self.model)
+        if owner is None or owner() is None:
+            raise UsageError("update_and_allocate() needs the PeftModel that owns this model")
+        owner().update_and_allocate(global_step)
+
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
@@ -440,11 +448,31 @@ class PeftModel(nn.Module):
         hook = self._model_adapter(adapter_names)
         if hook is not None:
             args, kwargs = _ids_as_keyword(args, kwargs)
-            return self.base_model.model(*args, **hook.prepare(self.base_model.model, kwargs))
-        if adapter_names is None:
-            return self.base_model.model(*args, **kwargs)
-        with self._mixed_batch(adapter_names, _batch_rows(args, kwargs)):
-            return self.base_model.model(*args, **kwargs)
+            out = hook.call(self.base_model.model, kwargs)
+        elif adapter_names is None:
+            out = self.base_model.model(*args, **kwargs)
+        else:
+            with self._mixed_batch(adapter_names, _batch_rows(args, kwargs)):
+                out = self.base_model.model(*args, **kwargs)
+        if self.training and isinstance(getattr(out, "loss", None), torch.Tensor) and not self._disabled:
+            for name in self._active:  # training penalties of the active adapters' methods (AdaLoRA's)
+                config = self.peft_config[name]
+                term = method_for(config).regularization(self.base_model.model, config, name)
+                if term is not None:
+                    out.loss = out.loss + term
+        return out
+
+    def update_and_allocate(self, global_step: int) -> None:
+        """Run the per-step work of the active adapters' methods (AdaLoRA prunes ranks to its budget); a no-op for
+        methods without any. In a plain training loop call it every optimizer step, after ``loss.backward()`` and
+        before ``optimizer.zero_grad()``; ``graftkit.Trainer`` calls it itself.
+
+        Raises:
+            UsageError: an AdaLoRA adapter has no gradients (called after ``zero_grad()``).
+        """
+        for name in self._active:
+            config = self.peft_config[name]
+            method_for(config).update_and_allocate(self.base_model.model, config, name, int(global_step))
 
     def _model_adapter(self, adapter_names: list[str] | None) -> ModelAdapter | None:
         """The active adapter that changes the model's inputs (a prompt method), if any and not disabled."""

@@ -12,6 +12,7 @@ import contextvars
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, ClassVar
 
+import torch
 from torch import nn
 
 from .errors import ConfigError, UnsupportedError
@@ -80,6 +81,16 @@ class Method:
                      **options: object) -> None:
         """Write the weighted combination of ``sources`` (adapter or None, weight) into ``target``, one layer."""
         raise UnsupportedError(f"{cls.peft_type} adapters cannot be combined with add_weighted_adapter")
+
+    @classmethod
+    def regularization(cls, model: nn.Module, config: PeftConfig, adapter_name: str) -> torch.Tensor | None:
+        """A term added to the model's loss in training mode (AdaLoRA's orthogonality penalty), or ``None``."""
+        return None
+
+    @classmethod
+    def update_and_allocate(cls, model: nn.Module, config: PeftConfig, adapter_name: str, global_step: int) -> None:
+        """Per-optimizer-step work of the method (AdaLoRA's rank allocation), called with the gradients still
+        present; most methods have none."""
 
     @classmethod
     def extra_trainable(cls, model: nn.Module, config: TunerConfig) -> Iterator[tuple[str, nn.Parameter]]:

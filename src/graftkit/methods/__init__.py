@@ -1,5 +1,6 @@
 """One file per method; importing this package registers them all."""
 
+from .adalora import AdaLora, AdaLoraConfig
 from .ia3 import IA3, IA3Config
 from .lora import Lora, LoraConfig
 from .p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType, PTuning
@@ -7,6 +8,7 @@ from .prefix_tuning import PrefixTuning, PrefixTuningConfig
 from .prompt_tuning import PromptTuning, PromptTuningConfig, PromptTuningInit
 
 __all__ = [
-    "IA3", "IA3Config", "Lora", "LoraConfig", "PTuning", "PrefixTuning", "PrefixTuningConfig", "PromptEncoderConfig",
-    "PromptEncoderReparameterizationType", "PromptTuning", "PromptTuningConfig", "PromptTuningInit",
+    "IA3", "AdaLora", "AdaLoraConfig", "IA3Config", "Lora", "LoraConfig", "PTuning", "PrefixTuning",
+    "PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType", "PromptTuning",
+    "PromptTuningConfig", "PromptTuningInit",
 ]

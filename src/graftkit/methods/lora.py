@@ -113,6 +113,9 @@ class LoraConfig(TunerConfig):
                 f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not implemented in graftkit; "
                 f"use one of {list(_INIT_CHOICES)}"
             )
+        self._check_patterns()
+
+    def _check_patterns(self) -> None:
         for key, value in self.rank_pattern.items():
             check_regex(key, f"LoraConfig.rank_pattern key {key!r}")
             if value <= 0:
