@@ -70,6 +70,19 @@ def _check_trains_something(model: PeftModel) -> None:
         )
 
 
+class _AdapterStepCallback(transformers.TrainerCallback):
+    """Calls the model's ``update_and_allocate`` after every optimizer step, while the gradients are still there
+    (AdaLoRA's rank allocation; HF peft leaves that call to the user)."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        model = _graftkit_model(self.trainer)
+        if model is not None:
+            model.update_and_allocate(state.global_step)  # the step being taken, counted from 0
+
+
 class AdapterTrainerMixin:
     """Saving, resuming, best-model loading, the quantization check and the loss set-up, for graftkit models.
 
@@ -84,6 +97,7 @@ class AdapterTrainerMixin:
             super().__init__(*args, **kwargs)
         if _graftkit_model(self) is not None:
             self._look_through_wrapper()
+            self.add_callback(_AdapterStepCallback(self))
 
     # ------------------------------------------------------------------ what transformers reads off the model class
     def _look_through_wrapper(self) -> None:

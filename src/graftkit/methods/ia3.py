@@ -57,7 +57,10 @@ class IA3Config(TunerConfig):
         if isinstance(self.feedforward_modules, str):
             check_regex(self.feedforward_modules, "IA3Config.feedforward_modules")
         if isinstance(self.feedforward_modules, list) and isinstance(self.target_modules, list):
-            extra = sorted(set(self.feedforward_modules) - set(self.target_modules))
+            def targeted(name: str) -> bool:  # a target's name, or a suffix / extension of one
+                return any(t == name or t.endswith("." + name) or name.endswith("." + t) for t in self.target_modules)
+
+            extra = sorted(name for name in self.feedforward_modules if not targeted(name))
             if extra:
                 raise ConfigError(
                     f"IA3Config.feedforward_modules {extra} are not in target_modules {self.target_modules}; "
