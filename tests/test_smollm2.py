@@ -109,3 +109,30 @@ def test_prompt_tuning_trains_on_the_real_model(smol_dir):
     losses = sft.train(model, tokenizer, demo_pairs()[:64], steps=20, batch_size=4, lr=3e-2, seed=0, progress=False)
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < 0.5 * first, losses
+
+
+NEW_METHODS = {  # a few dozen steps of each on the real weights: the loss falls
+    "ia3": lambda: graftkit.IA3Config(task_type="CAUSAL_LM"),  # SmolLM2 is a Llama: k/v/down_proj, down_proj input
+    "adalora": lambda: graftkit.AdaLoraConfig(task_type="CAUSAL_LM", init_r=8, target_r=4, tinit=5, tfinal=10,
+                                              total_step=30, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "adaption_prompt": lambda: graftkit.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=10, adapter_layers=8),
+}
+LEARNING_RATES = {"ia3": 3e-2, "adalora": 1e-2, "adaption_prompt": 1e-2}
+
+
+@pytest.mark.parametrize("method", NEW_METHODS)
+def test_ia3_adalora_llama_adapter_train_on_the_real_model(smol_dir, method):
+    from transformers import AutoTokenizer
+
+    from graftkit import sft
+    from graftkit.demo import demo_pairs
+
+    tokenizer = AutoTokenizer.from_pretrained(smol_dir)
+    model = graftkit.get_peft_model(load(smol_dir), NEW_METHODS[method]())
+    losses = sft.train(model, tokenizer, demo_pairs()[:96], steps=30, batch_size=4, lr=LEARNING_RATES[method], seed=0,
+                       progress=False)
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.8 * first, losses
+    if method == "adalora":  # the trained adapter ends at its budget
+        pattern = model.peft_config["default"].rank_pattern
+        assert sum(map(sum, pattern.values())) == 4 * len(pattern) == 4 * 60

@@ -27,6 +27,7 @@ from .errors import (
 from .integrations import prepare_model_for_kbit_training
 from .methods import (
     AdaLoraConfig,
+    AdaptionPromptConfig,
     IA3Config,
     LoraConfig,
     PrefixTuningConfig,
@@ -65,6 +66,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "AdaLoraConfig",
+    "AdaptionPromptConfig",
     "AdapterNameError",
     "AdapterTrainerMixin",
     "AutoPeftModel",

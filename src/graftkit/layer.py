@@ -281,6 +281,11 @@ class ModelAdapter(nn.Module):
     method implements only what it changes. Its parameters are trained and saved like any adapter's.
     """
 
+    live = False  # set by the model wrapper before each forward: this adapter is the one that applies
+
+    def detach(self) -> None:
+        """Remove whatever the adapter installed inside the model (hooks); called when it is deleted or unloaded."""
+
     def prepare(self, model: nn.Module, inputs: dict[str, Any]) -> dict[str, Any]:
         """The keyword arguments of the base model's forward, changed (inputs, attention mask, labels, cache)."""
         return inputs

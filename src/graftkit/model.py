@@ -354,6 +354,7 @@ class PeftModel(nn.Module):
 
     def _remove_modules(self, adapter_name: str) -> None:
         if adapter_name in self.model_adapters:
+            self.model_adapters[adapter_name].detach()
             del self.model_adapters[adapter_name]
         for path, module in list(wrappers(self.model)):
             if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
@@ -480,13 +481,14 @@ class PeftModel(nn.Module):
         if not adapters:
             return None
         active = [adapters[n] for n in self._active if n in adapters]
-        if not active or self._disabled:
-            return None
-        if adapter_names is not None:
+        chosen = active[0] if active and not self._disabled else None
+        for module in adapters.values():  # hooks inside the model (adaption prompts) act only for the chosen one,
+            module.live = module is chosen  # also when gradient checkpointing re-runs a layer in backward
+        if chosen is not None and adapter_names is not None:
             raise UsageError("adapter_names (one adapter per row) is not supported while a prompt-style adapter "
-                             f"({[n for n in self._active if n in self.model_adapters][0]}) is active: its virtual "
-                             "tokens change every row's length. Run one adapter per call")
-        return active[0]
+                             f"({[n for n in self._active if n in self.model_adapters][0]}) is active: it changes "
+                             "every row's computation. Run one adapter per call")
+        return chosen
 
     def _forward_inputs(self) -> frozenset[str]:
         """Parameter names of the base model's forward (cached per base class)."""
@@ -738,6 +740,8 @@ class PeftModel(nn.Module):
         return self._unwrap(merge=False)
 
     def _unwrap(self, merge: bool) -> nn.Module:
+        for module in self.model_adapters.values():
+            module.detach()
         for path, module in list(wrappers(self.model)):
             if isinstance(module, AdaptedLayer):
                 set_submodule(self.model, path, module.base_layer)

@@ -1,6 +1,7 @@
 """One file per method; importing this package registers them all."""
 
 from .adalora import AdaLora, AdaLoraConfig
+from .adaption_prompt import AdaptionPrompt, AdaptionPromptConfig
 from .ia3 import IA3, IA3Config
 from .lora import Lora, LoraConfig
 from .p_tuning import PromptEncoderConfig, PromptEncoderReparameterizationType, PTuning
@@ -8,7 +9,7 @@ from .prefix_tuning import PrefixTuning, PrefixTuningConfig
 from .prompt_tuning import PromptTuning, PromptTuningConfig, PromptTuningInit
 
 __all__ = [
-    "IA3", "AdaLora", "AdaLoraConfig", "IA3Config", "Lora", "LoraConfig", "PTuning", "PrefixTuning",
-    "PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType", "PromptTuning",
-    "PromptTuningConfig", "PromptTuningInit",
+    "IA3", "AdaLora", "AdaLoraConfig", "AdaptionPrompt", "AdaptionPromptConfig", "IA3Config", "Lora", "LoraConfig",
+    "PTuning", "PrefixTuning", "PrefixTuningConfig", "PromptEncoderConfig", "PromptEncoderReparameterizationType",
+    "PromptTuning", "PromptTuningConfig", "PromptTuningInit",
 ]
