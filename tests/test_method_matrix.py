@@ -14,7 +14,12 @@ METHODS = {
     "prompt_tuning": lambda: graftkit.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
     "p_tuning": lambda: graftkit.PromptEncoderConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
     "prefix_tuning": lambda: graftkit.PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+    "ia3": lambda: graftkit.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "adalora": lambda: graftkit.AdaLoraConfig(init_r=4, target_r=2, total_step=30, lora_alpha=8,
+                                              target_modules=["q_proj", "v_proj"]),
+    "adaption_prompt": lambda: graftkit.AdaptionPromptConfig(adapter_len=4, adapter_layers=2, task_type="CAUSAL_LM"),
 }
+MERGEABLE = ["lora", "dora", "ia3", "adalora"]  # methods whose adapters fold into the base weights
 
 
 def llama():
@@ -72,3 +77,18 @@ def test_training_lowers_the_loss(method):
         opt.zero_grad()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("method", MERGEABLE)
+def test_merge_unmerge_and_merge_and_unload(method):
+    x = token_batch()
+    model = adapted(method, seed=3)
+    out = last_logits(model, x)
+    model.merge_adapter()
+    torch.testing.assert_close(last_logits(model, x), out, rtol=1e-5, atol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(last_logits(model, x), out, rtol=1e-5, atol=1e-5)
+    with model.disable_adapter():
+        torch.testing.assert_close(last_logits(model, x), last_logits(llama(), x), rtol=1e-5, atol=1e-6)
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(last_logits(merged, x), out, rtol=1e-5, atol=1e-5)
