@@ -272,3 +272,49 @@ def test_adalora_config_errors():
         graftkit.AdaLoraConfig(target_modules=["q_proj"], total_step=10, r=16)
     with pytest.raises(graftkit.TargetError, match="cannot adapt"):
         graftkit.get_peft_model(tiny_llama(), graftkit.AdaLoraConfig(target_modules=["embed_tokens"], total_step=10))
+
+
+def test_adalora_trainer_resumes_mid_pruning(tmp_path):
+    """A checkpoint written during the pruning phase holds only the kept ranks; resuming takes its rank pattern into
+    the full-size adapter (pruned ranks at Λ = 0) and the run ends at its budget. The importance averages are not
+    part of a checkpoint: they restart at the resume step."""
+    from datasets import Dataset
+    from transformers import TrainingArguments
+    rows = torch.randint(0, 64, (8, 9), generator=torch.Generator().manual_seed(0))
+    data = Dataset.from_dict({"input_ids": rows.tolist(), "labels": rows.tolist()})
+
+    def args(steps):
+        return TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
+                                 learning_rate=1e-2, save_steps=8, report_to=[], use_cpu=DEVICE.type == "cpu",
+                                 logging_steps=100, label_smoothing_factor=0.1)
+
+    first = graftkit.get_peft_model(tiny_llama(), graftkit.AdaLoraConfig(**ADALORA))
+    graftkit.Trainer(model=first, args=args(8), train_dataset=data).train()
+    saved = json.loads((tmp_path / "checkpoint-8" / "adapter_config.json").read_text())["rank_pattern"]
+    assert saved is not None and saved == first.peft_config["default"].rank_pattern
+    resumed = graftkit.get_peft_model(tiny_llama(), graftkit.AdaLoraConfig(**ADALORA))
+    trainer = graftkit.Trainer(model=resumed, args=args(14), train_dataset=data)
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
+    pattern = resumed.peft_config["default"].rank_pattern
+    assert sum(map(sum, pattern.values())) == 3 * 6
+    layer = resumed.get_base_model().model.layers[0].self_attn.q_proj.adapters["default"]
+    assert layer.lora_A.shape[0] == 6 and layer.kept is not None  # full size, pruned ranks masked
+
+
+def test_adalora_penalty_reaches_a_smoothed_loss(tmp_path):
+    """graftkit.Trainer computes a label-smoothed loss from the logits; AdaLoRA's penalty is added there too."""
+    from transformers import TrainingArguments
+    from transformers.trainer_pt_utils import LabelSmoother
+    model = graftkit.get_peft_model(tiny_llama(), graftkit.AdaLoraConfig(init_lora_weights=False, **ADALORA))
+    args = TrainingArguments(output_dir=str(tmp_path), label_smoothing_factor=0.1, report_to=[],
+                             use_cpu=DEVICE.type == "cpu")
+    trainer = graftkit.Trainer(model=model, args=args)
+    model.train()
+    x = token_batch()
+    outputs = model(**x)
+    penalty = model.training_penalty()
+    assert penalty > 0
+    smoothed = LabelSmoother(epsilon=0.1)(outputs, x["input_ids"], shift_labels=True)
+    torch.testing.assert_close(trainer.compute_loss_func(outputs, x["input_ids"]), smoothed + penalty)
+    plain = model.get_base_model()(**x, labels=x["input_ids"]).loss
+    torch.testing.assert_close(model(**x, labels=x["input_ids"]).loss, plain + penalty)

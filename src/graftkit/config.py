@@ -230,6 +230,9 @@ class PeftConfig:
         {"inference_mode", "base_model_name_or_path", "revision", "auto_mapping", "task_type", "peft_version"})
     # Keys of features that only HF peft implements, with the inert value that means "not used".
     peft_only_fields: ClassVar[dict[str, Any]] = {}
+    # Fields that training itself changes (AdaLoRA's rank_pattern): loading a checkpoint into an existing adapter
+    # takes them from the file instead of requiring them equal.
+    training_state_fields: ClassVar[frozenset[str]] = frozenset()
     # graftkit fields that the ecosystem's config class of this method lacks: written only when set.
     graftkit_only_fields: ClassVar[frozenset[str]] = frozenset()
 

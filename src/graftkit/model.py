@@ -17,6 +17,7 @@ Task classes differ only in what truly differs per task (default ``modules_to_sa
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import sys
@@ -455,13 +456,25 @@ class PeftModel(nn.Module):
         else:
             with self._mixed_batch(adapter_names, _batch_rows(args, kwargs)):
                 out = self.base_model.model(*args, **kwargs)
-        if self.training and isinstance(getattr(out, "loss", None), torch.Tensor) and not self._disabled:
-            for name in self._active:  # training penalties of the active adapters' methods (AdaLoRA's)
-                config = self.peft_config[name]
-                term = method_for(config).regularization(self.base_model.model, config, name)
-                if term is not None:
-                    out.loss = out.loss + term
+        if self.training and isinstance(getattr(out, "loss", None), torch.Tensor):
+            penalty = self.training_penalty()
+            if penalty is not None:
+                out.loss = out.loss + penalty
         return out
+
+    def training_penalty(self) -> torch.Tensor | None:
+        """The sum of the active adapters' training penalties (AdaLoRA's orthogonality term), which forward adds to
+        the loss in training mode; ``None`` when no method has one (or adapters are disabled). A loss computed
+        outside the model (label smoothing in ``graftkit.Trainer``) adds it from here."""
+        if self._disabled:
+            return None
+        total = None
+        for name in self._active:
+            config = self.peft_config[name]
+            term = method_for(config).regularization(self.base_model.model, config, name)
+            if term is not None:
+                total = term if total is None else total + term
+        return total
 
     def update_and_allocate(self, global_step: int) -> None:
         """Run the per-step work of the active adapters' methods (AdaLoRA prunes ranks to its budget); a no-op for
@@ -903,7 +916,19 @@ class PeftModel(nn.Module):
         tensors = _with_prefix(tensors)
         if adapter_name in self.peft_config:
             self._check_same_adapter(adapter_name, config, directory)
-            self._load_tensors(adapter_name, tensors, strict=strict, source=directory)
+            current = self.peft_config[adapter_name]
+            method = method_for(current)
+            before = {f: copy.deepcopy(getattr(current, f)) for f in current.training_state_fields}
+            try:  # state that training changes (AdaLoRA's kept ranks) comes from the file
+                for field in before:
+                    setattr(current, field, copy.deepcopy(getattr(config, field)))
+                method.restore_state(self.model, current, adapter_name)
+                self._load_tensors(adapter_name, tensors, strict=strict, source=directory)
+            except BaseException:
+                for field, value in before.items():
+                    setattr(current, field, value)
+                method.restore_state(self.model, current, adapter_name)
+                raise
             return
         _check_shapes_before_building(self.model, self._prepare_config(config), tensors, strict, directory)
         with loading():
@@ -920,8 +945,8 @@ class PeftModel(nn.Module):
             return {k: sorted(map(str, v)) if isinstance(v, list) else v for k, v in items}
 
         current, incoming = normal(self.peft_config[adapter_name]), normal(saved)
-        differ = sorted(k for k in set(current) | set(incoming)
-                        if k not in saved.bookkeeping_fields and current.get(k) != incoming.get(k))
+        skip = saved.bookkeeping_fields | saved.training_state_fields
+        differ = sorted(k for k in set(current) | set(incoming) if k not in skip and current.get(k) != incoming.get(k))
         if differ:
             shown = ", ".join(f"{k}: {current.get(k)!r} here, {incoming.get(k)!r} in the file" for k in differ[:5])
             raise ConfigError(

@@ -83,6 +83,11 @@ class Method:
         raise UnsupportedError(f"{cls.peft_type} adapters cannot be combined with add_weighted_adapter")
 
     @classmethod
+    def restore_state(cls, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
+        """Bring the adapter's modules in line with its config's ``training_state_fields`` (just taken from a
+        checkpoint); most methods keep no such state."""
+
+    @classmethod
     def regularization(cls, model: nn.Module, config: PeftConfig, adapter_name: str) -> torch.Tensor | None:
         """A term added to the model's loss in training mode (AdaLoRA's orthogonality penalty), or ``None``."""
         return None

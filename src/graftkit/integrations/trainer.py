@@ -120,8 +120,12 @@ class AdapterTrainerMixin:
             shift = base._get_name() in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
             smoother = self.label_smoother
 
+            model = _graftkit_model(self)
+
             def smoothed_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
-                return smoother(outputs, labels, shift_labels=shift, num_items_in_batch=num_items_in_batch)
+                loss = smoother(outputs, labels, shift_labels=shift, num_items_in_batch=num_items_in_batch)
+                penalty = model.training_penalty() if model.training else None  # AdaLoRA's, as forward adds it
+                return loss if penalty is None else loss + penalty
 
             self.compute_loss_func = smoothed_loss
 

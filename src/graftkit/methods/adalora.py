@@ -73,6 +73,8 @@ class AdaLoraConfig(LoraConfig):
     total_step: int | None = None
     rank_pattern: dict[str, list[bool]] | None = None  # type: ignore[assignment]
 
+    training_state_fields: ClassVar[frozenset[str]] = frozenset({"rank_pattern"})
+
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.ADALORA
@@ -281,6 +283,14 @@ class AdaLora(Method):
             return AdaLoraLinear(base_layer, cls._rank(config, module_name), config.init_r, config.lora_alpha,
                                  config.lora_dropout, bool(config.init_lora_weights), kind == "Conv1D")
         return None
+
+    @classmethod
+    def restore_state(cls, model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> None:
+        """Point each full-size layer's kept ranks at ``config.rank_pattern`` (a checkpoint loaded mid-training)."""
+        for path, layer in _layers(model, adapter_name):
+            kept = config.kept_ranks(path)
+            full = kept is not None and len(kept) == layer.lora_E.shape[0]
+            layer.kept = torch.tensor(kept, dtype=torch.bool, device=layer.lora_E.device) if full else None
 
     @classmethod
     def regularization(cls, model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> torch.Tensor | None:
