@@ -318,3 +318,28 @@ def test_adalora_penalty_reaches_a_smoothed_loss(tmp_path):
     torch.testing.assert_close(trainer.compute_loss_func(outputs, x["input_ids"]), smoothed + penalty)
     plain = model.get_base_model()(**x, labels=x["input_ids"]).loss
     torch.testing.assert_close(model(**x, labels=x["input_ids"]).loss, plain + penalty)
+
+
+def test_adalora_dropout_uses_seeded_masks_and_trains_every_part():
+    """With dropout, AdaLoRA's update runs through LoRA's seeded-dropout kernel: the same seed gives the same step,
+    evaluation has no dropout, and Q, Λ and P all get gradients."""
+    config = dict(ADALORA, lora_dropout=0.3, init_lora_weights=False)
+    x = token_batch()
+
+    def step(seed):
+        model = graftkit.get_peft_model(tiny_llama(), graftkit.AdaLoraConfig(**config)).train()
+        torch.manual_seed(seed)
+        loss = model(**x, labels=x["input_ids"]).loss
+        loss.backward()
+        return model, loss.detach()
+
+    model, first = step(0)
+    _, again = step(0)
+    _, other = step(1)
+    assert torch.equal(first, again) and not torch.equal(first, other)
+    layer = model.get_base_model().model.layers[0].self_attn.q_proj.adapters["default"]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (layer.lora_A, layer.lora_E, layer.lora_B))
+    model.eval()
+    reference = graftkit.get_peft_model(tiny_llama(), graftkit.AdaLoraConfig(**dict(config, lora_dropout=0.0)))
+    reference.load_state_dict(model.state_dict())
+    torch.testing.assert_close(run(model, x), run(reference.eval(), x))

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..config import PeftType
 from ..errors import CheckpointError, ConfigError, UnsupportedError, UsageError
+from ..kernels.lora import FusedLoraLinear, LoraUpdate, can_fuse, can_seed_dropout, draw_seed
 from ..layer import AdaptedLayer
 from ..registry import Method, register
 from ..weights import get_weight
@@ -152,11 +153,34 @@ class AdaLoraLinear(nn.Module):
         """s/(r₀+ε) · P (Λ ⊙ Q) as (out, in)."""
         return (self.lora_B @ (self.lora_A * self.lora_E)) * self.scale
 
+    # The update is LoRA's with A = Λ ⊙ Q and B = P, so LoRA's fused kernels compute it (kernels/lora.py): the base
+    # matmul and the update in one autograd node, and dropout from a seed instead of a saved dropped copy of x.
+    def _pair(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.lora_A * self.lora_E).to(dtype), self.lora_B.to(dtype)  # (r, in), (out, r)
+
+    def _dropout_p(self) -> float:
+        dropout = self._modules["dropout"]
+        return dropout.p if (self.training and isinstance(dropout, nn.Dropout)) else 0.0
+
+    def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
+        """``base_layer(x)`` plus this adapter in one node, or ``None`` where that would not be exact."""
+        if not can_fuse(base_layer, x):
+            return None
+        p = self._dropout_p()
+        if p > 0.0 and not can_seed_dropout(x):
+            return None
+        a, b = self._pair(x.dtype)
+        weight, bias = base_layer._parameters["weight"], base_layer._parameters["bias"]
+        transposed = type(base_layer) is not nn.Linear
+        return FusedLoraLinear.apply(x, weight, bias, a, b, self.scale, p, draw_seed() if p > 0.0 else 0, transposed)
+
     def forward(self, x: torch.Tensor, y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        q = (self.lora_A * self.lora_E).to(x.dtype)  # (r, in)
-        h = F.linear(self.dropout(x), q)  # (..., r)
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), self.lora_B.to(x.dtype).t(),
-                          alpha=self.scale)
+        a, b = self._pair(x.dtype)
+        p = self._dropout_p()
+        if p > 0.0 and can_seed_dropout(x):
+            return LoraUpdate.apply(x, y, a, b, self.scale, p, draw_seed())
+        h = F.linear(self.dropout(x), a)  # (..., r)
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scale)
         return out.view(y.shape)
 
     def merge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
