@@ -17,7 +17,9 @@ The adapter protocol (every method meets the first line; the rest is optional):
   (IA3 on feed-forward layers scales it); ``merge_bias(b)`` / ``unmerge_bias(b)``: merging changes the base bias too;
 * ``fused_forward(x, base_layer)`` and ``mixed_forward(...)``: faster paths for one adapter / mixed batches;
 * ``saved_tensors()`` / ``load_saved(tensors)``: the adapter saves other tensors than its ``state_dict``
-  (AdaLoRA saves only the ranks it kept).
+  (AdaLoRA saves only the ranks it kept);
+* ``restore_base(w, base_layer) -> w``: the adapter changed the base weight when attached (PiSSA, OLoRA) and gives
+  it back when it leaves unmerged.
 """
 
 from __future__ import annotations
@@ -147,10 +149,18 @@ class AdaptedLayer(nn.Module):
     def remove(self, name: str) -> None:
         if name in self.merged:
             self.unmerge()
+        self.release(name)
         del self.adapters[name]
         self.active = [n for n in self.active if n != name]
         self._stacks.clear()
         self._input_adapters = self._input_adapters - {name}
+
+    def release(self, name: str) -> None:
+        """The unmerged adapter ``name`` leaves: it gives back what it took from the base weight at attach
+        (``restore_base``: PiSSA/OLoRA's principal part), so the base is the original again."""
+        restore = getattr(self.adapters[name], "restore_base", None)
+        if restore is not None and name not in self.merged:
+            set_weight(self.base_layer, restore(get_weight(self.base_layer), self.base_layer))
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -757,6 +757,8 @@ class PeftModel(nn.Module):
             module.detach()
         for path, module in list(wrappers(self.model)):
             if isinstance(module, AdaptedLayer):
+                for name in list(module.adapters):  # unmerged adapters give back what they took from the base
+                    module.release(name)
                 set_submodule(self.model, path, module.base_layer)
             else:
                 set_submodule(self.model, path, module.current() if merge else module.original_module)
@@ -778,6 +780,7 @@ class PeftModel(nn.Module):
         save_embedding_layers: bool | str = "auto",
         is_main_process: bool = True,
         allow_empty: bool = False,
+        path_initial_model_for_weight_conversion: str | os.PathLike[str] | None = None,
         **_: Any,
     ) -> None:
         """Write each adapter as ``adapter_config.json`` + ``adapter_model.safetensors``.
@@ -792,6 +795,8 @@ class PeftModel(nn.Module):
                 ``"auto"`` does so when ``target_modules`` names ``embed_tokens`` or ``lm_head``.
             allow_empty: write an adapter that has no tensors in the model (after ``merge_and_unload`` or
                 ``unload``) instead of refusing.
+            path_initial_model_for_weight_conversion: the folder where the adapter was saved before training (PiSSA,
+                OLoRA): write it as a plain LoRA adapter of twice the rank for the original base model instead.
 
         Raises:
             AdapterNameError: ``selected_adapters`` names an unknown adapter.
@@ -823,6 +828,12 @@ class PeftModel(nn.Module):
             with_embeddings = save_embedding_layers is True or (
                 save_embedding_layers == "auto" and _targets_embeddings(config)
             )
+            if path_initial_model_for_weight_conversion is not None:
+                initial_dir = resolve_adapter_dir(os.fspath(path_initial_model_for_weight_conversion), None, None)
+                initial_config, initial = read_checkpoint(initial_dir, False)
+                config, tensors = method_for(config).convert_from_initial(
+                    config, {k: t.detach() for k, t in tensors.items()}, initial_config, _with_prefix(initial),
+                    initial_dir)
             if with_embeddings:
                 tensors.update(embedding_base_tensors(self.model))
             # Sharded parameters (FSDP2 DTensors) are gathered on every rank, a collective call, before the

@@ -83,6 +83,14 @@ class Method:
         raise UnsupportedError(f"{cls.peft_type} adapters cannot be combined with add_weighted_adapter")
 
     @classmethod
+    def convert_from_initial(cls, config: PeftConfig, tensors: dict[str, torch.Tensor], initial_config: PeftConfig,
+                             initial: dict[str, torch.Tensor], source: str) -> tuple[PeftConfig, dict]:
+        """(config, tensors) of the adapter re-expressed for the original base model, given the adapter as it was
+        before training (``save_pretrained(..., path_initial_model_for_weight_conversion=...)``)."""
+        raise UnsupportedError(f"{cls.peft_type} adapters have no initial-weight conversion (it converts PiSSA and "
+                               "OLoRA LoRA adapters)")
+
+    @classmethod
     def restore_state(cls, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
         """Bring the adapter's modules in line with its config's ``training_state_fields`` (just taken from a
         checkpoint); most methods keep no such state."""

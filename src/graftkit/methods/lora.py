@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import warnings
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -32,15 +33,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftType, TunerConfig, check_regex
-from ..errors import ConfigError, UnsupportedError
+from ..config import PeftConfig, PeftType, TunerConfig, check_regex
+from ..errors import CheckpointError, ConfigError, UnsupportedError, UsageError
+from ..inject import inject
 from ..kernels.lora import FusedLoraLinear, LoraUpdate, can_fuse, can_seed_dropout, draw_seed
 from ..layer import AdaptedLayer
 from ..merging import COMBINATIONS, combine
-from ..registry import Method, register
-from ..weights import get_weight
+from ..registry import Method, is_loading, register
+from ..weights import get_weight, is_quantized, set_weight
 
-_INIT_CHOICES = (True, False, "gaussian")
+_INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora", "orthogonal")
+_NOT_YET = ("eva", "corda", "loftq", "lora_ga", "mica")  # HF peft inits graftkit does not implement yet
+
+
+def _known_init(init: object) -> bool:
+    if isinstance(init, bool):
+        return True
+    return isinstance(init, str) and (init in ("gaussian", "pissa", "olora", "orthogonal")
+                                      or re.fullmatch(r"pissa_niter_\d+", init) is not None)
+
+
+def moves_base(init: object) -> bool:
+    """Whether the init moves the principal part of the base weight into the adapter (PiSSA, OLoRA)."""
+    return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
 
 
 @dataclasses.dataclass
@@ -107,12 +122,18 @@ class LoraConfig(TunerConfig):
             raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if self.init_lora_weights not in _INIT_CHOICES or (
-                isinstance(self.init_lora_weights, str) != (self.init_lora_weights == "gaussian")):
+        if not _known_init(self.init_lora_weights):
+            later = " (an HF peft initialisation graftkit does not implement yet)" \
+                if self.init_lora_weights in _NOT_YET else ""
             raise UnsupportedError(
-                f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not implemented in graftkit; "
+                f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not implemented in graftkit{later}; "
                 f"use one of {list(_INIT_CHOICES)}"
             )
+        if self.init_lora_weights == "orthogonal":
+            odd = sorted({r for r in (self.r, *self.rank_pattern.values()) if r % 2})
+            if odd:
+                raise ConfigError(f"init_lora_weights='orthogonal' needs even ranks (it splits an orthogonal matrix "
+                                  f"in two halves), got r={odd}")
         self._check_patterns()
 
     def _check_patterns(self) -> None:
@@ -173,14 +194,70 @@ class LoraLinear(nn.Module):
         self.scaling = _scaling(r, alpha, use_rslora)
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fan_in_fan_out = fan_in_fan_out
-        _init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
+        # PiSSA/OLoRA: (A₀, B₀) whose s·B₀A₀ the base gives up when the adapter is attached; restored when it leaves.
+        self.base_offset: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.offset_applied = False
+        if moves_base(init) or init == "orthogonal":
+            if init != "olora" and init != "orthogonal" and is_quantized(base_layer):
+                raise UnsupportedError(
+                    f"init_lora_weights={init!r} needs a float base layer, got a quantized "
+                    f"{type(base_layer).__name__}: initialise PiSSA on the full-precision model, then quantize the "
+                    "residual model (as HF peft advises); OLoRA works on quantized bases"
+                )
+            self._init_from_weight(init, weight, r)
+        else:
+            _init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
         self.use_dora = use_dora
         if use_dora:
-            with torch.no_grad():
-                norm = self._row_norm(self._oi(weight.to(kw["dtype"])), self.delta_weight())
+            with torch.no_grad():  # W + s·BA: the weight the adapted layer computes (the base itself under PiSSA/OLoRA)
+                w = self._oi(weight.to(kw["dtype"]))
+                norm = self._row_norm(w, torch.zeros_like(w) if self.base_offset else self.delta_weight())
             self.lora_magnitude_vector = nn.Parameter(norm)  # (out,)
         self._dora_merge_scale: torch.Tensor | None = None
         self._cast: tuple | None = None  # (key, A, B) in an activation dtype, for inference (see _weights)
+
+    def _init_from_weight(self, init: str, weight: torch.Tensor, r: int) -> None:
+        """PiSSA: A, B from the top-r singular triplets (B A s = the principal part of W); OLoRA: from W's QR
+        factors; orthogonal: two halves of a random orthogonal matrix, so that B A = 0 (Kaiming-scaled noise).
+        The draws and factorizations follow HF peft's, so the same seed and weights give the same A and B."""
+        with torch.no_grad():
+            if init == "orthogonal":
+                q, _ = torch.linalg.qr(torch.randn(r, r))
+                out_features, in_features = self.lora_B.weight.shape[0], self.lora_A.weight.shape[1]
+                a = torch.randn(in_features, r // 2).mm(q[0::2, :]).T / 10.0  # (r, in)
+                b = torch.randn(r // 2, out_features).T.mm(q[1::2, :]) / 10.0  # (out, r)
+            else:
+                w = self._oi(weight).to(torch.float32)  # (out, in)
+                if init == "olora":
+                    q, rr = torch.linalg.qr(w)
+                    a, b = rr[:r], q[:, :r]
+                else:
+                    if init == "pissa":
+                        u, sv, vh = torch.linalg.svd(w, full_matrices=False)
+                        u, sv, vh = u[:, :r], sv[:r], vh[:r]
+                    else:
+                        u, sv, v = torch.svd_lowrank(w, q=r, niter=int(init.rsplit("_", 1)[1]))
+                        vh = v.T
+                    root = torch.sqrt(sv / self.scaling)  # s·B A = U_r S_r V_rᵀ
+                    a, b = root[:, None] * vh, u * root[None, :]
+            self.lora_A.weight.copy_(a.contiguous())
+            self.lora_B.weight.copy_(b.contiguous())
+        if init != "orthogonal":
+            self.base_offset = (self.lora_A.weight.detach().clone(), self.lora_B.weight.detach().clone())
+
+    def shift_base(self, weight: torch.Tensor, sign: float) -> torch.Tensor:
+        """weight + sign · s·B₀A₀ (the attach-time offset), in place."""
+        a0, b0 = self.base_offset
+        w = self._oi(weight)
+        w.add_((b0 @ a0).mul_(sign * self.scaling).to(w.dtype))
+        return weight
+
+    def restore_base(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """Give the base back what PiSSA/OLoRA took from it at attach (the adapter is leaving unmerged)."""
+        if self.base_offset is None or not self.offset_applied:
+            return weight
+        self.offset_applied = False
+        return self.shift_base(weight, 1.0)
 
     # The base weight as (out, in), whatever the layer stores.
     def _oi(self, weight: torch.Tensor) -> torch.Tensor:
@@ -505,6 +582,26 @@ class Lora(Method):
     }
 
     @classmethod
+    def attach(cls, model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+        """Wrap the targets; then (PiSSA, OLoRA) take each new adapter's s·B₀A₀ out of its base weight, so the model
+        starts from the same function. Only after every adapter was built: a failed attach leaves the base as it was
+        (and removing the adapter gives the offset back, see ``LoraLinear.restore_base``)."""
+        if is_loading() and isinstance(config.init_lora_weights, str) and "_niter_" in config.init_lora_weights:
+            warnings.warn(
+                f"loading a '{config.init_lora_weights}' adapter recomputes the base's residual with a new randomized "
+                "SVD, which differs from the one it was trained against; save it with "
+                "path_initial_model_for_weight_conversion=... to get a plain LoRA adapter for the original base",
+                stacklevel=4,
+            )
+        targets = inject(model, config, adapter_name)
+        for name in targets:
+            layer = model.get_submodule(name)
+            adapter = layer.adapters[adapter_name]
+            if getattr(adapter, "base_offset", None) is not None and not adapter.offset_applied:
+                set_weight(layer.base_layer, adapter.shift_base(get_weight(layer.base_layer), -1.0))
+                adapter.offset_applied = True
+
+    @classmethod
     def supported_layers(cls) -> str:
         return "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv2d"
 
@@ -543,6 +640,9 @@ class Lora(Method):
                 return LoraEmbedding(base_layer, r, alpha, config.use_rslora, init)
             if base_layer.groups != 1:
                 raise UnsupportedError(f"LoRA on grouped Conv2d ('{module_name}', groups={base_layer.groups})")
+            if isinstance(init, str) and init != "gaussian":
+                raise UnsupportedError(f"init_lora_weights={init!r} on Conv2d ('{module_name}') is not defined (HF "
+                                       "peft refuses it too); use True or 'gaussian' for convolutions")
             return LoraConv2d(base_layer, r, alpha, config.lora_dropout, config.use_rslora, init)
         if isinstance(base_layer, nn.Linear) or kind == "Conv1D" or hasattr(base_layer, "in_features"):
             fan_in_fan_out = kind == "Conv1D"
@@ -633,6 +733,50 @@ class Lora(Method):
             w_b = [math.sqrt(abs(v)) for v in scaled]
             t_a.copy_(combine([_ab(a)[0] for a, _ in valid], w_a, combination_type, density, majority_sign_method))
             t_b.copy_(combine([_ab(a)[1] for a, _ in valid], w_b, combination_type, density, majority_sign_method))
+
+    @classmethod
+    def convert_from_initial(cls, config: LoraConfig, tensors: dict[str, torch.Tensor], initial_config: PeftConfig,
+                             initial: dict[str, torch.Tensor], source: str) -> tuple[LoraConfig, dict]:
+        """A trained PiSSA/OLoRA adapter as a plain LoRA adapter for the original base (``save_pretrained(...,
+        path_initial_model_for_weight_conversion=...)``).
+
+        The trained adapter computes W_res + s·B A = W + s·(B A − B₀A₀), which is a LoRA adapter of rank 2r:
+        A' = [A; A₀], B' = [B, −B₀], with ``lora_alpha`` doubled (√2 times under rsLoRA) so that s stays the same.
+        """
+        if not moves_base(config.init_lora_weights):
+            raise UsageError(
+                f"path_initial_model_for_weight_conversion converts a PiSSA/OLoRA adapter, but this adapter was made "
+                f"with init_lora_weights={config.init_lora_weights!r}: it is a plain LoRA adapter already; save it "
+                "without that argument"
+            )
+        if getattr(initial_config, "peft_type", None) != PeftType.LORA:
+            raise CheckpointError(f"{source}: the initial adapter is a {initial_config.peft_type} adapter, not LoRA")
+        if config.use_rslora and (config.rank_pattern or config.alpha_pattern):
+            raise UnsupportedError("converting an rsLoRA adapter with rank_pattern/alpha_pattern is not supported "
+                                   "(as in HF peft): the doubled ranks would change its scales")
+        out = {}
+        for key, value in tensors.items():
+            is_a = key.endswith(("lora_A.weight", "lora_embedding_A"))
+            is_b = key.endswith(("lora_B.weight", "lora_embedding_B"))
+            if not (is_a or is_b):
+                out[key] = value
+                continue
+            start = initial.get(key)
+            if start is None or start.shape != value.shape:
+                found = None if start is None else tuple(start.shape)
+                raise CheckpointError(
+                    f"{source}: the initial adapter has no tensor '{key}' of shape {tuple(value.shape)} (found "
+                    f"{found}); pass the folder saved right after get_peft_model, before training"
+                )
+            start = start.to(device=value.device, dtype=value.dtype)
+            out[key] = torch.cat([value, start], dim=0) if is_a else torch.cat([value, -start], dim=1)
+        converted = dataclasses.replace(
+            config.copy(), init_lora_weights=True, r=2 * config.r,
+            lora_alpha=config.lora_alpha * (math.sqrt(2) if config.use_rslora else 2),
+            rank_pattern={k: 2 * v for k, v in config.rank_pattern.items()},
+            alpha_pattern={k: 2 * v for k, v in config.alpha_pattern.items()},
+        )
+        return converted, out
 
     @classmethod
     def extra_trainable(cls, model: nn.Module, config: LoraConfig) -> Iterator[tuple[str, nn.Parameter]]:
