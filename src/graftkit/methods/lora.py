@@ -13,7 +13,7 @@ base weight. DoRA splits the adapted weight into a direction and a learned magni
     W' = m ⊙ (W + s·BA) / ‖W + s·BA‖_row        (the norm is treated as a constant in backward, §4.3)
 
 Forward adds ``(m/‖·‖ − 1) ⊙ (W x) + (m/‖·‖) ⊙ s·B A x`` to the base output, so a quantized base is still
-called as it is. Adapters on ``nn.Embedding`` look up rows of Aᵀ; on ``nn.Conv2d`` A is a conv with the
+called as it is. Adapters on ``nn.Embedding`` look up rows of Aᵀ; on ``nn.Conv1d/2d/3d`` A is a conv with the
 base's kernel and B a 1×1 conv.
 
 Parameter names (``lora_A.weight``, ``lora_embedding_A``, ``lora_magnitude_vector`` ...) are the on-disk
@@ -75,6 +75,7 @@ class LoraConfig(TunerConfig):
             or ``False`` (both random: the adapter changes the output from the start; for tests).
         rank_pattern / alpha_pattern: per-module ``r`` / ``lora_alpha``; keys are regexes matched against the
             end of the module path.
+        lora_bias: give B a bias (trained, zero at the start); merging adds s·b_B to the base bias.
     """
 
     peft_type: str | PeftType | None = PeftType.LORA
@@ -88,6 +89,7 @@ class LoraConfig(TunerConfig):
     init_lora_weights: bool | str = True
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
+    lora_bias: bool = False
 
     # How the weights started says nothing about what trained weights compute.
     bookkeeping_fields: ClassVar[frozenset[str]] = TunerConfig.bookkeeping_fields | {"init_lora_weights"}
@@ -100,7 +102,6 @@ class LoraConfig(TunerConfig):
         "kasa_config": None,
         "layer_replication": None,
         "loftq_config": {},
-        "lora_bias": False,
         "lora_ga_config": None,
         "megatron_config": None,
         "megatron_core": "megatron.core",
@@ -129,6 +130,8 @@ class LoraConfig(TunerConfig):
                 f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not implemented in graftkit{later}; "
                 f"use one of {list(_INIT_CHOICES)}"
             )
+        if self.lora_bias and self.use_dora:
+            raise UnsupportedError("LoraConfig: lora_bias with use_dora is not supported in graftkit; use one of them")
         if self.init_lora_weights == "orthogonal":
             odd = sorted({r for r in (self.r, *self.rank_pattern.values()) if r % 2})
             if odd:
@@ -184,19 +187,22 @@ class LoraLinear(nn.Module):
         use_dora: bool,
         init: bool | str,
         fan_in_fan_out: bool,
+        lora_bias: bool = False,
     ) -> None:
         super().__init__()
         weight = get_weight(base_layer)
         out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
         kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
         self.lora_A = nn.Linear(in_features, r, bias=False, **kw)
-        self.lora_B = nn.Linear(r, out_features, bias=False, **kw)
+        self.lora_B = nn.Linear(r, out_features, bias=lora_bias, **kw)
         self.scaling = _scaling(r, alpha, use_rslora)
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fan_in_fan_out = fan_in_fan_out
         # PiSSA/OLoRA: (A₀, B₀) whose s·B₀A₀ the base gives up when the adapter is attached; restored when it leaves.
         self.base_offset: tuple[torch.Tensor, torch.Tensor] | None = None
         self.offset_applied = False
+        if lora_bias:
+            nn.init.zeros_(self.lora_B.bias)
         if moves_base(init) or init == "orthogonal":
             if init != "olora" and init != "orthogonal" and is_quantized(base_layer):
                 raise UnsupportedError(
@@ -299,7 +305,7 @@ class LoraLinear(nn.Module):
 
     def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
         """``base_layer(x)`` plus this adapter in one fused node, or ``None`` where that would not be exact."""
-        if self.use_dora or not can_fuse(base_layer, x):
+        if self.use_dora or self.lora_B.bias is not None or not can_fuse(base_layer, x):
             return None
         # Parameters are read from the module dicts: this runs per layer per decode step, and attribute access
         # on a module goes through ``nn.Module.__getattr__``.
@@ -323,6 +329,8 @@ class LoraLinear(nn.Module):
         dtype = x.dtype
         a, b = self._weights(dtype)
         p = self._dropout_p()
+        if self.lora_B.bias is not None:  # lora_bias: s·(B h + b_B)
+            y = y + self.scaling * self.lora_B.bias.to(dtype)
         if not self.use_dora:
             if p > 0.0 and can_seed_dropout(x):
                 # Seeded dropout: no dropped copy of x stays alive for backward (kernels/lora.py).
@@ -361,7 +369,8 @@ class LoraLinear(nn.Module):
             index: (B,) position in ``adapters`` of each row's adapter.
         """
         live = [a for a in adapters if a is not None]
-        if any(a.use_dora or (a.training and not isinstance(a.dropout, nn.Identity)) for a in live):
+        if any(a.use_dora or a.lora_B.bias is not None or (a.training and not isinstance(a.dropout, nn.Identity))
+               for a in live):
             return None
         a_stack, b_stack = _stacked(adapters, live, x.dtype, x.device, cache)
         rows = x.shape[0]
@@ -382,6 +391,9 @@ class LoraLinear(nn.Module):
         return weight
 
     def merge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        if self.lora_B.bias is not None and getattr(base_layer, "bias", None) is None:
+            raise UnsupportedError(f"lora_bias cannot be merged into a {type(base_layer).__name__} without a bias; "
+                                   "use the adapter unmerged")
         if not self.use_dora:
             return self._add_update(weight, 1.0)
         w = self._oi(weight)
@@ -400,6 +412,12 @@ class LoraLinear(nn.Module):
         w.div_(self._dora_merge_scale[:, None]).sub_(self.delta_weight().detach().to(weight.dtype))
         self._dora_merge_scale = None
         return weight
+
+    def merge_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias if self.lora_B.bias is None else bias + self.scaling * self.lora_B.bias.detach().to(bias.dtype)
+
+    def unmerge_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias if self.lora_B.bias is None else bias - self.scaling * self.lora_B.bias.detach().to(bias.dtype)
 
 
 def _stacked(adapters: list, live: list, dtype: torch.dtype, device: torch.device, cache: dict):
@@ -433,9 +451,13 @@ def _stacked(adapters: list, live: list, dtype: torch.dtype, device: torch.devic
 
 
 class LoraEmbedding(nn.Module):
-    """LoRA on ``nn.Embedding``: the update for token t is s · B A[:, t]."""
+    """LoRA (optionally DoRA) on ``nn.Embedding``: the update for token t is s · B A[:, t].
 
-    def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, use_rslora: bool, init: bool | str) -> None:
+    With DoRA the magnitude is one value per embedding dimension: m / ‖W + s·(BA)ᵀ‖ over the vocabulary scales
+    each dimension of the adapted embedding."""
+
+    def __init__(self, base_layer: nn.Embedding, r: int, alpha: float, use_rslora: bool, init: bool | str,
+                 use_dora: bool = False) -> None:
         super().__init__()
         weight = base_layer.weight
         kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
@@ -450,6 +472,16 @@ class LoraEmbedding(nn.Module):
             else:  # A is the lookup table here, so it is the zero half
                 nn.init.zeros_(self.lora_embedding_A)
                 nn.init.normal_(self.lora_embedding_B)
+        self.use_dora = use_dora
+        self._dora_merge_scale: torch.Tensor | None = None
+        if use_dora:
+            with torch.no_grad():
+                norm = self._column_norm(weight.to(kw["dtype"]), self.delta_weight())
+            self.lora_magnitude_vector = nn.Parameter(norm)  # (dim,)
+
+    @staticmethod
+    def _column_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.vector_norm(weight + delta, dim=0)  # (dim,): over the vocabulary
 
     def delta_weight(self) -> torch.Tensor:
         """s · (B A)ᵀ as (num_embeddings, dim)."""
@@ -462,53 +494,133 @@ class LoraEmbedding(nn.Module):
             x, a.T, base_layer.padding_idx, base_layer.max_norm, base_layer.norm_type,
             base_layer.scale_grad_by_freq, base_layer.sparse,
         )  # (..., r)
-        return y + (h * self.scaling) @ b.T
+        update = (h * self.scaling) @ b.T  # (..., dim)
+        if not self.use_dora:
+            return y + update
+        with torch.no_grad():  # DoRA §4.3: the norm is a constant in backward
+            norm = self._column_norm(base_layer.weight.to(y.dtype), ((b @ a).T * self.scaling))
+        scale = self.lora_magnitude_vector.to(y.dtype) / norm  # (dim,)
+        return scale * (y + update)
 
     def merge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return weight.add_(self.delta_weight().detach().to(weight.dtype))
+        delta = self.delta_weight().detach().to(weight.dtype)
+        if not self.use_dora:
+            return weight.add_(delta)
+        scale = self.lora_magnitude_vector.detach().to(weight.dtype) / self._column_norm(weight, delta)
+        self._dora_merge_scale = scale
+        return weight.add_(delta).mul_(scale[None, :])
 
     def unmerge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return weight.sub_(self.delta_weight().detach().to(weight.dtype))
+        delta = self.delta_weight().detach().to(weight.dtype)
+        if not self.use_dora:
+            return weight.sub_(delta)
+        if self._dora_merge_scale is None:
+            raise RuntimeError("DoRA unmerge without a recorded merge scale")
+        weight.div_(self._dora_merge_scale[None, :]).sub_(delta)
+        self._dora_merge_scale = None
+        return weight
 
 
-class LoraConv2d(nn.Module):
-    """LoRA on ``nn.Conv2d``: A is a conv with the base's kernel/stride/padding, B a 1×1 conv."""
+_CONV = {1: (nn.Conv1d, F.conv1d), 2: (nn.Conv2d, F.conv2d), 3: (nn.Conv3d, F.conv3d)}
 
-    def __init__(
-        self, base_layer: nn.Conv2d, r: int, alpha: float, dropout: float, use_rslora: bool, init: bool | str
-    ) -> None:
+
+class LoraConv(nn.Module):
+    """LoRA (optionally DoRA) on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``: A is a conv with the base's kernel,
+    stride, padding and dilation (in → r), B a 1×1 conv (r → out) with the base's groups.
+
+    With DoRA the magnitude is one value per output channel, stored (1, out, 1, ...) as the ecosystem does."""
+
+    def __init__(self, base_layer: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool,
+                 init: bool | str, use_dora: bool, lora_bias: bool) -> None:
         super().__init__()
         weight = base_layer.weight
         kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
-        self.lora_A = nn.Conv2d(
-            base_layer.in_channels, r, base_layer.kernel_size, base_layer.stride, base_layer.padding,
-            bias=False, **kw,
-        )
-        self.lora_B = nn.Conv2d(r, base_layer.out_channels, (1, 1), (1, 1), bias=False, **kw)
+        self.dims = weight.dim() - 2
+        conv, self._conv_fn = _CONV[self.dims]
+        ones = (1,) * self.dims
+        self.lora_A = conv(base_layer.in_channels, r, base_layer.kernel_size, base_layer.stride, base_layer.padding,
+                           base_layer.dilation, bias=False, **kw)
+        self.lora_B = conv(r, base_layer.out_channels, ones, ones, groups=base_layer.groups, bias=lora_bias, **kw)
+        self.groups = base_layer.groups
         self.scaling = _scaling(r, alpha, use_rslora)
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         _init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
+        if lora_bias:
+            nn.init.zeros_(self.lora_B.bias)
+        self.use_dora = use_dora
+        self._dora_merge_scale: torch.Tensor | None = None
+        if use_dora:
+            with torch.no_grad():
+                norm = self._channel_norm(weight.to(kw["dtype"]) + self.delta_weight())
+            self.lora_magnitude_vector = nn.Parameter(norm)  # (1, out, 1, ...)
+
+    @staticmethod
+    def _channel_norm(weight: torch.Tensor) -> torch.Tensor:
+        """‖W‖ per output channel as (1, out, 1, ...)."""
+        return torch.linalg.vector_norm(weight, dim=tuple(range(1, weight.dim())), keepdim=True).transpose(0, 1)
 
     def delta_weight(self) -> torch.Tensor:
-        """s · B∘A as a conv weight (out, in, kh, kw)."""
+        """s · B∘A as a conv weight (out, in, *kernel); grouped convolutions have none (see ``merge``)."""
         a, b = self.lora_A.weight, self.lora_B.weight
-        if a.shape[2:] == (1, 1):
-            return (b.flatten(1) @ a.flatten(1))[:, :, None, None] * self.scaling
-        # Compose the two convs: B is 1×1, so the result is B's channel mix applied to A's kernels.
-        return F.conv2d(a.permute(1, 0, 2, 3), b).permute(1, 0, 2, 3) * self.scaling
+        r = a.shape[0]
+        return (b.reshape(-1, r) @ a.reshape(r, -1)).reshape(b.shape[0], *a.shape[1:]) * self.scaling
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+    def _lora(self, x: torch.Tensor) -> torch.Tensor:
         a = self.lora_A.weight.to(x.dtype)
         b = self.lora_B.weight.to(x.dtype)
+        bias = None if self.lora_B.bias is None else self.lora_B.bias.to(x.dtype)
         la = self.lora_A
-        h = F.conv2d(self.dropout(x), a, None, la.stride, la.padding)
-        return y + F.conv2d(h, b) * self.scaling
+        h = self._conv_fn(self.dropout(x), a, None, la.stride, la.padding, la.dilation)
+        return self._conv_fn(h, b, bias, groups=self.groups) * self.scaling
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        if not self.use_dora:
+            return y + self._lora(x)
+        w = base_layer.weight.to(x.dtype)
+        with torch.no_grad():  # DoRA §4.3: the norm is a constant in backward
+            r = self.lora_A.weight.shape[0]
+            delta = (self.lora_B.weight.reshape(-1, r) @ self.lora_A.weight.reshape(r, -1)).reshape(w.shape)
+            norm = self._channel_norm(w + self.scaling * delta.to(x.dtype))
+        scale = (self.lora_magnitude_vector.to(x.dtype) / norm).view(1, -1, *([1] * self.dims))
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            bias = base_layer.bias
+            base_out = y if bias is None else y - bias.view(1, -1, *([1] * self.dims))
+        else:
+            base_out = self._conv_fn(self.dropout(x), w, None, base_layer.stride, base_layer.padding,
+                                     base_layer.dilation, base_layer.groups)
+        return y + (scale - 1) * base_out + scale * self._lora(x)
+
+    def _check_mergeable(self, base_layer: nn.Module) -> None:
+        if self.groups != 1:
+            raise UnsupportedError(f"merging LoRA into a grouped {type(base_layer).__name__} (groups={self.groups}) "
+                                   "is not supported (nor in HF peft); use the adapter unmerged")
+        if self.lora_B.bias is not None and base_layer.bias is None:
+            raise UnsupportedError(f"lora_bias cannot be merged into a {type(base_layer).__name__} without a bias; "
+                                   "use the adapter unmerged")
 
     def merge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return weight.add_(self.delta_weight().detach().to(weight.dtype))
+        self._check_mergeable(base_layer)
+        delta = self.delta_weight().detach().to(weight.dtype)
+        if not self.use_dora:
+            return weight.add_(delta)
+        scale = (self.lora_magnitude_vector.detach().to(weight.dtype) / self._channel_norm(weight + delta))
+        scale = scale.reshape(-1, *([1] * (weight.dim() - 1)))  # (out, 1, ...)
+        self._dora_merge_scale = scale
+        return weight.add_(delta).mul_(scale)
 
     def unmerge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
-        return weight.sub_(self.delta_weight().detach().to(weight.dtype))
+        delta = self.delta_weight().detach().to(weight.dtype)
+        if not self.use_dora:
+            return weight.sub_(delta)
+        weight.div_(self._dora_merge_scale).sub_(delta)
+        self._dora_merge_scale = None
+        return weight
+
+    def merge_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias if self.lora_B.bias is None else bias + self.scaling * self.lora_B.bias.detach().to(bias.dtype)
+
+    def unmerge_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias if self.lora_B.bias is None else bias - self.scaling * self.lora_B.bias.detach().to(bias.dtype)
 
 
 def _init_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> None:
@@ -603,17 +715,27 @@ class Lora(Method):
 
     @classmethod
     def supported_layers(cls) -> str:
-        return "nn.Linear, transformers Conv1D, nn.Embedding, nn.Conv2d"
+        return "nn.Linear, transformers Conv1D, bitsandbytes 4/8-bit linears, nn.Embedding, nn.Conv1d/2d/3d"
 
     @classmethod
     def adapter_shapes(cls, base_layer: nn.Module, config: LoraConfig, module_name: str) -> dict[str, tuple] | None:
         r = config.rank_and_alpha(module_name)[0]
         if isinstance(base_layer, nn.Embedding):
-            return {"lora_embedding_A": (r, base_layer.num_embeddings),
-                    "lora_embedding_B": (base_layer.embedding_dim, r)}
-        if isinstance(base_layer, nn.Conv2d):
-            return {"lora_A.weight": (r, base_layer.in_channels, *base_layer.kernel_size),
-                    "lora_B.weight": (base_layer.out_channels, r, 1, 1)}
+            shapes = {"lora_embedding_A": (r, base_layer.num_embeddings),
+                      "lora_embedding_B": (base_layer.embedding_dim, r)}
+            if config.use_dora:
+                shapes["lora_magnitude_vector"] = (base_layer.embedding_dim,)
+            return shapes
+        if isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            ones = (1,) * (base_layer.weight.dim() - 2)
+            out = base_layer.out_channels
+            shapes = {"lora_A.weight": (r, base_layer.in_channels, *base_layer.kernel_size),
+                      "lora_B.weight": (out, r // base_layer.groups, *ones)}
+            if config.lora_bias:
+                shapes["lora_B.bias"] = (out,)
+            if config.use_dora:
+                shapes["lora_magnitude_vector"] = (1, out, *ones)
+            return shapes
         if type(base_layer).__name__ == "Conv1D":
             fan_in, fan_out = base_layer.weight.shape
         elif isinstance(getattr(base_layer, "in_features", None), int):
@@ -621,6 +743,8 @@ class Lora(Method):
         else:
             return None
         shapes = {"lora_A.weight": (r, fan_in), "lora_B.weight": (fan_out, r)}
+        if config.lora_bias:
+            shapes["lora_B.bias"] = (fan_out,)
         if config.use_dora:
             shapes["lora_magnitude_vector"] = (fan_out,)
         return shapes
@@ -630,25 +754,30 @@ class Lora(Method):
         r, alpha = config.rank_and_alpha(module_name)
         init = config.init_lora_weights
         kind = type(base_layer).__name__
-        if isinstance(base_layer, nn.Embedding) or isinstance(base_layer, nn.Conv2d):
-            if config.use_dora:
+        if isinstance(base_layer, nn.Embedding):
+            if config.lora_bias:
+                raise UnsupportedError(f"lora_bias on nn.Embedding ('{module_name}') is not supported (nor in HF "
+                                       "peft); exclude the embedding or set lora_bias=False")
+            return LoraEmbedding(base_layer, r, alpha, config.use_rslora, init, config.use_dora)
+        if isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if r % base_layer.groups:
                 raise UnsupportedError(
-                    f"DoRA on {kind} ('{module_name}') is not implemented in graftkit; DoRA supports linear "
-                    "layers: exclude this module (exclude_modules) or set use_dora=False"
+                    f"LoRA on '{module_name}' ({kind}, groups={base_layer.groups}) needs a rank divisible by the "
+                    f"groups, got r={r}; pick r as a multiple of {base_layer.groups} (rank_pattern can set it)"
                 )
-            if isinstance(base_layer, nn.Embedding):
-                return LoraEmbedding(base_layer, r, alpha, config.use_rslora, init)
-            if base_layer.groups != 1:
-                raise UnsupportedError(f"LoRA on grouped Conv2d ('{module_name}', groups={base_layer.groups})")
+            if config.use_dora and base_layer.groups != 1:
+                raise UnsupportedError(f"DoRA on a grouped {kind} ('{module_name}', groups={base_layer.groups}) is not "
+                                       "defined in graftkit (its weight norm needs the dense update, which grouped "
+                                       "convolutions have none of); exclude it or set use_dora=False")
             if isinstance(init, str) and init != "gaussian":
-                raise UnsupportedError(f"init_lora_weights={init!r} on Conv2d ('{module_name}') is not defined (HF "
+                raise UnsupportedError(f"init_lora_weights={init!r} on {kind} ('{module_name}') is not defined (HF "
                                        "peft refuses it too); use True or 'gaussian' for convolutions")
-            return LoraConv2d(base_layer, r, alpha, config.lora_dropout, config.use_rslora, init)
+            return LoraConv(base_layer, r, alpha, config.lora_dropout, config.use_rslora, init, config.use_dora,
+                            config.lora_bias)
         if isinstance(base_layer, nn.Linear) or kind == "Conv1D" or hasattr(base_layer, "in_features"):
             fan_in_fan_out = kind == "Conv1D"
-            return LoraLinear(
-                base_layer, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora, init, fan_in_fan_out
-            )
+            return LoraLinear(base_layer, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora, init,
+                              fan_in_fan_out, config.lora_bias)
         return None
 
     @classmethod
@@ -659,6 +788,9 @@ class Lora(Method):
         the others need equal ranks. The combined adapter has ``lora_alpha = r`` and targets every module any
         source adapts."""
         combination_type = "svd" if combination_type is None else combination_type
+        if any(c.lora_bias for c in configs):
+            raise UnsupportedError("add_weighted_adapter does not combine adapters with lora_bias (their B biases "
+                                   "have no weighted combination defined); combine adapters without it")
         if len(configs) == 1:
             combination_type = "linear"
         ranks = [c.r if not c.rank_pattern else max(c.r, *c.rank_pattern.values()) for c in configs]
@@ -700,6 +832,8 @@ class Lora(Method):
         combine A and B separately with weights ±√|wᵢ·sᵢ| and √|wᵢ·sᵢ|; the ``*svd`` types combine the full
         updates sᵢ·BᵢAᵢ and factor the result with a truncated SVD (optionally clamped at a quantile).
         """
+        if getattr(target, "groups", 1) != 1:
+            raise UnsupportedError("add_weighted_adapter does not combine LoRA adapters on grouped convolutions")
         t_a, t_b = _ab(target)
         valid = [(a, w) for a, w in sources if a is not None]
         with torch.no_grad():
@@ -758,6 +892,9 @@ class Lora(Method):
         for key, value in tensors.items():
             is_a = key.endswith(("lora_A.weight", "lora_embedding_A"))
             is_b = key.endswith(("lora_B.weight", "lora_embedding_B"))
+            if key.endswith("lora_B.bias") and key in initial:  # s·(b − b₀)
+                out[key] = value - initial[key].to(device=value.device, dtype=value.dtype)
+                continue
             if not (is_a or is_b):
                 out[key] = value
                 continue

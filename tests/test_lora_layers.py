@@ -1,0 +1,153 @@
+"""LoRA on every layer kind HF peft adapts: nn.Conv1d/2d/3d (grouped and dilated included), DoRA on embeddings and
+convolutions, and ``lora_bias``; forward and files equal to HF peft's both ways, merges where defined."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import graftkit
+from tests.conftest import DEVICE, run, tiny_bert_cls, token_batch
+
+peft = pytest.importorskip("peft")
+warnings.filterwarnings("ignore", message=".*no bias.*")
+
+
+class Net(nn.Module):
+    """Every layer kind in one small network: embedding, Conv1d, grouped and dilated Conv2d, Conv3d, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8)
+        self.c1 = nn.Conv1d(8, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.dil = nn.Conv2d(8, 8, 3, padding=2, dilation=2)
+        self.c3 = nn.Conv3d(8, 6, (1, 3, 3), padding=(0, 1, 1))
+        self.fc = nn.Linear(6, 5)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)  # (B, T, 8)
+        h = self.c1(h.transpose(1, 2))  # (B, 8, T)
+        h = h[:, :, :, None].expand(-1, -1, -1, 4).contiguous()  # (B, 8, T, 4)
+        h = self.dil(self.c2(h))  # (B, 8, T, 4)
+        h = self.c3(h[:, :, None])  # (B, 6, 1, T, 4)
+        return self.fc(h.mean(dim=(2, 3, 4)))
+
+
+def net():
+    torch.manual_seed(0)
+    return Net().eval().to(DEVICE)
+
+
+IDS = torch.randint(0, 20, (3, 6), generator=torch.Generator().manual_seed(0)).to(DEVICE)
+VARIANTS = {
+    "lora": dict(target_modules=["emb", "c1", "c2", "c3", "fc"]),
+    "dora": dict(target_modules=["emb", "c1", "c3", "fc"], use_dora=True),
+    "lora_bias": dict(target_modules=["c1", "c2", "c3", "fc"], lora_bias=True),
+}
+
+
+def peft_adapter(variant, tmp_path):
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(net(), peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                        **VARIANTS[variant]))
+    g = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for name, param in theirs.named_parameters():
+            if "lora_" in name:  # biases and magnitudes away from their starting values too
+                param.add_((0.1 * torch.randn(param.shape, generator=g)).to(param.device))
+    theirs.eval()
+    theirs.save_pretrained(tmp_path / "p")
+    return theirs
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_every_layer_kind_matches_peft_both_ways(tmp_path, variant):
+    theirs = peft_adapter(variant, tmp_path)
+    expected = run(theirs, IDS)
+    ours = graftkit.PeftModel.from_pretrained(net(), tmp_path / "p")
+    torch.testing.assert_close(run(ours, IDS), expected, rtol=1e-5, atol=1e-6)
+    ours.save_pretrained(tmp_path / "g")
+    back = peft.PeftModel.from_pretrained(net(), tmp_path / "g").eval()
+    torch.testing.assert_close(run(back, IDS), expected, rtol=1e-5, atol=1e-6)
+    assert (expected - run(net(), IDS)).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_merge_and_unmerge_where_defined(tmp_path, variant):
+    theirs = peft_adapter(variant, tmp_path)
+    ours = graftkit.PeftModel.from_pretrained(net(), tmp_path / "p")
+    out = run(ours, IDS)
+    if "c2" in VARIANTS[variant]["target_modules"]:  # a grouped convolution has no dense update to merge
+        before = {k: v.clone() for k, v in ours.state_dict().items()}
+        with pytest.raises(graftkit.UnsupportedError, match="grouped"):
+            ours.merge_adapter()
+        assert all(torch.equal(v, before[k]) for k, v in ours.state_dict().items())  # nothing was merged
+        return
+    ours.merge_adapter()
+    torch.testing.assert_close(run(ours, IDS), out, rtol=1e-5, atol=1e-6)
+    ours.unmerge_adapter()
+    torch.testing.assert_close(run(ours, IDS), out, rtol=1e-5, atol=1e-6)
+    merged = ours.merge_and_unload()
+    torch.testing.assert_close(run(merged, IDS), out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run(merged, IDS), run(theirs.merge_and_unload(), IDS), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
+def test_dilated_convolution_written_out(use_dora):
+    """HF peft builds A without the base's dilation (its output then has the wrong size); graftkit's A dilates as the
+    base does. Checked against the maths: base + s·B(A(x)), and the merged weight computing the same."""
+    model = graftkit.get_peft_model(net(), graftkit.LoraConfig(r=4, lora_alpha=8, target_modules=["dil"],
+                                                               init_lora_weights=False, use_dora=use_dora))
+    layer = model.get_base_model().dil
+    adapter = layer.adapters["default"]
+    x = torch.randn(2, 8, 5, 4, generator=torch.Generator().manual_seed(4)).to(DEVICE)
+    with torch.no_grad():
+        got = layer(x)
+        if not use_dora:
+            expected = layer.base_layer(x) + 2 * adapter.lora_B(adapter.lora_A(x))
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    out = run(model, IDS)
+    model.merge_adapter()
+    torch.testing.assert_close(run(model, IDS), out, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(layer.base_layer(x), got, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_bias_on_a_transformers_model_merges_into_the_base_bias(tmp_path):
+    x = token_batch()
+    config = dict(r=4, lora_alpha=8, target_modules=["query", "value"], lora_bias=True, task_type="SEQ_CLS")
+    ours = graftkit.get_peft_model(tiny_bert_cls(), graftkit.LoraConfig(**config))
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(3))
+    out = run(ours, x)
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_bert_cls(), tmp_path).eval()
+    torch.testing.assert_close(run(theirs, x), out, rtol=1e-5, atol=1e-6)
+    layer = ours.get_base_model().bert.encoder.layer[0].attention.self.query
+    bias = layer.base_layer.bias.clone()
+    ours.merge_adapter()
+    torch.testing.assert_close(layer.base_layer.bias, bias + 2 * layer.adapters["default"].lora_B.bias)
+    torch.testing.assert_close(run(ours, x), out, rtol=1e-5, atol=1e-6)
+    ours.unmerge_adapter()
+    torch.testing.assert_close(layer.base_layer.bias, bias)
+
+
+def test_refusals():
+    with pytest.raises(graftkit.UnsupportedError, match="lora_bias on nn.Embedding"):
+        graftkit.get_peft_model(net(), graftkit.LoraConfig(target_modules=["emb"], lora_bias=True))
+    with pytest.raises(graftkit.UnsupportedError, match="DoRA on a grouped"):
+        graftkit.get_peft_model(net(), graftkit.LoraConfig(r=4, target_modules=["c2"], use_dora=True))
+    with pytest.raises(graftkit.UnsupportedError, match="divisible by the groups"):
+        graftkit.get_peft_model(net(), graftkit.LoraConfig(r=3, target_modules=["c2"]))
+    with pytest.raises(graftkit.UnsupportedError, match="lora_bias with use_dora"):
+        graftkit.LoraConfig(lora_bias=True, use_dora=True)
+    model = graftkit.get_peft_model(nn.Sequential(nn.Linear(4, 4, bias=False)).to(DEVICE),
+                                    graftkit.LoraConfig(target_modules=["0"], lora_bias=True, init_lora_weights=False))
+    with pytest.raises(graftkit.UnsupportedError, match="without a bias"):
+        model.merge_adapter()
