@@ -151,3 +151,50 @@ def test_refusals():
                                     graftkit.LoraConfig(target_modules=["0"], lora_bias=True, init_lora_weights=False))
     with pytest.raises(graftkit.UnsupportedError, match="without a bias"):
         model.merge_adapter()
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_trainable_token_indices_match_peft_both_ways(tmp_path, tied):
+    """The rows of a few token ids train in full (new special tokens); a tied output layer uses the same rows."""
+    from tests.conftest import tiny_llama
+    x = token_batch()
+    x["input_ids"][0, :3] = torch.tensor([3, 5, 7])
+
+    def make():
+        return tiny_llama(tie_word_embeddings=tied)
+
+    config = dict(r=2, target_modules=["q_proj"], trainable_token_indices=[3, 5, 7], init_lora_weights=False)
+    ours = graftkit.get_peft_model(make(), graftkit.LoraConfig(**config))
+    trained = [n for n, p in ours.named_parameters() if p.requires_grad and "token" in n]
+    assert trained == ["base_model.model.model.embed_tokens.adapters.default.token_adapter.trainable_tokens_delta"]
+    with torch.no_grad():
+        ours.get_parameter(trained[0]).add_(torch.randn(3, 16, generator=torch.Generator().manual_seed(5)))
+    out = run(ours, x)
+    ours.save_pretrained(tmp_path / "g")
+    theirs = peft.PeftModel.from_pretrained(make(), tmp_path / "g").eval()
+    torch.testing.assert_close(run(theirs, x), out, rtol=1e-5, atol=1e-5)
+    theirs.save_pretrained(tmp_path / "p")
+    back = graftkit.PeftModel.from_pretrained(make(), tmp_path / "p")
+    torch.testing.assert_close(run(back, x), out, rtol=1e-5, atol=1e-5)
+    # the other rows are the base's: only rows 3, 5, 7 of the embedding differ after a merge
+    weight = ours.get_base_model().model.embed_tokens.base_layer.weight
+    before = weight.detach().clone()
+    ours.merge_adapter()
+    torch.testing.assert_close(run(ours, x), out, rtol=1e-5, atol=1e-5)
+    changed = (weight.detach() != before).any(dim=1).nonzero().flatten().tolist()
+    assert changed == [3, 5, 7]
+    ours.unmerge_adapter()
+    assert torch.equal(weight.detach(), before)
+    torch.testing.assert_close(run(ours.unload(), x), run(make(), x), rtol=1e-5, atol=1e-6)
+
+
+def test_trainable_token_errors():
+    from tests.conftest import tiny_llama
+    with pytest.raises(graftkit.ConfigError, match="out of range"):
+        graftkit.get_peft_model(tiny_llama(), graftkit.LoraConfig(target_modules=["q_proj"],
+                                                                  trainable_token_indices=[3, 640]))
+    with pytest.raises(graftkit.ConfigError, match="distinct"):
+        graftkit.LoraConfig(trainable_token_indices=[3, 3])
+    with pytest.raises(graftkit.UnsupportedError, match="pick one"):
+        graftkit.get_peft_model(tiny_llama(), graftkit.LoraConfig(target_modules=["embed_tokens"],
+                                                                  trainable_token_indices=[3]))

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import PeftConfig, PeftType, TunerConfig, check_regex
-from ..errors import CheckpointError, ConfigError, UnsupportedError, UsageError
+from ..errors import CheckpointError, ConfigError, TargetError, UnsupportedError, UsageError
 from ..inject import inject
 from ..kernels.lora import FusedLoraLinear, LoraUpdate, can_fuse, can_seed_dropout, draw_seed
 from ..layer import AdaptedLayer
@@ -76,6 +76,8 @@ class LoraConfig(TunerConfig):
         rank_pattern / alpha_pattern: per-module ``r`` / ``lora_alpha``; keys are regexes matched against the
             end of the module path.
         lora_bias: give B a bias (trained, zero at the start); merging adds s·b_B to the base bias.
+        trainable_token_indices: token ids whose embedding rows are trained in full (new special tokens): a list for
+            the input embedding, or ``{module name: ids}``; a tied output layer follows the input embedding.
     """
 
     peft_type: str | PeftType | None = PeftType.LORA
@@ -90,6 +92,7 @@ class LoraConfig(TunerConfig):
     rank_pattern: dict[str, int] = dataclasses.field(default_factory=dict)
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     lora_bias: bool = False
+    trainable_token_indices: list[int] | dict[str, list[int]] | None = None
 
     # How the weights started says nothing about what trained weights compute.
     bookkeeping_fields: ClassVar[frozenset[str]] = TunerConfig.bookkeeping_fields | {"init_lora_weights"}
@@ -108,7 +111,6 @@ class LoraConfig(TunerConfig):
         "monteclora_config": None,
         "qalora_group_size": 16,
         "target_parameters": None,
-        "trainable_token_indices": None,
         "use_bdlora": None,
         "use_qalora": False,
         "velora_config": None,
@@ -130,6 +132,12 @@ class LoraConfig(TunerConfig):
                 f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not implemented in graftkit{later}; "
                 f"use one of {list(_INIT_CHOICES)}"
             )
+        tokens = self.trainable_token_indices
+        groups = tokens.values() if isinstance(tokens, dict) else [tokens] if tokens is not None else []
+        for ids in groups:
+            if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
+                raise ConfigError(f"LoraConfig.trainable_token_indices needs distinct non-negative token ids, got "
+                                  f"{tokens!r}")
         if self.lora_bias and self.use_dora:
             raise UnsupportedError("LoraConfig: lora_bias with use_dora is not supported in graftkit; use one of them")
         if self.init_lora_weights == "orthogonal":
@@ -521,6 +529,131 @@ class LoraEmbedding(nn.Module):
         return weight
 
 
+class _TokenRows(nn.Module):
+    """Holds the trained rows (the ecosystem saves them as ``<layer>.token_adapter.trainable_tokens_delta``)."""
+
+    def __init__(self, rows: torch.Tensor) -> None:
+        super().__init__()
+        self.trainable_tokens_delta = nn.Parameter(rows)  # (n, dim)
+
+
+class TrainableTokens(nn.Module):
+    """Trains the rows of a few token ids of an embedding (or of an output layer) in full.
+
+    On an ``nn.Embedding`` the trained rows replace the looked-up vectors of those ids; on a linear output layer (a
+    head tied to the input embedding) they replace the weight rows that give those ids' logits. A tied head shares
+    the embedding adapter's rows (``shared``) and saves nothing of its own. Merging writes the rows into the weight;
+    unmerging writes the original rows back.
+    """
+
+    def __init__(self, base_layer: nn.Module, indices: list[int], shared: TrainableTokens | None = None) -> None:
+        super().__init__()
+        weight = base_layer.weight
+        if max(indices) >= weight.shape[0]:
+            raise ConfigError(f"trainable_token_indices {sorted(i for i in indices if i >= weight.shape[0])} are out "
+                              f"of range for a {type(base_layer).__name__} of {weight.shape[0]} tokens")
+        self._shared = [shared] if shared is not None else []  # a list: not a submodule, nothing saved twice
+        self.register_buffer("indices", torch.tensor(indices, dtype=torch.long, device=weight.device),
+                             persistent=False)
+        self.register_buffer("original", weight.detach()[self.indices].clone(), persistent=False)  # (n, dim)
+        if shared is None:
+            self.token_adapter = _TokenRows(self.original.to(_adapter_dtype(weight)).clone())
+        self._slots: tuple | None = None
+
+    def rows(self) -> torch.Tensor:
+        source = self._shared[0] if self._shared else self
+        return source.token_adapter.trainable_tokens_delta  # (n, dim)
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        return {} if self._shared else {"token_adapter.trainable_tokens_delta": self.rows()}
+
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for src in tensors.values():
+                self.rows().copy_(src.to(device=self.rows().device, dtype=self.rows().dtype))
+
+    def _slot(self, ids: torch.Tensor, vocab: int) -> torch.Tensor:
+        """Each id's row among the trained ones, or -1."""
+        if self._slots is None or self._slots[0] != (vocab, ids.device):
+            table = torch.full((vocab,), -1, dtype=torch.long, device=ids.device)
+            table[self.indices.to(ids.device)] = torch.arange(len(self.indices), device=ids.device)
+            self._slots = ((vocab, ids.device), table)
+        return self._slots[1][ids]
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        rows = self.rows().to(y.dtype)
+        if isinstance(base_layer, nn.Embedding):
+            slot = self._slot(x, base_layer.num_embeddings)  # (...,)
+            return torch.where((slot >= 0)[..., None], rows[slot.clamp(min=0)], y)
+        logits = x @ rows.T  # (..., n): the trained rows' logits
+        bias = getattr(base_layer, "bias", None)
+        if bias is not None:
+            logits = logits + bias[self.indices].to(y.dtype)
+        return y.index_copy(y.dim() - 1, self.indices, logits)
+
+    def merge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return weight.index_copy_(0, self.indices, self.rows().detach().to(weight.dtype))
+
+    def unmerge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return weight.index_copy_(0, self.indices, self.original.to(weight.dtype))
+
+
+def add_trainable_tokens(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+    """Wrap the layers ``trainable_token_indices`` names (a list: the input embedding) with :class:`TrainableTokens`;
+    an output layer tied to a wrapped embedding shares its rows, as the tied weights are one tensor."""
+    from ..inject import _name_matches, iter_modules, set_submodule
+
+    tokens = config.trainable_token_indices
+    if tokens is None:
+        return
+    paths = {path: module for path, module in iter_modules(model) if path}
+    def base_of(module: nn.Module) -> nn.Module:
+        return module.base_layer if isinstance(module, AdaptedLayer) else module
+
+    if isinstance(tokens, dict):
+        wanted = []
+        for name, ids in tokens.items():
+            found = [p for p in paths if _name_matches(p, [name])]
+            if not found:
+                raise TargetError(f"trainable_token_indices names '{name}', which matches no module of "
+                                  f"{type(model).__name__}")
+            wanted += [(p, ids) for p in found]
+    else:
+        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+        found = [p for p, m in paths.items() if embedding is not None and (m is embedding or base_of(m) is embedding)]
+        if not found:
+            raise TargetError(f"trainable_token_indices needs the input embedding of {type(model).__name__}; name the "
+                              "layer: trainable_token_indices={'embed_tokens': [...]}")
+        wanted = [(found[0], tokens)]
+    created: dict[int, TrainableTokens] = {}
+    for path, ids in wanted:
+        module = model.get_submodule(path)
+        base = base_of(module)
+        if not isinstance(base, (nn.Embedding, nn.Linear)):
+            raise TargetError(f"trainable_token_indices: '{path}' is a {type(base).__name__}, not an embedding or "
+                              "linear output layer")
+        if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
+            raise UnsupportedError(f"'{path}' is both a LoRA target and in trainable_token_indices; pick one")
+        adapter = TrainableTokens(base, list(ids))
+        if not isinstance(module, AdaptedLayer):
+            module = AdaptedLayer(base)
+            set_submodule(model, path, module)
+        module.add(adapter_name, adapter)
+        created[id(base.weight)] = adapter
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    head = base_of(head) if head is not None else None
+    if head is not None and id(getattr(head, "weight", None)) in created and \
+            not any(base_of(model.get_submodule(p)) is head for p, _ in wanted):
+        path = next(p for p, m in paths.items() if m is head or base_of(m) is head)
+        module = model.get_submodule(path)
+        shared = created[id(head.weight)]
+        adapter = TrainableTokens(head, shared.indices.tolist(), shared=shared)
+        if not isinstance(module, AdaptedLayer):
+            module = AdaptedLayer(head)
+            set_submodule(model, path, module)
+        module.add(adapter_name, adapter)
+
+
 _CONV = {1: (nn.Conv1d, F.conv1d), 2: (nn.Conv2d, F.conv2d), 3: (nn.Conv3d, F.conv3d)}
 
 
@@ -706,6 +839,7 @@ class Lora(Method):
                 stacklevel=4,
             )
         targets = inject(model, config, adapter_name)
+        add_trainable_tokens(model, config, adapter_name)
         for name in targets:
             layer = model.get_submodule(name)
             adapter = layer.adapters[adapter_name]
