@@ -198,3 +198,13 @@ def test_trainable_token_errors():
     with pytest.raises(graftkit.UnsupportedError, match="pick one"):
         graftkit.get_peft_model(tiny_llama(), graftkit.LoraConfig(target_modules=["embed_tokens"],
                                                                   trainable_token_indices=[3]))
+
+
+def test_all_linear_on_fused_experts_says_what_it_leaves_out():
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                             num_attention_heads=2, num_key_value_heads=1, num_local_experts=4,
+                                             num_experts_per_tok=2))
+    with pytest.warns(UserWarning, match=r"fused expert parameters of \['model.layers.0.mlp.experts'"):
+        graftkit.get_peft_model(model, graftkit.LoraConfig(target_modules="all-linear"))

@@ -14,6 +14,7 @@ Matching rules (the ecosystem's):
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -119,6 +120,8 @@ def find_targets(model: nn.Module, config: TunerConfig) -> list[str]:
         if layers is not None and layer_index(name, config.layers_pattern) not in layers:
             continue
         found.append(name)
+    if targets == ALL_LINEAR:
+        _warn_unadapted_experts(model)
     if not found:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in iter_modules(model) if n and not list(m.children())})
         detail = f", layers_to_transform={config.layers_to_transform!r}" if layers is not None else ""
@@ -127,6 +130,21 @@ def find_targets(model: nn.Module, config: TunerConfig) -> list[str]:
             f"{type(model).__name__}. Leaf modules that exist: {leaves[:40]}. Pass names from that list."
         )
     return found
+
+
+def _warn_unadapted_experts(model: nn.Module) -> None:
+    """Mixture-of-experts models in transformers 5 keep their experts as fused 3-D parameters, not linear layers:
+    say so instead of silently leaving most of the model's weights out of ``"all-linear"``."""
+    experts = [name for name, module in iter_modules(model)
+               if any(p is not None and p.dim() == 3 for p in module._parameters.values())]
+    if experts:
+        warnings.warn(
+            f"target_modules='{ALL_LINEAR}' adapts linear layers only: the fused expert parameters of {experts[:3]}"
+            f"{' ...' if len(experts) > 3 else ''} ({len(experts)} modules) stay frozen. HF peft also adapts them "
+            "(target_parameters), which graftkit does not implement yet, so the two libraries' adapters differ for "
+            "this config",
+            stacklevel=4,
+        )
 
 
 def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
