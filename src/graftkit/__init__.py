@@ -36,6 +36,7 @@ from .methods import (
     PromptTuningConfig,
     PromptTuningInit,
 )
+from .methods.lora import hotswap_adapter, prepare_model_for_compiled_hotswap
 from .model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -104,7 +105,9 @@ __all__ = [
     "UnsupportedError",
     "UsageError",
     "get_peft_model",
+    "hotswap_adapter",
     "inject_adapter_in_model",
+    "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
     "__version__",
 ]
