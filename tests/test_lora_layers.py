@@ -208,3 +208,27 @@ def test_all_linear_on_fused_experts_says_what_it_leaves_out():
                                              num_experts_per_tok=2))
     with pytest.warns(UserWarning, match=r"fused expert parameters of \['model.layers.0.mlp.experts'"):
         graftkit.get_peft_model(model, graftkit.LoraConfig(target_modules="all-linear"))
+
+
+@pytest.mark.parametrize("targets", [None, "all-linear"], ids=["default", "all-linear"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "t5", "bert"])
+def test_same_config_adapts_the_same_modules_as_peft(tmp_path, arch, targets):
+    """The saved tensor names are HF peft's for the same config: defaults per architecture and "all-linear" (which
+    leaves out the output layer and a classifier head trained in full)."""
+    from safetensors.torch import load_file
+
+    from tests.conftest import tiny_gpt2, tiny_llama, tiny_t5
+    make, task = {"llama": (tiny_llama, "CAUSAL_LM"), "gpt2": (tiny_gpt2, "CAUSAL_LM"),
+                  "t5": (tiny_t5, "SEQ_2_SEQ_LM"), "bert": (tiny_bert_cls, "SEQ_CLS")}[arch]
+    peft.get_peft_model(make(), peft.LoraConfig(r=2, target_modules=targets, task_type=task)).save_pretrained(
+        tmp_path / "p")
+    graftkit.get_peft_model(make(), graftkit.LoraConfig(r=2, target_modules=targets, task_type=task)).save_pretrained(
+        tmp_path / "g")
+    assert set(load_file(tmp_path / "g" / "adapter_model.safetensors")) == \
+        set(load_file(tmp_path / "p" / "adapter_model.safetensors"))
+
+
+def test_a_module_is_a_target_or_trained_in_full_not_both():
+    with pytest.raises(graftkit.TargetError, match="both adapter targets and modules_to_save"):
+        graftkit.get_peft_model(tiny_bert_cls(), graftkit.LoraConfig(target_modules=["query", "classifier"],
+                                                                     task_type="SEQ_CLS"))

@@ -102,6 +102,7 @@ def find_targets(model: nn.Module, config: TunerConfig) -> list[str]:
     """
     targets = config.target_modules if config.target_modules is not None else default_targets(model, config)
     output_layer = _output_layer(model) if targets == ALL_LINEAR else None
+    saved = getattr(config, "modules_to_save", None) or []
     layers = config.layers_to_transform
     if isinstance(layers, int):
         layers = [layers]
@@ -112,6 +113,8 @@ def find_targets(model: nn.Module, config: TunerConfig) -> list[str]:
         if targets == ALL_LINEAR:
             base = module.base_layer if isinstance(module, AdaptedLayer) else module
             if not is_linear(base) or base is output_layer:
+                continue
+            if saved and _name_matches(name, saved):  # a head trained in full (classifier) gets no adapter too
                 continue
         elif not _name_matches(name, targets):
             continue
@@ -164,6 +167,12 @@ def inject(model: nn.Module, config: TunerConfig, adapter_name: str) -> list[str
     """
     method = method_for(config)
     targets = find_targets(model, config)
+    both = [n for n in targets if config.modules_to_save and _name_matches(n, config.modules_to_save)]
+    if both:
+        raise TargetError(
+            f"{both[:3]} are both adapter targets and modules_to_save (trained in full); a module is one or the "
+            "other: remove it from target_modules or from modules_to_save"
+        )
     for name in targets:
         module = model.get_submodule(name)
         base = module.base_layer if isinstance(module, AdaptedLayer) else module
