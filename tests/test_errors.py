@@ -163,7 +163,7 @@ def test_missing_folder_and_offline_hub_id(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "kwargs, field",
     [(dict(r=0), "r"), (dict(lora_dropout=1.5), "lora_dropout"), (dict(bias="some"), "bias"),
-     (dict(init_lora_weights="pissa"), "init_lora_weights"), (dict(task_type="NOPE"), "task_type"),
+     (dict(init_lora_weights="pissa_fast"), "init_lora_weights"), (dict(task_type="NOPE"), "task_type"),
      (dict(target_modules=".*q", layers_to_transform=[0]), "layers_to_transform")],
 )
 def test_config_validation_names_field(kwargs, field):

@@ -169,3 +169,14 @@ def get_weight(layer: nn.Module) -> torch.Tensor:
 def set_weight(layer: nn.Module, weight: torch.Tensor) -> None:
     """Write a dense weight back into ``layer`` (re-quantizing where the backend stores it quantized)."""
     _access(layer).set(layer, weight)
+
+
+def linear_features(layer: nn.Module) -> tuple[int, int] | None:
+    """(in_features, out_features) of a linear layer of any kind (``nn.Linear``, transformers ``Conv1D`` storing
+    (in, out), quantized linears), or ``None`` for other layers; read without touching the weight's data."""
+    if type(layer).__name__ == "Conv1D":
+        fan_in, fan_out = layer.weight.shape
+        return fan_in, fan_out
+    if isinstance(getattr(layer, "in_features", None), int) and not isinstance(layer, nn.Embedding):
+        return layer.in_features, layer.out_features
+    return None

@@ -40,7 +40,7 @@ from ..errors import CheckpointError, ConfigError, UnsupportedError, UsageError
 from ..kernels.lora import FusedLoraLinear, LoraUpdate, can_fuse, can_seed_dropout, draw_seed
 from ..layer import AdaptedLayer
 from ..registry import Method, register
-from ..weights import get_weight
+from ..weights import get_weight, linear_features
 from .lora import Lora, LoraConfig, _adapter_dtype
 
 _EPS = 1e-5  # keeps s / (r₀ + ε) finite for an adapter built with no ranks
@@ -289,12 +289,10 @@ class AdaLora(Method):
 
     @classmethod
     def adapter_shapes(cls, base_layer: nn.Module, config: AdaLoraConfig, module_name: str) -> dict[str, tuple] | None:
-        if type(base_layer).__name__ == "Conv1D":
-            fan_in, fan_out = base_layer.weight.shape
-        elif isinstance(getattr(base_layer, "in_features", None), int) and not isinstance(base_layer, nn.Embedding):
-            fan_in, fan_out = base_layer.in_features, base_layer.out_features
-        else:
+        features = linear_features(base_layer)
+        if features is None:
             return None
+        fan_in, fan_out = features
         r = cls._rank(config, module_name)
         return {"lora_A": (r, fan_in), "lora_E": (r, 1), "lora_B": (fan_out, r)}
 

@@ -26,7 +26,7 @@ from torch import nn
 from ..config import PeftType, TunerConfig, check_regex
 from ..errors import ConfigError, TargetError, UnsupportedError
 from ..registry import Method, register
-from ..weights import get_weight
+from ..weights import get_weight, linear_features
 
 
 @dataclasses.dataclass
@@ -256,12 +256,10 @@ class IA3(Method):
         feedforward = config.is_feedforward(module_name)
         if isinstance(base_layer, nn.Conv2d):
             return {"ia3_l": (1, base_layer.in_channels if feedforward else base_layer.out_channels, 1, 1)}
-        if type(base_layer).__name__ == "Conv1D":
-            fan_in, fan_out = base_layer.weight.shape
-        elif isinstance(getattr(base_layer, "in_features", None), int):
-            fan_in, fan_out = base_layer.in_features, base_layer.out_features
-        else:
+        features = linear_features(base_layer)
+        if features is None:
             return None
+        fan_in, fan_out = features
         return {"ia3_l": (1, fan_in) if feedforward else (fan_out, 1)}
 
     @classmethod

@@ -42,7 +42,7 @@ from ..kernels.lora import FusedLoraLinear, LoraUpdate, can_fuse, can_seed_dropo
 from ..layer import AdaptedLayer
 from ..merging import COMBINATIONS, combine
 from ..registry import Method, is_loading, register
-from ..weights import get_weight, is_quantized, set_weight
+from ..weights import get_weight, is_quantized, linear_features, set_weight
 
 _INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora", "orthogonal")
 _NOT_YET = ("eva", "corda", "loftq", "lora_ga", "mica")  # HF peft inits graftkit does not implement yet
@@ -184,7 +184,20 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
-class LoraLinear(nn.Module):
+class _BiasMerge:
+    """``lora_bias``: merging adds s·b_B to the base layer's bias (and unmerging takes it out)."""
+
+    lora_B: nn.Module
+    scaling: float | torch.Tensor
+
+    def merge_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias if self.lora_B.bias is None else bias + self.scaling * self.lora_B.bias.detach().to(bias.dtype)
+
+    def unmerge_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        return bias if self.lora_B.bias is None else bias - self.scaling * self.lora_B.bias.detach().to(bias.dtype)
+
+
+class LoraLinear(_BiasMerge, nn.Module):
     """LoRA (optionally DoRA) on a linear layer: ``nn.Linear`` or transformers ``Conv1D`` (fan_in_fan_out)."""
 
     def __init__(
@@ -428,11 +441,6 @@ class LoraLinear(nn.Module):
         self._dora_merge_scale = None
         return weight
 
-    def merge_bias(self, bias: torch.Tensor) -> torch.Tensor:
-        return bias if self.lora_B.bias is None else bias + self.scaling * self.lora_B.bias.detach().to(bias.dtype)
-
-    def unmerge_bias(self, bias: torch.Tensor) -> torch.Tensor:
-        return bias if self.lora_B.bias is None else bias - self.scaling * self.lora_B.bias.detach().to(bias.dtype)
 
 
 def _stacked(adapters: list, live: list, dtype: torch.dtype, device: torch.device, cache: dict):
@@ -664,7 +672,7 @@ def add_trainable_tokens(model: nn.Module, config: LoraConfig, adapter_name: str
 _CONV = {1: (nn.Conv1d, F.conv1d), 2: (nn.Conv2d, F.conv2d), 3: (nn.Conv3d, F.conv3d)}
 
 
-class LoraConv(nn.Module):
+class LoraConv(_BiasMerge, nn.Module):
     """LoRA (optionally DoRA) on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``: A is a conv with the base's kernel,
     stride, padding and dilation (in → r), B a 1×1 conv (r → out) with the base's groups.
 
@@ -756,11 +764,6 @@ class LoraConv(nn.Module):
         self._dora_merge_scale = None
         return weight
 
-    def merge_bias(self, bias: torch.Tensor) -> torch.Tensor:
-        return bias if self.lora_B.bias is None else bias + self.scaling * self.lora_B.bias.detach().to(bias.dtype)
-
-    def unmerge_bias(self, bias: torch.Tensor) -> torch.Tensor:
-        return bias if self.lora_B.bias is None else bias - self.scaling * self.lora_B.bias.detach().to(bias.dtype)
 
 
 def _init_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> None:
@@ -877,12 +880,10 @@ class Lora(Method):
             if config.use_dora:
                 shapes["lora_magnitude_vector"] = (1, out, *ones)
             return shapes
-        if type(base_layer).__name__ == "Conv1D":
-            fan_in, fan_out = base_layer.weight.shape
-        elif isinstance(getattr(base_layer, "in_features", None), int):
-            fan_in, fan_out = base_layer.in_features, base_layer.out_features
-        else:
+        features = linear_features(base_layer)
+        if features is None:
             return None
+        fan_in, fan_out = features
         shapes = {"lora_A.weight": (r, fan_in), "lora_B.weight": (fan_out, r)}
         if config.lora_bias:
             shapes["lora_B.bias"] = (fan_out,)
