@@ -74,3 +74,19 @@ def test_bad_swaps_change_nothing(tmp_path):
         graftkit.prepare_model_for_compiled_hotswap(compiled, target_rank=8)
     with pytest.raises(graftkit.UsageError, match="above target_rank"):
         graftkit.prepare_model_for_compiled_hotswap(model, target_rank=1)
+
+
+def test_swap_keeps_what_is_trained_in_full(tmp_path):
+    """Layers the new adapter leaves out are zeroed LoRA layers; a head trained in full cannot be left out."""
+    from tests.conftest import tiny_bert_cls
+    config = dict(r=2, target_modules=["query", "value"], task_type="SEQ_CLS")
+    first = graftkit.get_peft_model(tiny_bert_cls(), graftkit.LoraConfig(**config))
+    randomize_adapters(first, seed=1)
+    first.save_pretrained(tmp_path / "a")
+    no_head = graftkit.get_peft_model(tiny_bert_cls(), graftkit.LoraConfig(r=2, target_modules=["query"]))
+    no_head.save_pretrained(tmp_path / "b")
+    model = graftkit.PeftModel.from_pretrained(tiny_bert_cls(), tmp_path / "a")
+    out = run(model, token_batch())
+    with pytest.raises(graftkit.CheckpointError, match="trains in full"):
+        graftkit.hotswap_adapter(model, tmp_path / "b", "default")
+    torch.testing.assert_close(run(model, token_batch()), out)

@@ -1205,6 +1205,10 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike[str]
     if unexpected:
         raise CheckpointError(f"{directory}: the adapter adapts layers that '{adapter_name}' does not "
                               f"({unexpected[:3]}); hot-swapping cannot add layers to a (compiled) model")
+    lacking = sorted(k for k in set(live) - set(tensors) if ".lora_" not in k)
+    if lacking:
+        raise CheckpointError(f"{directory}: the adapter lacks {lacking[:3]}, which '{adapter_name}' trains in full "
+                              "(modules_to_save, trainable tokens); only LoRA layers may be left out")
     layers = [(p, m) for p, m in _lora_layers(peft_model.model) if adapter_name in m.adapters]
     if any(adapter_name in m.merged for _, m in layers):
         raise UsageError(f"adapter '{adapter_name}' is merged; unmerge_adapter() before hot-swapping")
@@ -1219,7 +1223,7 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike[str]
         for key, old in live.items():
             new = tensors.get(key)
             if new is None:
-                old.zero_()  # a layer the new adapter leaves alone
+                old.zero_()  # a LoRA layer the new adapter leaves alone
                 continue
             new = new.to(device=torch_device or old.device, dtype=old.dtype)
             if new.shape == old.shape:
