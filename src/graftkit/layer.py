@@ -300,10 +300,6 @@ class ModelAdapter(nn.Module):
         """The keyword arguments of the base model's forward, changed (inputs, attention mask, labels, cache)."""
         return inputs
 
-    def call(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
-        """Run the base model's forward with the adapter applied; by default ``model(**self.prepare(...))``."""
-        return model(**self.prepare(model, inputs))
-
     def generate(self, model: nn.Module, inputs: dict[str, Any]) -> Any:
         """Run ``model.generate(**inputs)`` with the adapter applied; returns what ``generate`` returns."""
         return model.generate(**inputs)

@@ -450,7 +450,7 @@ class PeftModel(nn.Module):
         hook = self._model_adapter(adapter_names)
         if hook is not None:
             args, kwargs = _ids_as_keyword(args, kwargs)
-            out = hook.call(self.base_model.model, kwargs)
+            out = self.base_model.model(**hook.prepare(self.base_model.model, kwargs))
         elif adapter_names is None:
             out = self.base_model.model(*args, **kwargs)
         else:
