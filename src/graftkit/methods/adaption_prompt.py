@@ -33,7 +33,7 @@ from torch import nn
 
 from ..config import PeftConfig, PeftType
 from ..errors import ConfigError, UnsupportedError
-from ..layer import ModelAdapter
+from ..layer import AdaptedLayer, ModelAdapter
 from ..registry import Method, register
 
 SUPPORTED = ("llama", "mistral", "qwen2")
@@ -128,7 +128,10 @@ class AdaptionPrompts(ModelAdapter):
         grad = torch.is_grad_enabled() and (prompt.requires_grad or any(
             p.requires_grad for p in (*attn.k_proj.parameters(), *attn.v_proj.parameters())))
         key = None
-        if not grad:
+        # Adapters on the projections (LoRA on k_proj) change them without changing their parameters' versions when
+        # switched or disabled: no reuse there.
+        wrapped = isinstance(attn.k_proj, AdaptedLayer) or isinstance(attn.v_proj, AdaptedLayer)
+        if not grad and not wrapped:
             key = (dtype, prompt.device, prompt._version, torch.is_inference_mode_enabled(),
                    *(p._version for p in attn.k_proj.parameters()), *(p._version for p in attn.v_proj.parameters()),
                    *(id(p) for p in attn.k_proj.parameters()), *(id(p) for p in attn.v_proj.parameters()))
