@@ -274,31 +274,44 @@ def test_adalora_config_errors():
         graftkit.get_peft_model(tiny_llama(), graftkit.AdaLoraConfig(target_modules=["embed_tokens"], total_step=10))
 
 
-def test_adalora_trainer_resumes_mid_pruning(tmp_path):
-    """A checkpoint written during the pruning phase holds only the kept ranks; resuming takes its rank pattern into
-    the full-size adapter (pruned ranks at Λ = 0) and the run ends at its budget. The importance averages are not
-    part of a checkpoint: they restart at the resume step."""
+def test_adalora_trainer_resumes_mid_pruning_with_the_same_losses(tmp_path):
+    """A checkpoint written during the pruning phase holds the kept ranks and the importance averages; resuming from
+    it gives the same loss at every later step and the same final rank pattern as the uninterrupted run."""
     from datasets import Dataset
-    from transformers import TrainingArguments
+    from transformers import TrainerCallback, TrainingArguments
     rows = torch.randint(0, 64, (8, 9), generator=torch.Generator().manual_seed(0))
     data = Dataset.from_dict({"input_ids": rows.tolist(), "labels": rows.tolist()})
 
-    def args(steps):
-        return TrainingArguments(output_dir=str(tmp_path), max_steps=steps, per_device_train_batch_size=4,
+    def args(out):
+        return TrainingArguments(output_dir=str(tmp_path / out), max_steps=14, per_device_train_batch_size=4,
                                  learning_rate=1e-2, save_steps=8, report_to=[], use_cpu=DEVICE.type == "cpu",
-                                 logging_steps=100, label_smoothing_factor=0.1)
+                                 logging_steps=1, lr_scheduler_type="constant", seed=0)
 
-    first = graftkit.get_peft_model(tiny_llama(), graftkit.AdaLoraConfig(**ADALORA))
-    graftkit.Trainer(model=first, args=args(8), train_dataset=data).train()
-    saved = json.loads((tmp_path / "checkpoint-8" / "adapter_config.json").read_text())["rank_pattern"]
-    assert saved is not None and saved == first.peft_config["default"].rank_pattern
+    def losses(trainer):
+        return {e["step"]: e["loss"] for e in trainer.state.log_history if "loss" in e}
+
+    full = graftkit.get_peft_model(tiny_llama(), graftkit.AdaLoraConfig(**ADALORA))
+    whole = graftkit.Trainer(model=full, args=args("full"), train_dataset=data)
+    whole.train()
+    checkpoint = tmp_path / "full" / "checkpoint-8"
+    saved = json.loads((checkpoint / "adapter_config.json").read_text())["rank_pattern"]
+    assert saved is not None and (checkpoint / "graftkit_training_state.safetensors").is_file()
+
+    class StopAfterFirstCheckpoint(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            control.should_training_stop = True
+
+    cut = graftkit.get_peft_model(tiny_llama(), graftkit.AdaLoraConfig(**ADALORA))
+    graftkit.Trainer(model=cut, args=args("cut"), train_dataset=data, callbacks=[StopAfterFirstCheckpoint()]).train()
     resumed = graftkit.get_peft_model(tiny_llama(), graftkit.AdaLoraConfig(**ADALORA))
-    trainer = graftkit.Trainer(model=resumed, args=args(14), train_dataset=data)
-    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-8"))
-    pattern = resumed.peft_config["default"].rank_pattern
-    assert sum(map(sum, pattern.values())) == 3 * 6
-    layer = resumed.get_base_model().model.layers[0].self_attn.q_proj.adapters["default"]
-    assert layer.lora_A.shape[0] == 6 and layer.kept is not None  # full size, pruned ranks masked
+    again = graftkit.Trainer(model=resumed, args=args("cut"), train_dataset=data)
+    again.train(resume_from_checkpoint=str(tmp_path / "cut" / "checkpoint-8"))
+    later = {s: v for s, v in losses(whole).items() if s > 8}
+    assert len(later) == 6
+    for step, value in later.items():
+        assert abs(losses(again)[step] - value) <= 1e-6 * max(1.0, abs(value)), (step, losses(again)[step], value)
+    assert resumed.peft_config["default"].rank_pattern == full.peft_config["default"].rank_pattern
+    assert sum(map(sum, full.peft_config["default"].rank_pattern.values())) == 3 * 6
 
 
 def test_adalora_penalty_reaches_a_smoothed_loss(tmp_path):

@@ -476,6 +476,32 @@ class PeftModel(nn.Module):
                 total = term if total is None else total + term
         return total
 
+    def training_state(self) -> dict[str, torch.Tensor]:
+        """What the adapters' methods keep between optimizer steps besides the weights (AdaLoRA's importance
+        averages), as ``"<adapter>/<key>"`` tensors; ``graftkit.Trainer`` writes it into its checkpoints."""
+        out = {}
+        for name, config in self.peft_config.items():
+            for key, tensor in method_for(config).training_state(self.base_model.model, config, name).items():
+                out[f"{name}/{key}"] = tensor
+        return out
+
+    def load_training_state(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take back :meth:`training_state` (resuming a run); entries of adapters this model lacks are refused.
+
+        Raises:
+            CheckpointError: an entry names an unknown adapter or does not fit it.
+        """
+        parts: dict[str, dict[str, torch.Tensor]] = {}
+        for key, tensor in tensors.items():
+            name, _, rest = key.partition("/")
+            if name not in self.peft_config:
+                raise CheckpointError(f"training state '{key}' belongs to adapter '{name}', which this model lacks; "
+                                      f"adapters: {sorted(self.peft_config)}")
+            parts.setdefault(name, {})[rest] = tensor
+        for name, part in parts.items():
+            config = self.peft_config[name]
+            method_for(config).load_training_state(self.base_model.model, config, name, part)
+
     def update_and_allocate(self, global_step: int) -> None:
         """Run the per-step work of the active adapters' methods (AdaLoRA prunes ranks to its budget); a no-op for
         methods without any. In a plain training loop call it every optimizer step, after ``loss.backward()`` and

@@ -91,6 +91,17 @@ class Method:
                                "OLoRA LoRA adapters)")
 
     @classmethod
+    def training_state(cls, model: nn.Module, config: PeftConfig, adapter_name: str) -> dict[str, torch.Tensor]:
+        """State the method keeps between optimizer steps outside the adapter's weights (AdaLoRA's importance
+        averages), for a training checkpoint; most methods keep none."""
+        return {}
+
+    @classmethod
+    def load_training_state(cls, model: nn.Module, config: PeftConfig, adapter_name: str,
+                            tensors: dict[str, torch.Tensor]) -> None:
+        """Take back what :meth:`training_state` gave (resuming a training run)."""
+
+    @classmethod
     def restore_state(cls, model: nn.Module, config: PeftConfig, adapter_name: str) -> None:
         """Bring the adapter's modules in line with its config's ``training_state_fields`` (just taken from a
         checkpoint); most methods keep no such state."""

@@ -33,6 +33,7 @@ from ..model import PeftModel
 from ..weights import is_quantized
 
 TRAINING_ARGS_NAME = "training_args.bin"
+TRAINING_STATE_NAME = "graftkit_training_state.safetensors"  # methods' state between steps (AdaLoRA)
 
 
 def _graftkit_model(trainer: Any, model: nn.Module | None = None) -> PeftModel | None:
@@ -150,6 +151,14 @@ class AdapterTrainerMixin:
         model.save_pretrained(output_dir, is_main_process=self.args.should_save)
         if not self.args.should_save:
             return
+        state = model.training_state()  # a method's state between steps (AdaLoRA's importance averages)
+        if state:
+            from safetensors.torch import save_file
+
+            path = os.path.join(output_dir, TRAINING_STATE_NAME)
+            partial = f"{path}.partial"  # written whole, then renamed: a reader sees the old file or the new one
+            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, partial)
+            os.replace(partial, path)
         if self.processing_class is not None:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
@@ -159,6 +168,11 @@ class AdapterTrainerMixin:
         if graftkit_model is None:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         load_adapters_from(graftkit_model, resume_from_checkpoint)
+        state_file = os.path.join(resume_from_checkpoint, TRAINING_STATE_NAME)
+        if os.path.isfile(state_file):
+            from safetensors.torch import load_file
+
+            graftkit_model.load_training_state(load_file(state_file))
 
     def _load_best_model(self) -> None:
         model = _graftkit_model(self)

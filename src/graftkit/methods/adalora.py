@@ -315,6 +315,43 @@ class AdaLora(Method):
             layer.kept = torch.tensor(kept, dtype=torch.bool, device=layer.lora_E.device) if full else None
 
     @classmethod
+    def training_state(cls, model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> dict[str, torch.Tensor]:
+        """The smoothed importance and uncertainty of every weight (a resumed run continues the same schedule)."""
+        out = {}
+        for path, layer in _layers(model, adapter_name):
+            for name, (mean, spread) in layer.importance.items():
+                out[f"{path}.{name}.importance"] = mean
+                out[f"{path}.{name}.uncertainty"] = spread
+            if layer.kept is not None and not bool(layer.kept.all()):
+                # The adapter files hold the kept ranks only; the pruned ones keep training (and may come back at
+                # the next pruning step), so a resumed run needs them too.
+                for name in ("lora_A", "lora_E", "lora_B"):
+                    out[f"{path}.{name}.full"] = getattr(layer, name).detach()
+        return out
+
+    @classmethod
+    def load_training_state(cls, model: nn.Module, config: AdaLoraConfig, adapter_name: str,
+                            tensors: dict[str, torch.Tensor]) -> None:
+        layers = dict(_layers(model, adapter_name))
+        loaded: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            head, kind = key.rsplit(".", 1)
+            path, name = head.rsplit(".", 1)
+            layer = layers.get(path)
+            param = getattr(layer, name, None) if layer is not None else None
+            if not isinstance(param, nn.Parameter) or kind not in ("importance", "uncertainty", "full") or \
+                    tuple(value.shape) != tuple(param.shape):
+                raise CheckpointError(f"AdaLoRA training state '{key}' does not fit adapter '{adapter_name}' (shape "
+                                      f"{tuple(value.shape)}); resume with the model this checkpoint was trained on")
+            loaded.setdefault((path, name), {})[kind] = value.to(device=param.device, dtype=param.dtype)
+        for (path, name), parts in loaded.items():
+            if "importance" in parts and "uncertainty" in parts:
+                layers[path].importance[name] = (parts["importance"], parts["uncertainty"])
+            if "full" in parts:
+                with torch.no_grad():
+                    getattr(layers[path], name).copy_(parts["full"])
+
+    @classmethod
     def regularization(cls, model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> torch.Tensor | None:
         """``orth_reg_weight`` × the mean orthogonality residual of every P and Q."""
         if config.orth_reg_weight == 0:
