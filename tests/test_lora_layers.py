@@ -232,3 +232,64 @@ def test_a_module_is_a_target_or_trained_in_full_not_both():
     with pytest.raises(graftkit.TargetError, match="both adapter targets and modules_to_save"):
         graftkit.get_peft_model(tiny_bert_cls(), graftkit.LoraConfig(target_modules=["query", "classifier"],
                                                                      task_type="SEQ_CLS"))
+
+
+class AttentionNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.attn(x, x, x)[0])
+
+
+def attention_net():
+    torch.manual_seed(0)
+    return AttentionNet().eval().to(DEVICE)
+
+
+def test_multihead_attention_is_the_maths_and_moves_both_ways(tmp_path):
+    """W + s·B A on the packed input projection and on the output projection. HF peft 0.21.2 adds the output
+    projection's update twice in its forward and merge (huggingface/peft PR #3774), so it is the reference only with
+    that update at zero; against the maths graftkit is checked with both."""
+    from safetensors.torch import load_file
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    torch.manual_seed(1)
+    theirs = peft.get_peft_model(attention_net(), peft.LoraConfig(r=2, target_modules=["attn"],
+                                                                  init_lora_weights=False)).eval()
+    theirs.save_pretrained(tmp_path / "p")
+    ours = graftkit.PeftModel.from_pretrained(attention_net(), tmp_path / "p")
+    files = load_file(tmp_path / "p" / "adapter_model.safetensors")
+    manual = attention_net()
+    with torch.no_grad():
+        for key, param in (("", manual.attn.in_proj_weight), ("base_layer.out_proj.", manual.attn.out_proj.weight)):
+            a, b = (files[f"base_model.model.attn.{key}lora_{x}.weight"].to(DEVICE) for x in "AB")
+            param += 4.0 * b @ a  # s = lora_alpha / r = 8 / 2
+    out = run(ours, x)
+    torch.testing.assert_close(out, run(manual, x), rtol=1e-5, atol=1e-5)
+    ours.save_pretrained(tmp_path / "g")
+    assert load_file(tmp_path / "g" / "adapter_model.safetensors").keys() == files.keys()
+    with torch.no_grad():  # without the output projection's update HF peft computes the same
+        theirs.base_model.model.attn.base_layer.out_proj.lora_B["default"].weight.zero_()
+        ours.get_base_model().attn.adapters["default"].out_proj.lora_B.weight.zero_()
+    torch.testing.assert_close(run(ours, x), run(theirs, x), rtol=1e-5, atol=1e-5)
+    ours.merge_adapter()
+    torch.testing.assert_close(run(ours, x), run(theirs, x), rtol=1e-5, atol=1e-5)
+    ours.unmerge_adapter()
+    torch.testing.assert_close(ours.get_base_model().attn.base_layer.in_proj_weight,
+                               attention_net().attn.in_proj_weight, rtol=1e-5, atol=1e-6)
+
+
+def test_multihead_attention_trains_and_refuses_what_it_cannot_do():
+    model = graftkit.get_peft_model(attention_net(), graftkit.LoraConfig(r=2, target_modules=["attn"]))
+    model.train()
+    x = torch.randn(2, 5, 8, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    model(x).sum().backward()
+    grads = {n for n, p in model.named_parameters() if p.grad is not None}
+    assert any("out_proj.lora_B" in n for n in grads) and any(n.endswith("attn.adapters.default.lora_B.weight")
+                                                              for n in grads)
+    with pytest.raises(graftkit.UnsupportedError, match="use_dora"):
+        graftkit.get_peft_model(attention_net(), graftkit.LoraConfig(target_modules=["attn"], use_dora=True))
+    with pytest.warns(UserWarning, match="no effect on nn.MultiheadAttention"):
+        graftkit.get_peft_model(attention_net(), graftkit.LoraConfig(target_modules=["attn"], lora_dropout=0.1))

@@ -19,7 +19,10 @@ The adapter protocol (every method meets the first line; the rest is optional):
 * ``saved_tensors()`` / ``load_saved(tensors)``: the adapter saves other tensors than its ``state_dict``
   (AdaLoRA saves only the ranks it kept);
 * ``restore_base(w, base_layer) -> w``: the adapter changed the base weight when attached (PiSSA, OLoRA) and gives
-  it back when it leaves unmerged.
+  it back when it leaves unmerged;
+* ``substitute(base_layer, params) -> params`` / ``merge_params(base_layer, sign)``: the adapter replaces some of the
+  base's parameters for its forward (run with ``torch.func.functional_call``) and merges into them itself
+  (``nn.MultiheadAttention``, whose projections have no forward of their own).
 """
 
 from __future__ import annotations
@@ -127,6 +130,7 @@ class AdaptedLayer(nn.Module):
         self.routing: Routing | None = None  # set by PeftModel for the duration of a mixed-batch call
         self._stacks: dict[Any, Any] = {}  # cache of stacked adapter weights for mixed batches
         self._input_adapters: frozenset[str] = frozenset()  # names of adapters with ``transform_input``
+        self._param_adapters: frozenset[str] = frozenset()  # names of adapters with ``substitute``
 
     def __getattr__(self, name: str) -> Any:
         # Model code reads attributes of the layer it built (``.weight``, ``.in_features`` ...).
@@ -145,6 +149,8 @@ class AdaptedLayer(nn.Module):
         self._stacks.clear()
         if hasattr(adapter, "transform_input"):
             self._input_adapters = self._input_adapters | {name}
+        if hasattr(adapter, "substitute"):
+            self._param_adapters = self._param_adapters | {name}
 
     def remove(self, name: str) -> None:
         if name in self.merged:
@@ -154,6 +160,7 @@ class AdaptedLayer(nn.Module):
         self.active = [n for n in self.active if n != name]
         self._stacks.clear()
         self._input_adapters = self._input_adapters - {name}
+        self._param_adapters = self._param_adapters - {name}
 
     def release(self, name: str) -> None:
         """The unmerged adapter ``name`` leaves: it gives back what it took from the base weight at attach
@@ -172,7 +179,9 @@ class AdaptedLayer(nn.Module):
                 self.unmerge()
             return base(x, *args, **kwargs)
         adapters = self._modules["adapters"]._modules
-        if self._input_adapters:
+        if self._param_adapters:
+            y = self._substituted_forward(x, args, kwargs, adapters)
+        elif self._input_adapters:
             y = base(self._transform_input(x, adapters), *args, **kwargs)
         else:
             if self.routing is None and not self.merged and len(self.active) == 1 and not args and not kwargs:
@@ -189,6 +198,22 @@ class AdaptedLayer(nn.Module):
             if name in adapters and name not in self.merged:
                 y = adapters[name](x, y, base)
         return y
+
+    def _substituted_forward(self, x: Any, args: tuple, kwargs: dict, adapters: dict[str, nn.Module]) -> Any:
+        """The base layer run with some of its parameters replaced by the active adapters (``substitute``: layers
+        whose weights are not used through a forward of their own, like ``nn.MultiheadAttention``'s projections)."""
+        if self.routing is not None:
+            kind = type(self.base_layer).__name__
+            raise UsageError(f"mixed-adapter batches (adapter_names) cannot run through {kind}, whose adapters "
+                             "replace its weights; run one adapter per call")
+        params: dict[str, torch.Tensor] = {}
+        for name in self.active:
+            if name in self._param_adapters and name not in self.merged:
+                params = adapters[name].substitute(self.base_layer, params)
+        base = self._modules["base_layer"]
+        if not params:
+            return base(x, *args, **kwargs)
+        return torch.func.functional_call(base, params, (x, *args), kwargs)
 
     def _transform_input(self, x: torch.Tensor, adapters: dict[str, nn.Module]) -> torch.Tensor:
         """The base layer's input after the active adapters that change it (per row in a mixed batch)."""
@@ -235,6 +260,15 @@ class AdaptedLayer(nn.Module):
         todo = self._to_merge(names)
         if not todo:
             return
+        if self._merges_params(todo):
+            params: dict[str, torch.Tensor] = {}
+            with torch.no_grad():
+                for name in todo:
+                    params = self.adapters[name].substitute(self.base_layer, params)
+            if not all(bool(torch.isfinite(p).all()) for p in params.values()):
+                raise UsageError(f"merging adapter(s) {todo} into '{module_name or type(self.base_layer).__name__}' "
+                                 "would write NaN/Inf into the base weights; nothing was merged")
+            return
         merged = get_weight(self.base_layer).clone()
         bias = self._bias()
         bias = None if bias is None else bias.detach().clone()
@@ -255,6 +289,11 @@ class AdaptedLayer(nn.Module):
         todo = self._to_merge(names)
         if not todo:
             return
+        if self._merges_params(todo):
+            for name in todo:
+                self.adapters[name].merge_params(self.base_layer, 1.0)
+            self.merged.extend(todo)
+            return
         merged = get_weight(self.base_layer)  # plain layers: the live weight, which adapters update in place
         bias = self._bias()
         for name in todo:
@@ -269,6 +308,11 @@ class AdaptedLayer(nn.Module):
         """Take every merged adapter back out of the base weight (last merged first)."""
         if not self.merged:
             return
+        if self._merges_params(self.merged):
+            for name in reversed(self.merged):
+                self.adapters[name].merge_params(self.base_layer, -1.0)
+            self.merged = []
+            return
         weight = get_weight(self.base_layer)
         bias = self._bias()
         for name in reversed(self.merged):
@@ -278,6 +322,15 @@ class AdaptedLayer(nn.Module):
                     bias.copy_(self.adapters[name].unmerge_bias(bias.detach().clone()))
         set_weight(self.base_layer, weight)
         self.merged = []
+
+    def _merges_params(self, names: list[str]) -> bool:
+        """Whether these adapters merge by writing the base's parameters themselves (``merge_params``), not
+        through the dense-weight access of ``weights.py``; a layer's adapters do one or the other."""
+        kinds = {hasattr(self.adapters[n], "merge_params") for n in names}
+        if len(kinds) > 1:
+            raise UsageError(f"adapters {names} on {type(self.base_layer).__name__} merge in different ways; merge "
+                             "them one at a time")
+        return kinds == {True}
 
     def _bias(self) -> torch.Tensor | None:
         bias = getattr(self.base_layer, "bias", None)

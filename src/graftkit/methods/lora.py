@@ -669,6 +669,59 @@ def add_trainable_tokens(model: nn.Module, config: LoraConfig, adapter_name: str
         module.add(adapter_name, adapter)
 
 
+class LoraMultiheadAttention(nn.Module):
+    """LoRA on ``nn.MultiheadAttention``: one update on the packed q/k/v input projection (B: (3·embed, r)) and one on
+    the output projection, as the ecosystem does.
+
+    The module's forward reads ``in_proj_weight`` and ``out_proj.weight`` directly (neither projection has a forward
+    of its own), so the adapter substitutes W + s·B A for both (``AdaptedLayer`` runs the module with
+    ``torch.func.functional_call``) and merges by writing them. Saved as ``<path>.lora_A/B.weight`` and
+    ``<path>.base_layer.out_proj.lora_A/B.weight``.
+    """
+
+    def __init__(self, base_layer: nn.MultiheadAttention, r: int, alpha: float, use_rslora: bool,
+                 init: bool | str) -> None:
+        super().__init__()
+        weight = base_layer.in_proj_weight
+        kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        embed = base_layer.embed_dim
+        self.out_proj = LoraLinear(base_layer.out_proj, r, alpha, 0.0, use_rslora, False, init, False)
+        self.lora_A = nn.Linear(embed, r, bias=False, **kw)
+        self.lora_B = nn.Linear(r, 3 * embed, bias=False, **kw)
+        self.scaling = _scaling(r, alpha, use_rslora)
+        _init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
+
+    def _deltas(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling, self.out_proj.delta_weight()
+
+    def substitute(self, base_layer: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        d_in, d_out = self._deltas()
+        w_in = params.get("in_proj_weight", base_layer.in_proj_weight)
+        w_out = params.get("out_proj.weight", base_layer.out_proj.weight)
+        return {**params, "in_proj_weight": w_in + d_in.to(w_in.dtype),
+                "out_proj.weight": w_out + d_out.to(w_out.dtype)}
+
+    def merge_params(self, base_layer: nn.Module, sign: float) -> None:
+        d_in, d_out = self._deltas()
+        with torch.no_grad():
+            base_layer.in_proj_weight.add_(d_in.to(base_layer.in_proj_weight.dtype), alpha=sign)
+            base_layer.out_proj.weight.add_(d_out.to(base_layer.out_proj.weight.dtype), alpha=sign)
+
+    def forward(self, x: Any, y: Any, base_layer: nn.Module) -> Any:
+        return y  # the substituted weights did the work
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight,
+                "base_layer.out_proj.lora_A.weight": self.out_proj.lora_A.weight,
+                "base_layer.out_proj.lora_B.weight": self.out_proj.lora_B.weight}
+
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        live = self.saved_tensors()
+        with torch.no_grad():
+            for key, src in tensors.items():
+                live[key].copy_(src.to(device=live[key].device, dtype=live[key].dtype))
+
+
 _CONV = {1: (nn.Conv1d, F.conv1d), 2: (nn.Conv2d, F.conv2d), 3: (nn.Conv3d, F.conv3d)}
 
 
@@ -859,11 +912,16 @@ class Lora(Method):
 
     @classmethod
     def supported_layers(cls) -> str:
-        return "nn.Linear, transformers Conv1D, bitsandbytes 4/8-bit linears, nn.Embedding, nn.Conv1d/2d/3d"
+        return ("nn.Linear, transformers Conv1D, bitsandbytes 4/8-bit linears, nn.Embedding, nn.Conv1d/2d/3d, "
+                "nn.MultiheadAttention")
 
     @classmethod
     def adapter_shapes(cls, base_layer: nn.Module, config: LoraConfig, module_name: str) -> dict[str, tuple] | None:
         r = config.rank_and_alpha(module_name)[0]
+        if isinstance(base_layer, nn.MultiheadAttention):
+            embed = base_layer.embed_dim
+            return {"lora_A.weight": (r, embed), "lora_B.weight": (3 * embed, r),
+                    "base_layer.out_proj.lora_A.weight": (r, embed), "base_layer.out_proj.lora_B.weight": (embed, r)}
         if isinstance(base_layer, nn.Embedding):
             shapes = {"lora_embedding_A": (r, base_layer.num_embeddings),
                       "lora_embedding_B": (base_layer.embedding_dim, r)}
@@ -896,6 +954,8 @@ class Lora(Method):
         r, alpha = config.rank_and_alpha(module_name)
         init = config.init_lora_weights
         kind = type(base_layer).__name__
+        if isinstance(base_layer, nn.MultiheadAttention):
+            return cls._multihead(base_layer, config, module_name, r, alpha)
         if isinstance(base_layer, nn.Embedding):
             if config.lora_bias:
                 raise UnsupportedError(f"lora_bias on nn.Embedding ('{module_name}') is not supported (nor in HF "
@@ -921,6 +981,22 @@ class Lora(Method):
             return LoraLinear(base_layer, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora, init,
                               fan_in_fan_out, config.lora_bias)
         return None
+
+    @classmethod
+    def _multihead(cls, base_layer: nn.MultiheadAttention, config: LoraConfig, module_name: str, r: int,
+                   alpha: float) -> LoraMultiheadAttention:
+        refused = {"key/value dimensions other than the embedding's": not base_layer._qkv_same_embed_dim,
+                   "use_dora": config.use_dora, "lora_bias": config.lora_bias,
+                   f"init_lora_weights={config.init_lora_weights!r}": isinstance(config.init_lora_weights, str)
+                   and config.init_lora_weights != "gaussian"}
+        for what, present in refused.items():
+            if present:
+                raise UnsupportedError(f"LoRA on nn.MultiheadAttention ('{module_name}') with {what} is not supported "
+                                       "(nor in HF peft); exclude the module or change that setting")
+        if config.lora_dropout:
+            warnings.warn(f"lora_dropout={config.lora_dropout} has no effect on nn.MultiheadAttention "
+                          f"('{module_name}'): its update is applied to the weights, as in HF peft", stacklevel=5)
+        return LoraMultiheadAttention(base_layer, r, alpha, config.use_rslora, config.init_lora_weights)
 
     @classmethod
     def weighted_config(
