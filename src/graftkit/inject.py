@@ -101,6 +101,8 @@ def find_targets(model: nn.Module, config: TunerConfig) -> list[str]:
         TargetError: nothing matches; the message lists the patterns and module names that do exist.
     """
     targets = config.target_modules if config.target_modules is not None else default_targets(model, config)
+    if isinstance(targets, list) and not targets:  # explicitly no module (LoRA's target_parameters only)
+        return []
     output_layer = _output_layer(model) if targets == ALL_LINEAR else None
     saved = getattr(config, "modules_to_save", None) or []
     layers = config.layers_to_transform
@@ -123,7 +125,7 @@ def find_targets(model: nn.Module, config: TunerConfig) -> list[str]:
         if layers is not None and layer_index(name, config.layers_pattern) not in layers:
             continue
         found.append(name)
-    if targets == ALL_LINEAR:
+    if targets == ALL_LINEAR and not getattr(config, "target_parameters", None):
         _warn_unadapted_experts(model)
     if not found:
         leaves = sorted({n.rsplit(".", 1)[-1] for n, m in iter_modules(model) if n and not list(m.children())})
@@ -143,9 +145,8 @@ def _warn_unadapted_experts(model: nn.Module) -> None:
     if experts:
         warnings.warn(
             f"target_modules='{ALL_LINEAR}' adapts linear layers only: the fused expert parameters of {experts[:3]}"
-            f"{' ...' if len(experts) > 3 else ''} ({len(experts)} modules) stay frozen. HF peft also adapts them "
-            "(target_parameters), which graftkit does not implement yet, so the two libraries' adapters differ for "
-            "this config",
+            f"{' ...' if len(experts) > 3 else ''} ({len(experts)} modules) stay frozen; name them in "
+            "target_parameters (e.g. ['experts.gate_up_proj', 'experts.down_proj']) to adapt them",
             stacklevel=4,
         )
 
@@ -167,6 +168,9 @@ def inject(model: nn.Module, config: TunerConfig, adapter_name: str) -> list[str
     """
     method = method_for(config)
     targets = find_targets(model, config)
+    if not targets:
+        raise TargetError("target_modules=[] selects no module to adapt; name modules (or, with LoRA, parameters in "
+                          "target_parameters)")
     both = [n for n in targets if config.modules_to_save and _name_matches(n, config.modules_to_save)]
     if both:
         raise TargetError(

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import PeftConfig, PeftType, TunerConfig, check_regex
+from ..config import ALL_LINEAR, PeftConfig, PeftType, TunerConfig, check_regex
 from ..errors import CheckpointError, ConfigError, TargetError, UnsupportedError, UsageError
 from ..inject import inject
 from ..kernels.lora import FusedLoraLinear, LoraUpdate, can_fuse, can_seed_dropout, draw_seed
@@ -78,6 +78,9 @@ class LoraConfig(TunerConfig):
         rank_pattern / alpha_pattern: per-module ``r`` / ``lora_alpha``; keys are regexes matched against the
             end of the module path.
         lora_bias: give B a bias (trained, zero at the start); merging adds s·b_B to the base bias.
+        target_parameters: parameters adapted directly (names matched against the end of ``<module>.<param>``):
+            the fused 3-D expert weights of mixture-of-experts models (one low-rank update per expert) or any 2-D
+            weight a module uses without a linear layer (a router's ``gate.weight``).
         trainable_token_indices: token ids whose embedding rows are trained in full (new special tokens): a list for
             the input embedding, or ``{module name: ids}``; a tied output layer follows the input embedding.
     """
@@ -95,6 +98,7 @@ class LoraConfig(TunerConfig):
     alpha_pattern: dict[str, float] = dataclasses.field(default_factory=dict)
     lora_bias: bool = False
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
+    target_parameters: list[str] | None = None
 
     # How the weights started says nothing about what trained weights compute.
     bookkeeping_fields: ClassVar[frozenset[str]] = TunerConfig.bookkeeping_fields | {"init_lora_weights"}
@@ -112,7 +116,6 @@ class LoraConfig(TunerConfig):
         "megatron_core": "megatron.core",
         "monteclora_config": None,
         "qalora_group_size": 16,
-        "target_parameters": None,
         "use_bdlora": None,
         "use_qalora": False,
         "velora_config": None,
@@ -140,6 +143,12 @@ class LoraConfig(TunerConfig):
             if not ids or len(set(ids)) != len(ids) or min(ids) < 0:
                 raise ConfigError(f"LoraConfig.trainable_token_indices needs distinct non-negative token ids, got "
                                   f"{tokens!r}")
+        if self.target_parameters:
+            clash = [f for f, bad in (("lora_dropout", self.lora_dropout), ("use_dora", self.use_dora),
+                                      ("lora_bias", self.lora_bias), ("fan_in_fan_out", self.fan_in_fan_out)) if bad]
+            if clash:
+                raise UnsupportedError(f"LoraConfig.target_parameters does not work with {clash} (nor in HF peft): "
+                                       "an update applied to a weight has no input to drop out or bias to add")
         if self.lora_bias and self.use_dora:
             raise UnsupportedError("LoraConfig: lora_bias with use_dora is not supported in graftkit; use one of them")
         if self.init_lora_weights == "orthogonal":
@@ -722,6 +731,126 @@ class LoraMultiheadAttention(nn.Module):
                 live[key].copy_(src.to(device=live[key].device, dtype=live[key].dtype))
 
 
+class _ParameterUpdate(nn.Module):
+    """The low-rank update of one parameter: 2-D (out, in), or 3-D with one update per expert, as the ecosystem
+    stores it: A (r·E, in) holds expert e's rows at [e·r, (e+1)·r); B (out, r·E) holds its columns at e, E+e, ..."""
+
+    def __init__(self, param: torch.Tensor, transposed: bool, r: int, scaling: float, init: bool | str) -> None:
+        super().__init__()
+        self.scaling = scaling
+        if param.dim() == 3:
+            experts, first, second = param.shape
+            in_features, out_features = (first, second) if transposed else (second, first)
+        else:
+            experts, (out_features, in_features) = 1, param.shape
+        self.experts, self.transposed, self.r = experts, transposed, r
+        kw = {"device": param.device, "dtype": _adapter_dtype(param)}
+        self.lora_A = nn.Linear(in_features, r * experts, bias=False, **kw)
+        self.lora_B = nn.Linear(r * experts, out_features, bias=False, **kw)
+        _init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
+
+    def delta(self) -> torch.Tensor:
+        """s · ΔW in the parameter's own layout."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if self.experts == 1:
+            return (b @ a) * self.scaling  # (out, in)
+        a3 = a.reshape(self.experts, self.r, a.shape[-1])  # (E, r, in)
+        b3 = b.reshape(b.shape[0], self.r, self.experts)  # (out, r, E)
+        pattern = "ore,eri->eio" if self.transposed else "ore,eri->eoi"
+        return torch.einsum(pattern, b3, a3) * self.scaling
+
+
+class LoraParameters(nn.Module):
+    """LoRA on parameters of one module that it uses directly (``target_parameters``): fused expert weights, a
+    router's weight. The module runs with W + s·ΔW substituted for each (``AdaptedLayer`` uses
+    ``torch.func.functional_call``); merging writes them. Saved keys follow the ecosystem's nesting: with k targeted
+    parameters, the i-th in registration order is ``<module>.{"base_layer." · (k-1-i)}lora_A.weight``."""
+
+    def __init__(self, base_layer: nn.Module, ranks: dict[str, tuple[int, float]], init: bool | str) -> None:
+        """``ranks``: parameter name -> (r, s), in the module's registration order."""
+        super().__init__()
+        self.names = list(ranks)
+        transposed = bool(getattr(base_layer, "is_transposed", False))
+        self.updates = nn.ModuleDict({n: _ParameterUpdate(getattr(base_layer, n), transposed, r, scaling, init)
+                                      for n, (r, scaling) in ranks.items()})
+
+    def substitute(self, base_layer: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = dict(params)
+        for name, update in self.updates.items():
+            weight = out.get(name, getattr(base_layer, name))
+            out[name] = weight + update.delta().to(weight.dtype)
+        return out
+
+    def merge_params(self, base_layer: nn.Module, sign: float) -> None:
+        with torch.no_grad():
+            for name, update in self.updates.items():
+                weight = getattr(base_layer, name)
+                weight.add_(update.delta().to(weight.dtype), alpha=sign)
+
+    def forward(self, x: Any, y: Any, base_layer: nn.Module) -> Any:
+        return y  # the substituted parameters did the work
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for i, name in enumerate(self.names):
+            prefix = "base_layer." * (len(self.names) - 1 - i)
+            out[f"{prefix}lora_A.weight"] = self.updates[name].lora_A.weight
+            out[f"{prefix}lora_B.weight"] = self.updates[name].lora_B.weight
+        return out
+
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        live = self.saved_tensors()
+        with torch.no_grad():
+            for key, src in tensors.items():
+                live[key].copy_(src.to(device=live[key].device, dtype=live[key].dtype))
+
+
+# Mixture-of-experts models whose experts transformers 5 fuses into 3-D parameters: what "all-linear" also adapts
+# there (the ecosystem's choice: the router's weight and both expert parameters). The fused gate/up parameter holds
+# what were two linear layers of rank r each, so it gets rank 2r and alpha 2·alpha (the same scale), as HF peft does.
+_MOE_ALL_LINEAR = {model_type: ["gate_up_proj", "down_proj", "gate.weight"] for model_type in (
+    "mixtral", "minimax", "minimax_m2", "qwen2_moe", "qwen3_moe", "qwen3_next", "olmoe", "flex_olmo", "deepseek_v2",
+    "deepseek_v3", "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "dots1")}
+_FUSED_PATTERN = r".*\.gate_up_proj"
+
+
+def add_parameter_adapters(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
+    """Attach :class:`LoraParameters` to every module owning a parameter ``config.target_parameters`` names.
+
+    Raises:
+        TargetError: no parameter matches.
+    """
+    from ..inject import iter_modules, set_submodule
+
+    wanted = config.target_parameters or []
+    if not wanted:
+        return
+    found: list[tuple[str, nn.Module, list[str]]] = []
+    for path, module in iter_modules(model):
+        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        names = [n for n, p in base._parameters.items() if p is not None and any(
+            f"{path}.{n}" == t or f"{path}.{n}".endswith("." + t) for t in wanted)]
+        if names and path:
+            found.append((path, base, names))
+    if not found:
+        params = sorted({n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.dim() >= 2})
+        raise TargetError(f"target_parameters={wanted} matched no parameter of {type(model).__name__}; parameter names "
+                          f"there: {params[:20]}")
+    for path, base, names in found:
+        ranks = {}
+        for name in names:  # rank_pattern / alpha_pattern keys match "<module>.<parameter>"
+            r, alpha = config.rank_and_alpha(f"{path}.{name}")
+            ranks[name] = (r, _scaling(r, alpha, config.use_rslora))
+        adapter = LoraParameters(base, ranks, config.init_lora_weights)
+        module = model.get_submodule(path)
+        if not isinstance(module, AdaptedLayer):
+            module = AdaptedLayer(base)
+            set_submodule(model, path, module)
+        elif adapter_name in module.adapters:
+            raise UnsupportedError(f"'{path}' is both a target module and owns target_parameters {names}; pick one")
+        module.add(adapter_name, adapter)
+
+
 _CONV = {1: (nn.Conv1d, F.conv1d), 2: (nn.Conv2d, F.conv2d), 3: (nn.Conv3d, F.conv3d)}
 
 
@@ -901,7 +1030,14 @@ class Lora(Method):
                 "path_initial_model_for_weight_conversion=... to get a plain LoRA adapter for the original base",
                 stacklevel=4,
             )
-        targets = inject(model, config, adapter_name)
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if config.target_modules == ALL_LINEAR and config.target_parameters is None and model_type in _MOE_ALL_LINEAR:
+            config.target_parameters = list(_MOE_ALL_LINEAR[model_type])  # saved: readers see what was adapted
+            config.rank_pattern.setdefault(_FUSED_PATTERN, 2 * config.r)
+            config.alpha_pattern.setdefault(_FUSED_PATTERN, 2 * config.lora_alpha)
+        only_parameters = config.target_parameters and config.target_modules in (None, [])
+        targets = [] if only_parameters else inject(model, config, adapter_name)
+        add_parameter_adapters(model, config, adapter_name)
         add_trainable_tokens(model, config, adapter_name)
         for name in targets:
             layer = model.get_submodule(name)
