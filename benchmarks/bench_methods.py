@@ -6,6 +6,8 @@ AdaLoRA, which prunes ranks on every step of its budget phase). Before timing, t
 compared: a fast wrong answer is not a result. Repeats are interleaved across the two libraries and the median
 step time is reported with the ratio graftkit / peft (below 1: graftkit is faster).
 
+``moe_lora`` is LoRA "all-linear" on a small random Mixtral (attention, router and the fused expert weights).
+
 Usage::
 
     python benchmarks/bench_methods.py                  # SmolLM2-135M-Instruct, CPU, fp32, batch 4 x 128 tokens
@@ -32,6 +34,8 @@ CONFIGS = {
     "adalora": ("AdaLoraConfig", dict(init_r=12, target_r=4, total_step=1000, lora_alpha=32,
                                       target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])),
     "adaption_prompt": ("AdaptionPromptConfig", dict(adapter_len=10, adapter_layers=30)),
+    # LoRA on a mixture-of-experts model: attention, router and the fused 3-D expert weights ("all-linear")
+    "moe_lora": ("LoraConfig", dict(r=8, lora_alpha=16, target_modules="all-linear")),
 }
 
 
@@ -44,20 +48,35 @@ def load_base(device: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
 
 
+def tiny_mixtral(device: str):
+    """A small Mixtral geometry with random weights (no MoE model installs offline): 4 layers, 8 experts, top 2."""
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    torch.manual_seed(0)
+    config = MixtralConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
+                           num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2)
+    return MixtralForCausalLM(config).to(device)
+
+
+BASES = {"moe_lora": tiny_mixtral}
+
+
 def pair(method: str, device: str):
     """(graftkit model, HF peft model) with the same adapter values, both in train mode."""
     import peft
 
     name, kwargs = CONFIGS[method]
     torch.manual_seed(0)
-    ours = graftkit.get_peft_model(load_base(device), getattr(graftkit, name)(task_type="CAUSAL_LM", **kwargs))
+    base = BASES.get(method, load_base)
+    ours = graftkit.get_peft_model(base(device), getattr(graftkit, name)(task_type="CAUSAL_LM", **kwargs))
     with torch.no_grad():  # non-trivial starting values (IA3 ones, AdaLoRA's zero singular values, closed gates)
         for param_name, param in ours.named_parameters():
-            if param.requires_grad and ("ia3_l" in param_name or "lora_E" in param_name or ".gates." in param_name):
+            if param.requires_grad and ("ia3_l" in param_name or "lora_E" in param_name or ".gates." in param_name
+                                        or "lora_B" in param_name):
                 param.add_(0.1)
     with tempfile.TemporaryDirectory() as folder:
         ours.save_pretrained(folder)
-        theirs = peft.PeftModel.from_pretrained(load_base(device), folder, is_trainable=True)
+        theirs = peft.PeftModel.from_pretrained(base(device), folder, is_trainable=True)
     return ours.train(), theirs.train()
 
 
@@ -88,7 +107,8 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    print(f"# training step, SmolLM2-135M-Instruct fp32, batch {args.batch} x {args.length} tokens, {args.device}, "
+    print(f"# training step, SmolLM2-135M-Instruct fp32 (moe_lora: a random 4-layer Mixtral, 8 experts), batch "
+          f"{args.batch} x {args.length} tokens, {args.device}, "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print("| method | graftkit (ms) | peft (ms) | graftkit / peft | first-step losses equal |")
     print("|---|---|---|---|---|")

@@ -759,6 +759,19 @@ class _ParameterUpdate(nn.Module):
         pattern = "ore,eri->eio" if self.transposed else "ore,eri->eoi"
         return torch.einsum(pattern, b3, a3) * self.scaling
 
+    def added_to(self, weight: torch.Tensor) -> torch.Tensor:
+        """weight + s·ΔW in one batched GEMM with the add in its epilogue (no separate ΔW tensor of the experts'
+        size is made)."""
+        a, b = self.lora_A.weight.to(weight.dtype), self.lora_B.weight.to(weight.dtype)
+        scaling = float(self.scaling)
+        if self.experts == 1:
+            return torch.addmm(weight, b, a, alpha=scaling)  # (out, in)
+        a3 = a.reshape(self.experts, self.r, a.shape[-1])  # (E, r, in)
+        b3 = b.reshape(b.shape[0], self.r, self.experts).permute(2, 0, 1)  # (E, out, r)
+        if self.transposed:  # weight is (E, in, out)
+            return torch.baddbmm(weight, a3.transpose(1, 2), b3.transpose(1, 2), alpha=scaling)
+        return torch.baddbmm(weight, b3, a3, alpha=scaling)  # (E, out, in)
+
 
 class LoraParameters(nn.Module):
     """LoRA on parameters of one module that it uses directly (``target_parameters``): fused expert weights, a
@@ -777,8 +790,7 @@ class LoraParameters(nn.Module):
     def substitute(self, base_layer: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = dict(params)
         for name, update in self.updates.items():
-            weight = out.get(name, getattr(base_layer, name))
-            out[name] = weight + update.delta().to(weight.dtype)
+            out[name] = update.added_to(out.get(name, getattr(base_layer, name)))
         return out
 
     def merge_params(self, base_layer: nn.Module, sign: float) -> None:
