@@ -363,10 +363,14 @@ class ModelAdapter(nn.Module):
 
     def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
         """Take saved tensors (names and shapes already checked); by default copies into :meth:`saved_tensors`."""
-        live = self.saved_tensors()
-        with torch.no_grad():
-            for key, src in tensors.items():
-                live[key].copy_(src.to(device=live[key].device, dtype=live[key].dtype))
+        copy_saved(self.saved_tensors(), tensors)
+
+
+def copy_saved(live: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved tensors into the live tensors of the same names (device and dtype follow the live ones)."""
+    with torch.no_grad():
+        for key, src in tensors.items():
+            live[key].copy_(src.to(device=live[key].device, dtype=live[key].dtype))
 
 
 class ModulesToSave(nn.Module):

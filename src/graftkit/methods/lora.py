@@ -39,7 +39,7 @@ from ..config import ALL_LINEAR, PeftConfig, PeftType, TunerConfig, check_regex
 from ..errors import CheckpointError, ConfigError, TargetError, UnsupportedError, UsageError
 from ..inject import inject
 from ..kernels.lora import FusedLoraLinear, LoraUpdate, can_fuse, can_seed_dropout, draw_seed
-from ..layer import AdaptedLayer
+from ..layer import AdaptedLayer, copy_saved
 from ..merging import COMBINATIONS, combine
 from ..registry import Method, is_loading, register
 from ..weights import get_weight, is_quantized, linear_features, set_weight
@@ -725,10 +725,7 @@ class LoraMultiheadAttention(nn.Module):
                 "base_layer.out_proj.lora_B.weight": self.out_proj.lora_B.weight}
 
     def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
-        live = self.saved_tensors()
-        with torch.no_grad():
-            for key, src in tensors.items():
-                live[key].copy_(src.to(device=live[key].device, dtype=live[key].dtype))
+        copy_saved(self.saved_tensors(), tensors)
 
 
 class _ParameterUpdate(nn.Module):
@@ -811,10 +808,7 @@ class LoraParameters(nn.Module):
         return out
 
     def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
-        live = self.saved_tensors()
-        with torch.no_grad():
-            for key, src in tensors.items():
-                live[key].copy_(src.to(device=live[key].device, dtype=live[key].dtype))
+        copy_saved(self.saved_tensors(), tensors)
 
 
 # Mixture-of-experts models whose experts transformers 5 fuses into 3-D parameters: what "all-linear" also adapts
