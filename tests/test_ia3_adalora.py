@@ -268,6 +268,8 @@ def test_adalora_config_errors():
         graftkit.AdaLoraConfig(target_modules=["q_proj"], total_step=10, tinit=8, tfinal=2)
     with pytest.raises(graftkit.UnsupportedError, match="DoRA"):
         graftkit.AdaLoraConfig(target_modules=["q_proj"], total_step=10, use_dora=True)
+    with pytest.raises(graftkit.UnsupportedError, match="alpha_pattern"):
+        graftkit.AdaLoraConfig(target_modules=["q_proj"], total_step=10, alpha_pattern={"q_proj": 4})
     with pytest.warns(UserWarning, match="init_r"):
         graftkit.AdaLoraConfig(target_modules=["q_proj"], total_step=10, r=16)
     with pytest.raises(graftkit.TargetError, match="cannot adapt"):

@@ -107,6 +107,9 @@ class AdaLoraConfig(LoraConfig):
             )
 
     def _check_patterns(self) -> None:
+        if self.alpha_pattern:  # AdaLoRA scales every layer by lora_alpha / init_r (as in HF peft): no silent ignore
+            raise UnsupportedError(f"AdaLoraConfig.alpha_pattern={self.alpha_pattern!r} is not used by AdaLoRA, whose "
+                                   "layers all scale by lora_alpha; remove it")
         for key, kept in (self.rank_pattern or {}).items():
             if len(kept) > self.init_r:
                 raise ConfigError(f"AdaLoraConfig.rank_pattern[{key!r}] has {len(kept)} entries, more than "
