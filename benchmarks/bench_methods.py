@@ -6,7 +6,9 @@ AdaLoRA, which prunes ranks on every step of its budget phase). Before timing, t
 compared: a fast wrong answer is not a result. Repeats are interleaved across the two libraries and the median
 step time is reported with the ratio graftkit / peft (below 1: graftkit is faster).
 
-``moe_lora`` is LoRA "all-linear" on a small random Mixtral (attention, router and the fused expert weights).
+``moe_lora`` is LoRA "all-linear" on a small random Mixtral (attention, router and the fused expert weights), with
+8 experts; ``moe_lora_64e`` the same with 64 experts (top 2 of them per token, as before): the tokens each expert
+sees shrink, the expert weights grow eightfold.
 
 Usage::
 
@@ -36,6 +38,7 @@ CONFIGS = {
     "adaption_prompt": ("AdaptionPromptConfig", dict(adapter_len=10, adapter_layers=30)),
     # LoRA on a mixture-of-experts model: attention, router and the fused 3-D expert weights ("all-linear")
     "moe_lora": ("LoraConfig", dict(r=8, lora_alpha=16, target_modules="all-linear")),
+    "moe_lora_64e": ("LoraConfig", dict(r=8, lora_alpha=16, target_modules="all-linear")),
 }
 
 
@@ -48,17 +51,18 @@ def load_base(device: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
 
 
-def tiny_mixtral(device: str):
-    """A small Mixtral geometry with random weights (no MoE model installs offline): 4 layers, 8 experts, top 2."""
+def tiny_mixtral(device: str, experts: int = 8):
+    """A small Mixtral geometry with random weights (no MoE model installs offline): 4 layers, top 2 experts."""
     from transformers import MixtralConfig, MixtralForCausalLM
 
     torch.manual_seed(0)
     config = MixtralConfig(vocab_size=49152, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                           num_attention_heads=8, num_key_value_heads=2, num_local_experts=8, num_experts_per_tok=2)
+                           num_attention_heads=8, num_key_value_heads=2, num_local_experts=experts,
+                           num_experts_per_tok=2)
     return MixtralForCausalLM(config).to(device)
 
 
-BASES = {"moe_lora": tiny_mixtral}
+BASES = {"moe_lora": tiny_mixtral, "moe_lora_64e": lambda device: tiny_mixtral(device, 64)}
 
 
 def pair(method: str, device: str):
@@ -107,7 +111,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(torch.get_num_threads())
-    print(f"# training step, SmolLM2-135M-Instruct fp32 (moe_lora: a random 4-layer Mixtral, 8 experts), batch "
+    print(f"# training step, SmolLM2-135M-Instruct fp32 (moe_lora: a random 4-layer Mixtral, 8 or 64 experts), batch "
           f"{args.batch} x {args.length} tokens, {args.device}, "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")
     print("| method | graftkit (ms) | peft (ms) | graftkit / peft | first-step losses equal |")

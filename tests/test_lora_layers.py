@@ -270,6 +270,99 @@ def test_fused_expert_updates_train():
                                                                          target_parameters=["experts.nope"]))
 
 
+def _substitute_experts(monkeypatch):
+    """Make fused experts run the dense way (W + s·ΔW substituted), the reference for the routed path."""
+    from graftkit.methods import lora
+    monkeypatch.setattr(lora.LoraParameters, "routed_forward", staticmethod(lambda *args: None))
+
+
+def _loss_and_grads(model, x):
+    for param in model.parameters():
+        param.grad = None
+    loss = model(**x, labels=x["input_ids"]).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
+def test_routed_experts_equal_the_dense_update(monkeypatch, kind):
+    """The experts run on the routed tokens only (x Wₑᵀ + s (x Aₑᵀ) Bₑᵀ per token-expert pair): the same loss and
+    gradients as substituting W + s·ΔW for every expert, with the router adapted too."""
+    model = graftkit.get_peft_model(tiny_moe(kind), graftkit.LoraConfig(r=2, target_modules="all-linear",
+                                                                        init_lora_weights=False)).train()
+    x = token_batch(batch=3, length=9)
+    calls = []
+    from graftkit.methods import lora
+    routed = lora.LoraParameters.routed_forward
+    monkeypatch.setattr(lora.LoraParameters, "routed_forward",
+                        staticmethod(lambda *args: calls.append(routed(*args)) or calls[-1]))
+    loss, grads = _loss_and_grads(model, x)
+    assert sum(c is not None for c in calls) == 2  # the two experts blocks; the routers substitute their weight
+    _substitute_experts(monkeypatch)
+    ref_loss, ref_grads = _loss_and_grads(model, x)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-6, atol=1e-6)
+    assert grads.keys() == ref_grads.keys() and sum("experts" in n for n in grads) == 8
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_routed_experts_never_build_a_tensor_of_the_experts_size(monkeypatch):
+    """What the routed path saves: no forward or backward tensor as large as the fused expert parameters (the dense
+    substitution builds W + s·ΔW and its gradient for all 16 experts; this checks that it would be caught)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numel = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            inputs = {a.untyped_storage().data_ptr() for a in torch.utils._pytree.tree_leaves((args, kwargs))
+                      if isinstance(a, torch.Tensor)}
+            for t in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:  # not a view
+                    self.numel = max(self.numel, t.numel())
+            return out
+
+    import transformers
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, num_local_experts=16,
+                                        num_experts_per_tok=2)
+    model = graftkit.get_peft_model(transformers.MixtralForCausalLM(config).to(DEVICE), graftkit.LoraConfig(
+        r=2, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"])).train()
+    expert_size = 16 * 2 * 64 * 32  # gate_up_proj: (E, 2·ff, d)
+    x = token_batch(batch=1, length=4, vocab=32)
+    sizes = []
+    for _ in range(2):
+        mode = Largest()
+        with mode:
+            model(**x, labels=x["input_ids"]).loss.backward()
+        sizes.append(mode.numel)
+        _substitute_experts(monkeypatch)
+    assert sizes[0] < expert_size // 8 <= expert_size <= sizes[1]
+
+
+def test_mixed_batch_through_moe_adapters():
+    """Each row of a mixed batch gets its own adapter through the router and the experts (or none)."""
+    model = graftkit.get_peft_model(tiny_moe("mixtral"), graftkit.LoraConfig(r=2, target_modules="all-linear",
+                                                                            init_lora_weights=False))
+    model.add_adapter("other", graftkit.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    x = token_batch(batch=3, length=6)
+    with torch.no_grad():
+        mixed = model(**x, adapter_names=["other", "__base__", "default"]).logits
+    for row, name in enumerate(["other", None, "default"]):
+        if name is None:
+            with model.disable_adapter():
+                expected = run(model, x)
+        else:
+            model.set_adapter(name)
+            expected = run(model, x)
+        torch.testing.assert_close(mixed[row], expected[row], rtol=1e-5, atol=1e-6)
+    assert (mixed[0] - mixed[2]).abs().max() > 1e-3
+
+
 def test_all_linear_on_unknown_fused_experts_says_what_it_leaves_out():
     model = tiny_moe("mixtral")
     model.config.model_type = "some-new-moe"  # an architecture without the ecosystem's expert mapping

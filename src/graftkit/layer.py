@@ -181,6 +181,8 @@ class AdaptedLayer(nn.Module):
         adapters = self._modules["adapters"]._modules
         if self._param_adapters:
             y = self._substituted_forward(x, args, kwargs, adapters)
+            if self.routing is not None:
+                return y  # each row's adapter already took part
         elif self._input_adapters:
             y = base(self._transform_input(x, adapters), *args, **kwargs)
         else:
@@ -201,11 +203,29 @@ class AdaptedLayer(nn.Module):
 
     def _substituted_forward(self, x: Any, args: tuple, kwargs: dict, adapters: dict[str, nn.Module]) -> Any:
         """The base layer run with some of its parameters replaced by the active adapters (``substitute``: layers
-        whose weights are not used through a forward of their own, like ``nn.MultiheadAttention``'s projections)."""
+        whose weights are not used through a forward of their own, like ``nn.MultiheadAttention``'s projections).
+
+        An adapter kind may run such a layer itself (``routed_forward``, e.g. fused experts at a cost that follows
+        the tokens): with one live adapter, or per row in a mixed batch."""
         if self.routing is not None:
-            kind = type(self.base_layer).__name__
-            raise UsageError(f"mixed-adapter batches (adapter_names) cannot run through {kind}, whose adapters "
-                             "replace its weights; run one adapter per call")
+            routing = self.routing.for_batch(x.shape[0]) if isinstance(x, torch.Tensor) else None
+            per_name = [] if routing is None else [adapters.get(n) for n in routing.unique]
+            present = [a for a in per_name if a is not None]
+            routed = getattr(type(present[0]), "routed_forward", None) if present else None
+            y = None
+            if routed is not None and all(type(a) is type(present[0]) for a in present):
+                y = routed(per_name, routing.index, x, args, kwargs, self.base_layer)
+            if y is None:
+                kind = type(self.base_layer).__name__
+                raise UsageError(f"mixed-adapter batches (adapter_names) cannot run through {kind}, whose adapters "
+                                 "replace its weights; run one adapter per call")
+            return y
+        live = [n for n in self.active if n in self._param_adapters and n not in self.merged]
+        if len(live) == 1:
+            routed = getattr(type(adapters[live[0]]), "routed_forward", None)
+            y = None if routed is None else routed([adapters[live[0]]], None, x, args, kwargs, self.base_layer)
+            if y is not None:
+                return y
         params: dict[str, torch.Tensor] = {}
         for name in self.active:
             if name in self._param_adapters and name not in self.merged:

@@ -37,6 +37,7 @@ from torch import nn
 
 from ..config import ALL_LINEAR, PeftConfig, PeftType, TunerConfig, check_regex
 from ..errors import CheckpointError, ConfigError, TargetError, UnsupportedError, UsageError
+from ..experts import Pairs, fused_experts, grouped_mm, run_experts
 from ..inject import inject
 from ..kernels.lora import FusedLoraLinear, LoraUpdate, can_fuse, can_seed_dropout, draw_seed
 from ..layer import AdaptedLayer, copy_saved
@@ -756,6 +757,15 @@ class _ParameterUpdate(nn.Module):
         pattern = "ore,eri->eio" if self.transposed else "ore,eri->eoi"
         return torch.einsum(pattern, b3, a3) * self.scaling
 
+    def routed_delta(self, x: torch.Tensor, pairs: Pairs) -> torch.Tensor:
+        """s · ΔWₑ x for rows ``x`` (S, in) sorted by expert (``pairs``): two grouped GEMMs through rank r, so the
+        cost follows the rows each expert gets."""
+        a, b = self.lora_A.weight, self.lora_B.weight
+        a3 = a.reshape(self.experts, self.r, a.shape[-1]).transpose(1, 2)  # (E, in, r)
+        b3 = b.reshape(b.shape[0], self.r, self.experts).permute(2, 1, 0).contiguous()  # (E, r, out)
+        h = grouped_mm(x.to(a.dtype), a3, pairs.offsets)
+        return grouped_mm(h, b3, pairs.offsets) * self.scaling
+
     def added_to(self, weight: torch.Tensor) -> torch.Tensor:
         """weight + s·ΔW in one batched GEMM with the add in its epilogue (no separate ΔW tensor of the experts'
         size is made)."""
@@ -789,6 +799,61 @@ class LoraParameters(nn.Module):
         for name, update in self.updates.items():
             out[name] = update.added_to(out.get(name, getattr(base_layer, name)))
         return out
+
+    @staticmethod
+    def routed_forward(adapters: list[LoraParameters | None], index: torch.Tensor | None, x: torch.Tensor,
+                       args: tuple, kwargs: dict, base_layer: nn.Module) -> torch.Tensor | None:
+        """A fused experts block (see ``experts.py``) run with each token's adapter applied to the pairs routed to
+        each expert: the cost follows the tokens, not the experts' size. ``index`` (tokens,) picks each token's entry
+        of ``adapters`` (a mixed batch; ``None``: ``adapters[0]`` for all). ``None`` when the block or the adapted
+        parameters are not the fused expert weights (the caller substitutes W + s·ΔW instead)."""
+        names = fused_experts(base_layer)
+        present = [(i, a) for i, a in enumerate(adapters) if a is not None]
+        if names is None and index is not None:
+            return LoraParameters._per_row_groups(present, index, x, args, kwargs, base_layer)
+        if names is None or not present or any(set(a.updates) - set(names) for _, a in present):
+            return None
+
+        def extra(name: str, xs: torch.Tensor, pairs: Pairs) -> torch.Tensor | None:
+            if index is None:
+                update = present[0][1].updates[name] if name in present[0][1].updates else None
+                return None if update is None else update.routed_delta(xs, pairs)
+            out = None
+            owner = index.index_select(0, pairs.token)
+            for i, adapter in present:
+                if name not in adapter.updates:
+                    continue
+                rows = (owner == i).nonzero().flatten()
+                if rows.numel():
+                    part = adapter.updates[name].routed_delta(xs.index_select(0, rows), pairs.subset(rows))
+                    base = xs.new_zeros(xs.shape[0], part.shape[-1], dtype=part.dtype) if out is None else out
+                    out = base.index_add(0, rows, part)
+            return out
+
+        return run_experts(base_layer, x, args, kwargs, extra)
+
+    @staticmethod
+    def _per_row_groups(present: list[tuple[int, LoraParameters]], index: torch.Tensor, x: torch.Tensor,
+                        args: tuple, kwargs: dict, base_layer: nn.Module) -> Any:
+        """A mixed batch through a module that treats its input rows independently (a router: (tokens, d) in,
+        per-token logits and choices out): each adapter's rows run with its substituted weights. ``None`` (refused
+        by the caller) when the input or an output is not row-aligned."""
+        if x.dim() != 2 or args or kwargs:
+            return None
+        out = base_layer(x)
+        outputs = out if isinstance(out, tuple) else (out,)
+        if not all(isinstance(o, torch.Tensor) and o.dim() >= 1 and o.shape[0] == x.shape[0] for o in outputs):
+            return None
+        outputs = list(outputs)
+        for i, adapter in present:
+            rows = (index == i).nonzero().flatten()
+            if not rows.numel():
+                continue
+            params = adapter.substitute(base_layer, {})
+            part = torch.func.functional_call(base_layer, params, (x.index_select(0, rows),))
+            part = part if isinstance(part, tuple) else (part,)
+            outputs = [o.index_copy(0, rows, p.to(o.dtype)) for o, p in zip(outputs, part, strict=True)]
+        return tuple(outputs) if isinstance(out, tuple) else outputs[0]
 
     def merge_params(self, base_layer: nn.Module, sign: float) -> None:
         with torch.no_grad():
