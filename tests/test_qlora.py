@@ -236,3 +236,31 @@ def test_ia3_and_adalora_on_quantized_bases(base_dir, tmp_path, quant, method):
     # far nearer than the base model is (the grid's rounding is what remains).
     miss = (logits(merged) - expected).abs().max()
     assert miss < 0.25 * (logits(load(base_dir, quant)) - expected).abs().max(), miss
+
+
+def test_replace_lora_weights_loftq_on_a_4bit_base(base_dir):
+    """LoftQ for a model already loaded in 4-bit: each layer's s·B A becomes the rank-r SVD of W - Q (W read from
+    the original safetensors, lora_alpha != r), which brings the logits closer to the full-precision model's; a
+    callback that says no puts that layer's A, B back."""
+    from graftkit.weights import get_weight
+    full = logits(AutoModelForCausalLM.from_pretrained(base_dir).eval())
+    model = graftkit.get_peft_model(load(base_dir, "nf4-double-fp32"), graftkit.LoraConfig(
+        r=4, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"]))
+    before = logits(model)
+    untouched = "model.layers.0.self_attn.q_proj"
+    layer = model.get_base_model().get_submodule(untouched)
+    kept = layer.adapters["default"].lora_A.weight.detach().clone()
+    graftkit.replace_lora_weights_loftq(model, callback=lambda _model, name: name != untouched)
+    assert torch.equal(layer.adapters["default"].lora_A.weight, kept)
+    after = logits(model)
+    assert (after - full).abs().mean() < (before - full).abs().mean()  # random weights: a rank-4 share of the error
+    original = AutoModelForCausalLM.from_pretrained(base_dir).model.layers[1].mlp.down_proj.weight.detach()
+    down = model.get_base_model().model.layers[1].mlp.down_proj
+    u, sv, vh = torch.linalg.svd(original - get_weight(down.base_layer).float(), full_matrices=False)
+    torch.testing.assert_close(down.adapters["default"].delta_weight(), (u[:, :4] * sv[:4]) @ vh[:4],
+                               rtol=1e-4, atol=1e-6)
+    with pytest.raises(graftkit.CheckpointError, match="no model.safetensors"):
+        graftkit.replace_lora_weights_loftq(model, model_path=base_dir / "nowhere")
+    with pytest.raises(graftkit.TargetError, match="no 4-bit layer"):
+        graftkit.replace_lora_weights_loftq(graftkit.get_peft_model(
+            AutoModelForCausalLM.from_pretrained(base_dir), graftkit.LoraConfig(r=4)), model_path=base_dir)

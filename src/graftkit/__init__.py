@@ -36,7 +36,14 @@ from .methods import (
     PromptTuningConfig,
     PromptTuningInit,
 )
-from .methods.lora import hotswap_adapter, prepare_model_for_compiled_hotswap
+from .methods.lora import (
+    LoftQConfig,
+    LoraGAConfig,
+    hotswap_adapter,
+    prepare_model_for_compiled_hotswap,
+    preprocess_loraga,
+    replace_lora_weights_loftq,
+)
 from .model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -81,7 +88,9 @@ __all__ = [
     "ConfigError",
     "GraftkitError",
     "IA3Config",
+    "LoftQConfig",
     "LoraConfig",
+    "LoraGAConfig",
     "MissingPackageError",
     "PeftConfig",
     "PeftModel",
@@ -109,5 +118,7 @@ __all__ = [
     "inject_adapter_in_model",
     "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
+    "preprocess_loraga",
+    "replace_lora_weights_loftq",
     "__version__",
 ]

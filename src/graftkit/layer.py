@@ -18,6 +18,7 @@ The adapter protocol (every method meets the first line; the rest is optional):
 * ``fused_forward(x, base_layer)`` and ``mixed_forward(...)``: faster paths for one adapter / mixed batches;
 * ``saved_tensors()`` / ``load_saved(tensors)``: the adapter saves other tensors than its ``state_dict``
   (AdaLoRA saves only the ranks it kept);
+* ``frozen_parameters``: names of the adapter's parameters that stay frozen when it trains (MiCA's B);
 * ``restore_base(w, base_layer) -> w``: the adapter changed the base weight when attached (PiSSA, OLoRA) and gives
   it back when it leaves unmerged;
 * ``substitute(base_layer, params) -> params`` / ``merge_params(base_layer, sign)``: the adapter replaces some of the

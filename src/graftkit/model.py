@@ -83,7 +83,10 @@ def mark_trainable(model: nn.Module, configs: dict[str, PeftConfig], names: list
             model_adapters[name].requires_grad_(True)
         for _, module in wrappers(model):
             if isinstance(module, AdaptedLayer) and name in module.adapters:
-                module.adapters[name].requires_grad_(True)
+                adapter = module.adapters[name]
+                adapter.requires_grad_(True)
+                for frozen in getattr(adapter, "frozen_parameters", ()):  # tensors the method keeps fixed (MiCA's B)
+                    adapter.get_parameter(frozen).requires_grad_(False)
             elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
                 module.modules_to_save[name].requires_grad_(True)
         for _, param in method_for(config).extra_trainable(model, config):

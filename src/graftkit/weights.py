@@ -132,6 +132,25 @@ _ACCESS: list[WeightAccess] = [
 ]
 
 
+def quantized_values(weight: torch.Tensor, bits: int) -> torch.Tensor:
+    """The values a dense (out, in) ``weight`` takes once bitsandbytes stores it in ``bits`` bits (4: NF4 in blocks
+    of 64, no double quantization; 8: LLM.int8() rows), back in float32 on the weight's device.
+
+    Raises:
+        UnsupportedError: bitsandbytes is not installed.
+    """
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise UnsupportedError(f"{bits}-bit quantization needs bitsandbytes: pip install 'graftkit[quant]'") from err
+    w = weight.detach().to(torch.float32)
+    if bits == 4:
+        packed, state = bnb.functional.quantize_4bit(w, blocksize=64, compress_statistics=False, quant_type="nf4")
+        return bnb.functional.dequantize_4bit(packed, state).to(torch.float32)
+    codes, scales, _ = bnb.functional.int8_vectorwise_quant(w.to(torch.float16))
+    return bnb.functional.int8_vectorwise_dequant(codes, scales).to(torch.float32)
+
+
 def is_quantized(layer: nn.Module) -> bool:
     """Whether ``layer`` stores its weight quantized (writing a weight back rounds it)."""
     return any(access.matches(layer) for access in _ACCESS if access.matches is not _is_plain)

@@ -45,20 +45,55 @@ from ..merging import COMBINATIONS, combine
 from ..registry import Method, is_loading, register
 from ..weights import get_weight, is_quantized, linear_features, set_weight
 
-_INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora", "orthogonal")
-_NOT_YET = ("eva", "corda", "loftq", "lora_ga", "mica")  # HF peft inits graftkit does not implement yet
+_INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora", "orthogonal", "loftq", "mica",
+                 "lora_ga")
+_NOT_YET = ("eva", "corda")  # HF peft inits graftkit does not implement yet
+# inits computed from the base weight, its gradient or noise
+_FROM_WEIGHT = ("pissa", "olora", "orthogonal", "loftq", "mica", "lora_ga")
+_GRAD = "_graftkit_loraga_grad"  # where preprocess_loraga leaves a target's averaged weight gradient
 
 
 def _known_init(init: object) -> bool:
     if isinstance(init, bool):
         return True
-    return isinstance(init, str) and (init in ("gaussian", "pissa", "olora", "orthogonal")
+    return isinstance(init, str) and (init in ("gaussian", *_FROM_WEIGHT)
                                       or re.fullmatch(r"pissa_niter_\d+", init) is not None)
 
 
+@dataclasses.dataclass
+class LoftQConfig:
+    """LoftQ's settings (``LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(...))``).
+
+    Args:
+        loftq_bits: 4 (NF4) or 8 (LLM.int8()): the format the base will be quantized to.
+        loftq_iter: alternations of quantizing W - BA and refitting BA to W - Q.
+    """
+
+    loftq_bits: int = 4
+    loftq_iter: int = 1
+
+
+@dataclasses.dataclass
+class LoraGAConfig:
+    """LoRA-GA's settings (``LoraConfig(init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig(...))``, after
+    :func:`preprocess_loraga`).
+
+    Args:
+        direction: which of the gradient's top 2r singular directions go to A and B: ``"ArB2r"`` (A the first r,
+            B the next r), ``"A2rBr"`` (the other way), ``"ArBr"`` (alternating) or ``"random"``.
+        scale: ``"stable"`` (B times out^¼ / √stable_gamma), ``"weight_svd"`` (B matched to W's top singular
+            value), ``"gd_scale"`` (both divided by the LoRA scale) or ``"unit"``.
+        stable_gamma: γ of the stable scale.
+    """
+
+    direction: str = "ArB2r"
+    scale: str = "stable"
+    stable_gamma: int = 16
+
+
 def moves_base(init: object) -> bool:
-    """Whether the init moves the principal part of the base weight into the adapter (PiSSA, OLoRA)."""
-    return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
+    """Whether the init moves a part of the base weight into the adapter (PiSSA, OLoRA, LoRA-GA)."""
+    return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "lora_ga"))
 
 
 @dataclasses.dataclass
@@ -74,8 +109,13 @@ class LoraConfig(TunerConfig):
         bias: ``"none"``, ``"all"`` (train every bias of the model) or ``"lora_only"`` (biases of adapted layers).
         use_rslora: scale by ``lora_alpha / sqrt(r)`` (rank-stabilised LoRA).
         use_dora: weight-decomposed LoRA (a learned magnitude per output feature).
-        init_lora_weights: ``True`` (A Kaiming-uniform, B zero), ``"gaussian"`` (A normal with std 1/r, B zero)
-            or ``False`` (both random: the adapter changes the output from the start; for tests).
+        init_lora_weights: ``True`` (A Kaiming-uniform, B zero), ``"gaussian"`` (A normal with std 1/r, B zero),
+            ``False`` (both random: the adapter changes the output from the start; for tests), ``"pissa"`` /
+            ``"pissa_niter_N"`` / ``"olora"`` (the base's principal part moves into the adapter), ``"orthogonal"``,
+            ``"loftq"`` (the base becomes its 4/8-bit values and s·BA their low-rank error; ``loftq_config``) or
+            ``"mica"`` (B: the r minor left singular vectors of W, frozen; A zero and trained).
+        loftq_config: ``{"loftq_bits": 4 or 8, "loftq_iter": n}`` (or a :class:`LoftQConfig`) for
+            ``init_lora_weights="loftq"``; filled with 4 bits, 1 iteration when left empty.
         rank_pattern / alpha_pattern: per-module ``r`` / ``lora_alpha``; keys are regexes matched against the
             end of the module path.
         lora_bias: give B a bias (trained, zero at the start); merging adds s·b_B to the base bias.
@@ -100,6 +140,8 @@ class LoraConfig(TunerConfig):
     lora_bias: bool = False
     trainable_token_indices: list[int] | dict[str, list[int]] | None = None
     target_parameters: list[str] | None = None
+    loftq_config: dict[str, int] = dataclasses.field(default_factory=dict)
+    lora_ga_config: dict[str, Any] | None = None
 
     # How the weights started says nothing about what trained weights compute.
     bookkeeping_fields: ClassVar[frozenset[str]] = TunerConfig.bookkeeping_fields | {"init_lora_weights"}
@@ -111,8 +153,6 @@ class LoraConfig(TunerConfig):
         "eva_config": None,
         "kasa_config": None,
         "layer_replication": None,
-        "loftq_config": {},
-        "lora_ga_config": None,
         "megatron_config": None,
         "megatron_core": "megatron.core",
         "monteclora_config": None,
@@ -123,6 +163,10 @@ class LoraConfig(TunerConfig):
     }
 
     def __post_init__(self) -> None:
+        if isinstance(self.loftq_config, LoftQConfig):
+            self.loftq_config = dataclasses.asdict(self.loftq_config)
+        if isinstance(self.lora_ga_config, LoraGAConfig):
+            self.lora_ga_config = dataclasses.asdict(self.lora_ga_config)
         super().__post_init__()
         self.peft_type = PeftType.LORA
         if self.r <= 0:
@@ -152,6 +196,23 @@ class LoraConfig(TunerConfig):
                                        "an update applied to a weight has no input to drop out or bias to add")
         if self.lora_bias and self.use_dora:
             raise UnsupportedError("LoraConfig: lora_bias with use_dora is not supported in graftkit; use one of them")
+        if self.init_lora_weights == "loftq":
+            self.loftq_config = {"loftq_bits": 4, "loftq_iter": 1, **(self.loftq_config or {})}
+            bits, iters = self.loftq_config["loftq_bits"], self.loftq_config["loftq_iter"]
+            if bits not in (4, 8) or not isinstance(iters, int) or iters < 1 or set(self.loftq_config) - {
+                    "loftq_bits", "loftq_iter"}:
+                raise ConfigError(f"LoraConfig.loftq_config needs loftq_bits 4 or 8 and loftq_iter >= 1 (and no other "
+                                  f"keys), got {self.loftq_config}")
+        elif self.init_lora_weights == "lora_ga":
+            ga = {**dataclasses.asdict(LoraGAConfig()), **(self.lora_ga_config or {})}
+            if ga["direction"] not in ("ArBr", "A2rBr", "ArB2r", "random") or ga["scale"] not in (
+                    "stable", "weight_svd", "gd_scale", "unit") or set(ga) - {"direction", "scale", "stable_gamma"}:
+                raise ConfigError(f"LoraConfig.lora_ga_config={self.lora_ga_config} is not valid: direction is one of "
+                                  "ArBr, A2rBr, ArB2r, random; scale one of stable, weight_svd, gd_scale, unit")
+            self.lora_ga_config = ga
+        if self.loftq_config and self.init_lora_weights != "loftq":
+            raise ConfigError(f"LoraConfig.loftq_config={self.loftq_config} is set but init_lora_weights is "
+                              f"{self.init_lora_weights!r}; set init_lora_weights='loftq' or drop loftq_config")
         if self.init_lora_weights == "orthogonal":
             odd = sorted({r for r in (self.r, *self.rank_pattern.values()) if r % 2})
             if odd:
@@ -221,6 +282,7 @@ class LoraLinear(_BiasMerge, nn.Module):
         init: bool | str,
         fan_in_fan_out: bool,
         lora_bias: bool = False,
+        options: LoraConfig | None = None,
     ) -> None:
         super().__init__()
         weight = get_weight(base_layer)
@@ -234,33 +296,57 @@ class LoraLinear(_BiasMerge, nn.Module):
         # PiSSA/OLoRA: (A₀, B₀) whose s·B₀A₀ the base gives up when the adapter is attached; restored when it leaves.
         self.base_offset: tuple[torch.Tensor, torch.Tensor] | None = None
         self.offset_applied = False
+        # LoftQ: the base's new weight (its quantized values), written once every adapter is built.
+        self.pending_base: torch.Tensor | None = None
+        # MiCA trains A only; B keeps the minor singular directions it was given.
+        self.frozen_parameters: tuple[str, ...] = ("lora_B.weight",) if init == "mica" else ()
         if lora_bias:
             nn.init.zeros_(self.lora_B.bias)
-        if moves_base(init) or init == "orthogonal":
-            if init != "olora" and init != "orthogonal" and is_quantized(base_layer):
-                raise UnsupportedError(
-                    f"init_lora_weights={init!r} needs a float base layer, got a quantized "
-                    f"{type(base_layer).__name__}: initialise PiSSA on the full-precision model, then quantize the "
-                    "residual model (as HF peft advises); OLoRA works on quantized bases"
-                )
-            self._init_from_weight(init, weight, r)
+        if init in ("loftq", "mica", "lora_ga") and is_loading():
+            # A and B come from the file, fitted to the base the user saved (LoftQ: the quantized one; LoRA-GA:
+            # the residual); nothing to compute
+            _init_pair(self.lora_A.weight, self.lora_B.weight, True, r)
+        elif moves_base(init) or init in _FROM_WEIGHT:
+            if init not in ("olora", "orthogonal", "mica") and is_quantized(base_layer):
+                hint = ("quantize the model after get_peft_model, or call graftkit.replace_lora_weights_loftq on a "
+                        "model already in 4-bit" if init == "loftq" else
+                        "initialise PiSSA on the full-precision model, then quantize the residual model (as HF peft "
+                        "advises); OLoRA works on quantized bases")
+                raise UnsupportedError(f"init_lora_weights={init!r} needs a float base layer, got a quantized "
+                                       f"{type(base_layer).__name__}: {hint}")
+            self._init_from_weight(init, weight, r, options, getattr(base_layer, _GRAD, None))
         else:
             _init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
         self.use_dora = use_dora
         if use_dora:
             with torch.no_grad():  # W + s·BA: the weight the adapted layer computes (the base itself under PiSSA/OLoRA)
-                w = self._oi(weight.to(kw["dtype"]))
+                w = self._oi((weight if self.pending_base is None else self.pending_base).to(kw["dtype"]))
                 norm = self._row_norm(w, torch.zeros_like(w) if self.base_offset else self.delta_weight())
             self.lora_magnitude_vector = nn.Parameter(norm)  # (out,)
         self._dora_merge_scale: torch.Tensor | None = None
         self._cast: tuple | None = None  # (key, A, B) in an activation dtype, for inference (see _weights)
 
-    def _init_from_weight(self, init: str, weight: torch.Tensor, r: int) -> None:
+    def _init_from_weight(self, init: str, weight: torch.Tensor, r: int, options: LoraConfig | None = None,
+                          grad: torch.Tensor | None = None) -> None:
         """PiSSA: A, B from the top-r singular triplets (B A s = the principal part of W); OLoRA: from W's QR
-        factors; orthogonal: two halves of a random orthogonal matrix, so that B A = 0 (Kaiming-scaled noise).
+        factors; orthogonal: two halves of a random orthogonal matrix, so that B A = 0 (Kaiming-scaled noise);
+        MiCA: B the r minor left singular vectors, A zero; LoftQ: see :func:`_loftq`.
         The draws and factorizations follow HF peft's, so the same seed and weights give the same A and B."""
         with torch.no_grad():
-            if init == "orthogonal":
+            if init == "mica":
+                w = self._oi(weight).to(torch.float32)
+                if r > min(w.shape):
+                    raise ConfigError(f"init_lora_weights='mica' needs r <= min(out, in) = {min(w.shape)} for a "
+                                      f"layer of shape {tuple(w.shape)}, got r={r}; lower r (rank_pattern)")
+                b = torch.linalg.svd(w, full_matrices=False)[0][:, -r:]
+                a = torch.zeros(r, w.shape[1], dtype=w.dtype, device=w.device)
+            elif init == "lora_ga":
+                a, b = self._lora_ga(weight, grad, r, (options.lora_ga_config if options else None) or {})
+            elif init == "loftq":
+                loftq = (options.loftq_config if options else None) or {"loftq_bits": 4, "loftq_iter": 1}
+                q, a, b = _loftq(self._oi(weight), r, self.scaling, loftq["loftq_bits"], loftq["loftq_iter"])
+                self.pending_base = self._oi(q).to(weight.dtype).contiguous()
+            elif init == "orthogonal":
                 q, _ = torch.linalg.qr(torch.randn(r, r))
                 out_features, in_features = self.lora_B.weight.shape[0], self.lora_A.weight.shape[1]
                 a = torch.randn(in_features, r // 2).mm(q[0::2, :]).T / 10.0  # (r, in)
@@ -281,8 +367,42 @@ class LoraLinear(_BiasMerge, nn.Module):
                     a, b = root[:, None] * vh, u * root[None, :]
             self.lora_A.weight.copy_(a.contiguous())
             self.lora_B.weight.copy_(b.contiguous())
-        if init != "orthogonal":
+        if moves_base(init):
             self.base_offset = (self.lora_A.weight.detach().clone(), self.lora_B.weight.detach().clone())
+
+    def _lora_ga(self, weight: torch.Tensor, grad: torch.Tensor | None, r: int,
+                 settings: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """LoRA-GA (Wang et al. 2024): A and B from the top 2r singular directions of the weight's gradient, so the
+        first steps follow full fine-tuning's; the base gives up s·B A (``base_offset``). Randomized SVD and the
+        scale rules as the ecosystem computes them, so the same seed and gradient give the same A and B."""
+        if grad is None:
+            raise UsageError("init_lora_weights='lora_ga' needs the weights' gradients: call "
+                             "graftkit.preprocess_loraga(model, config, train_step) before get_peft_model")
+        g = self._oi(grad.to(torch.float32))
+        u, sv, v = torch.svd_lowrank(g, q=min(4 * r, min(g.shape)), niter=4)
+        u, sv, vh = u[:, :2 * r], sv[:2 * r], v.T[:2 * r]
+        direction = settings.get("direction", "ArB2r")
+        if direction == "ArBr":
+            pick_a, pick_b = slice(1, 2 * r, 2), slice(0, 2 * r, 2)
+        elif direction == "A2rBr":
+            pick_a, pick_b = slice(r, 2 * r), slice(0, r)
+        elif direction == "ArB2r":
+            pick_a, pick_b = slice(0, r), slice(r, 2 * r)
+        else:  # random: one draw of r of the 2r directions for both
+            pick_a = pick_b = torch.randperm(2 * r)[:r]
+        a, sv_b = vh[pick_a], sv[pick_b]
+        b = u[:, pick_b] * sv_b[None, :]
+        scale = settings.get("scale", "stable")
+        if scale == "stable":
+            b = b * (g.shape[0] ** 0.25 / settings.get("stable_gamma", 16) ** 0.5)
+        elif scale == "weight_svd":
+            top = torch.svd_lowrank(self._oi(weight).to(torch.float32), q=r, niter=4)[1][0]
+            if sv_b[0] > 0:
+                b = b * (top / sv_b[0])
+        elif scale == "gd_scale":
+            a, b = a / self.scaling, b / self.scaling
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        return a.to(dtype).to(torch.float32), b.to(dtype).to(torch.float32)
 
     def shift_base(self, weight: torch.Tensor, sign: float) -> torch.Tensor:
         """weight + sign · s·B₀A₀ (the attach-time offset), in place."""
@@ -1019,6 +1139,25 @@ class LoraConv(_BiasMerge, nn.Module):
 
 
 
+def _loftq(weight: torch.Tensor, r: int, scaling: float, bits: int, iters: int,
+           quantized: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """LoftQ (Li et al. 2023): Q, the values W takes in the quantized format, and A, B with s·B A the rank-r part of
+    W - Q, alternating ``iters`` times (Q = quant(W - s·B A), then s·B A = SVD_r(W - Q)). ``quantized``: Q is given
+    (a base already quantized), one fit. The factors are split so that s·B A (not B A) is the fitted update: the
+    adapted layer starts at Q + SVD_r(W - Q) whatever ``lora_alpha`` is."""
+    from ..weights import quantized_values
+
+    w = weight.to(torch.float32)
+    q = quantized_values(w, bits) if quantized is None else quantized.to(torch.float32)
+    for step in range(1 if quantized is not None else iters):
+        u, sv, vh = torch.linalg.svd(w - q, full_matrices=False)
+        root = torch.sqrt(sv[:r] / scaling)
+        a, b = root[:, None] * vh[:r], u[:, :r] * root[None, :]
+        if step + 1 < iters and quantized is None:
+            q = quantized_values(w - scaling * (b @ a), bits)
+    return q, a, b
+
+
 def _init_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> None:
     with torch.no_grad():
         if init == "gaussian":
@@ -1116,6 +1255,10 @@ class Lora(Method):
             if getattr(adapter, "base_offset", None) is not None and not adapter.offset_applied:
                 set_weight(layer.base_layer, adapter.shift_base(get_weight(layer.base_layer), -1.0))
                 adapter.offset_applied = True
+            if getattr(adapter, "pending_base", None) is not None:
+                set_weight(layer.base_layer, adapter.pending_base)
+                adapter.pending_base = None
+            layer.base_layer.__dict__.pop(_GRAD, None)  # preprocess_loraga's gradient, used
 
     @classmethod
     def supported_layers(cls) -> str:
@@ -1167,6 +1310,9 @@ class Lora(Method):
             if config.lora_bias:
                 raise UnsupportedError(f"lora_bias on nn.Embedding ('{module_name}') is not supported (nor in HF "
                                        "peft); exclude the embedding or set lora_bias=False")
+            if init in ("loftq", "mica"):
+                raise UnsupportedError(f"init_lora_weights={init!r} on nn.Embedding ('{module_name}') is not "
+                                       "implemented in graftkit; exclude the embedding from target_modules")
             return LoraEmbedding(base_layer, r, alpha, config.use_rslora, init, config.use_dora)
         if isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             if r % base_layer.groups:
@@ -1186,7 +1332,7 @@ class Lora(Method):
         if isinstance(base_layer, nn.Linear) or kind == "Conv1D" or hasattr(base_layer, "in_features"):
             fan_in_fan_out = kind == "Conv1D"
             return LoraLinear(base_layer, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora, init,
-                              fan_in_fan_out, config.lora_bias)
+                              fan_in_fan_out, config.lora_bias, config)
         return None
 
     @classmethod
@@ -1539,3 +1685,166 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike[str]
                       "cannot describe; save the swapped-in adapter from its own files, not from this model",
                       stacklevel=2)
     peft_model.peft_config[adapter_name] = swapped
+
+
+def replace_lora_weights_loftq(peft_model: nn.Module, model_path: str | os.PathLike[str] | None = None,
+                               adapter_name: str = "default", callback: Any = None) -> None:
+    """LoftQ for a model already loaded in 4-bit: set each LoRA layer's A, B so that s·B A is the rank-r part of
+    W - Q, W read from the original safetensors (``model_path``: a folder or file; default: the folder the base
+    model was loaded from), Q the layer's 4-bit values.
+
+    ``callback(model, module_name) -> bool`` runs after each layer; ``False`` puts that layer's A, B back (keep a
+    replacement only when, say, the logits got closer to the full-precision model's).
+
+    Raises:
+        AdapterNameError: no LoRA adapter ``adapter_name``.
+        CheckpointError: the safetensors are missing or lack a layer's weight, or its shape differs.
+        TargetError: no 4-bit layer carries the adapter.
+    """
+    from ..errors import AdapterNameError
+    from ..model import wrappers
+
+    configs = getattr(peft_model, "peft_config", {})
+    if not isinstance(configs.get(adapter_name), LoraConfig):
+        raise AdapterNameError(f"replace_lora_weights_loftq needs a LoRA adapter named '{adapter_name}'; adapters: "
+                               f"{sorted(configs)}")
+    inner = peft_model.get_base_model()
+    files = _safetensors_files(model_path if model_path is not None else
+                               getattr(getattr(inner, "config", None), "_name_or_path", "") or "")
+    done = 0
+    for name, layer in wrappers(inner):
+        adapter = layer.adapters[adapter_name] if isinstance(layer, AdaptedLayer) and \
+            adapter_name in layer.adapters else None
+        if not isinstance(adapter, LoraLinear) or not is_quantized(layer.base_layer) or \
+                "4bit" not in type(layer.base_layer).__name__:
+            continue
+        key = f"{name}.weight"
+        if key not in files:
+            raise CheckpointError(f"replace_lora_weights_loftq: no tensor '{key}' in {sorted(set(files.values()))}; "
+                                  "pass model_path= the folder of the original (unquantized) model")
+        from safetensors import safe_open
+        with safe_open(files[key], framework="pt", device="cpu") as handle:
+            original = handle.get_tensor(key)
+        quantized = get_weight(layer.base_layer)
+        if tuple(original.shape) != tuple(quantized.shape):
+            raise CheckpointError(f"{files[key]}: '{key}' has shape {tuple(original.shape)}, the 4-bit layer "
+                                  f"{tuple(quantized.shape)}; pass the model this one was quantized from")
+        r = adapter.lora_A.weight.shape[0]
+        _, a, b = _loftq(adapter._oi(original.to(quantized.device)), r, adapter.scaling, 4, 1,
+                         quantized=adapter._oi(quantized))
+        before = (adapter.lora_A.weight.detach().clone(), adapter.lora_B.weight.detach().clone())
+        with torch.no_grad():
+            adapter.lora_A.weight.copy_(a)
+            adapter.lora_B.weight.copy_(b)
+        adapter._cast = None
+        if callback is not None and not callback(peft_model, name):
+            with torch.no_grad():
+                adapter.lora_A.weight.copy_(before[0])
+                adapter.lora_B.weight.copy_(before[1])
+        done += 1
+    if not done:
+        raise TargetError(f"replace_lora_weights_loftq: no 4-bit layer carries LoRA adapter '{adapter_name}'; "
+                          "load the base with BitsAndBytesConfig(load_in_4bit=True) first")
+
+
+def _safetensors_files(path: str | os.PathLike[str]) -> dict[str, str]:
+    """Tensor name -> file, for a safetensors file, or a folder with ``model.safetensors`` or a sharded index."""
+    import json
+
+    path = os.fspath(path)
+    if os.path.isfile(path) and path.endswith(".safetensors"):
+        candidates = [path]
+    else:
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.isfile(index):
+            with open(index, encoding="utf-8") as handle:
+                weight_map = json.load(handle).get("weight_map", {})
+            return {k: os.path.join(path, v) for k, v in weight_map.items()}
+        if not os.path.isfile(single):
+            raise CheckpointError(f"replace_lora_weights_loftq: no model.safetensors (or its index) in '{path}'; pass "
+                                  "model_path= the folder or file of the original model (pickled checkpoints cannot be "
+                                  "read lazily)")
+        candidates = [single]
+    from safetensors import safe_open
+    out = {}
+    for file in candidates:
+        with safe_open(file, framework="pt", device="cpu") as handle:
+            out.update({k: file for k in handle.keys()})  # noqa: SIM118 (safe_open has no __iter__)
+    return out
+
+
+def preprocess_loraga(model: nn.Module, lora_config: LoraConfig, train_step: Any,
+                      cache_file: str | os.PathLike[str] | None = None) -> None:
+    """Estimate the gradient of every weight ``lora_config`` targets, for ``init_lora_weights="lora_ga"``.
+
+    ``train_step()`` runs forward and backward passes on a few batches (gradients are taken for the targeted weights
+    only, averaged over the backward passes); the next ``get_peft_model(model, lora_config)`` turns them into A and B
+    and drops them. With ``cache_file`` the gradients are read from that safetensors file when it exists, else
+    computed and written there. The model's ``requires_grad`` flags and train/eval mode are restored, also when
+    ``train_step`` raises.
+
+    Raises:
+        ConfigError: ``lora_config.init_lora_weights`` is not ``"lora_ga"``.
+        TargetError: no linear layer is targeted.
+        UnsupportedError: a target is quantized (LoRA-GA needs full-precision gradients).
+        CheckpointError: the cache file lacks a target's gradient.
+        UsageError: ``train_step`` ran no backward pass through a target.
+    """
+    from ..inject import find_targets, is_linear
+
+    if lora_config.init_lora_weights != "lora_ga":
+        raise ConfigError(f"preprocess_loraga is for init_lora_weights='lora_ga', got "
+                          f"{lora_config.init_lora_weights!r}; set it in the LoraConfig you pass to get_peft_model")
+    targets = [(n, model.get_submodule(n)) for n in find_targets(model, lora_config)]
+    targets = [(n, m) for n, m in targets if is_linear(m)]
+    if not targets:
+        raise TargetError("preprocess_loraga: the config targets no linear layer of the model (LoRA-GA initialises "
+                          "nn.Linear and Conv1D layers)")
+    quantized = [n for n, m in targets if is_quantized(m)]
+    if quantized:
+        raise UnsupportedError(f"LoRA-GA needs full-precision gradients; {quantized[:3]} are quantized. Run "
+                               "preprocess_loraga and get_peft_model on the float model, quantize afterwards")
+    cache = os.fspath(cache_file) if cache_file is not None else None
+    if cache is not None and os.path.isfile(cache) and os.path.getsize(cache) > 0:
+        from safetensors.torch import load_file
+        grads = load_file(cache)
+        missing = [n for n, _ in targets if n not in grads]
+        if missing:
+            raise CheckpointError(f"{cache}: no cached gradient for {missing[:3]}; delete the file to recompute it")
+        for name, module in targets:
+            setattr(module, _GRAD, grads[name].to(module.weight.device))
+        return
+    flags = {p: p.requires_grad for p in model.parameters()}
+    was_training = model.training
+    counts = {name: 0 for name, _ in targets}
+    hooks = []
+    try:
+        for param in flags:
+            param.requires_grad_(False)
+        for name, module in targets:
+            module.weight.grad = None
+            module.weight.requires_grad_(True)
+            hooks.append(module.weight.register_hook(  # once per backward pass through the layer
+                lambda _grad, name=name: counts.__setitem__(name, counts[name] + 1)))
+        model.train()
+        with torch.enable_grad():
+            train_step()
+        silent = [n for n, m in targets if not counts[n] or m.weight.grad is None]
+        if silent:
+            raise UsageError(f"preprocess_loraga: train_step ran no backward pass through {silent[:3]}; it should "
+                             "call loss.backward() on a few batches")
+        for name, module in targets:
+            setattr(module, _GRAD, module.weight.grad.detach() / counts[name])
+    finally:
+        for hook in hooks:
+            hook.remove()
+        for _, module in targets:
+            module.weight.grad = None
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
+        model.train(was_training)
+    if cache is not None:
+        from safetensors.torch import save_file
+        os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
+        save_file({n: getattr(m, _GRAD).contiguous() for n, m in targets}, cache)
