@@ -95,6 +95,22 @@ def randomize_adapters(model: nn.Module, seed: int = 3, std: float = 0.2) -> Non
                     param.copy_(noise.to(param.dtype))
 
 
+def check_mixed_rows(model: nn.Module, inputs, names: list[str]) -> torch.Tensor:
+    """Run a mixed-adapter batch (one adapter name per row, ``"__base__"`` for none) and check that each row equals
+    the same input run with that adapter alone (or disabled); returns the mixed logits."""
+    with torch.no_grad():
+        mixed = model(**inputs, adapter_names=names).logits
+    for row, name in enumerate(names):
+        if name == "__base__":
+            with model.disable_adapter():
+                expected = run(model, inputs)
+        else:
+            model.set_adapter(name)
+            expected = run(model, inputs)
+        torch.testing.assert_close(mixed[row], expected[row], rtol=1e-5, atol=1e-6)
+    return mixed
+
+
 def run(model: nn.Module, inputs) -> torch.Tensor:
     with torch.no_grad():
         if isinstance(inputs, torch.Tensor):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import graftkit
-from tests.conftest import DEVICE, run, tiny_bert_cls, tiny_gpt2, tiny_llama, token_batch
+from tests.conftest import DEVICE, check_mixed_rows, run, tiny_bert_cls, tiny_gpt2, tiny_llama, token_batch
 
 peft = pytest.importorskip("peft")
 warnings.filterwarnings("ignore", message=".*Unexpected keyword arguments.*")
@@ -104,20 +104,7 @@ def test_ia3_mixed_batch_rows_equal_single_adapter_runs():
     model = graftkit.get_peft_model(tiny_llama(), ia3(graftkit, "llama"))
     model.add_adapter("other", ia3(graftkit, "llama"))
     set_seeded(model, seed=5)
-    mixed = run_named(model, x, ["other", "__base__", "default"])
-    for row, name in enumerate(["other", None, "default"]):
-        if name is None:
-            with model.disable_adapter():
-                expected = run(model, x)
-        else:
-            model.set_adapter(name)
-            expected = run(model, x)
-        torch.testing.assert_close(mixed[row], expected[row], rtol=1e-5, atol=1e-6)
-
-
-def run_named(model, x, names):
-    with torch.no_grad():
-        return model(**x, adapter_names=names).logits
+    check_mixed_rows(model, x, ["other", "__base__", "default"])
 
 
 def test_ia3_add_weighted_adapter_matches_peft(tmp_path):
