@@ -111,7 +111,7 @@ def test_merge_and_unload_keeps_the_trained_function():
 def test_errors():
     with pytest.raises(graftkit.ConfigError, match="even ranks"):
         graftkit.LoraConfig(r=3, init_lora_weights="orthogonal")
-    for name in ("eva", "corda"):
+    for name in ("eva",):
         with pytest.raises(graftkit.UnsupportedError, match="does not implement yet"):
             graftkit.LoraConfig(init_lora_weights=name)
     with pytest.raises(graftkit.UnsupportedError, match="not implemented"):
@@ -266,16 +266,21 @@ def test_lora_ga_preprocessing_cache_and_errors(tmp_path):
     model = tiny_llama()
     model.eval()
     model.lm_head.weight.requires_grad_(False)
-    graftkit.preprocess_loraga(model, cfg, _two_batches(model, x), cache_file=tmp_path / "grads.safetensors")
+    graftkit.preprocess_loraga(model, cfg, _two_batches(model, x), cache_file=tmp_path / "grads.pt")
     assert not model.training and not model.lm_head.weight.requires_grad and model.model.norm.weight.requires_grad
     assert all(p.grad is None for p in model.parameters())
     first = graftkit.get_peft_model(model, cfg).state_dict()
     again = tiny_llama()
     graftkit.preprocess_loraga(again, cfg, lambda: pytest.fail("the cache should be used"),
-                               cache_file=tmp_path / "grads.safetensors")
+                               cache_file=tmp_path / "grads.pt")
     second = graftkit.get_peft_model(again, cfg).state_dict()
     for key, value in first.items():
         torch.testing.assert_close(second[key], value, rtol=0, atol=0, msg=key)
+    theirs = tiny_llama()  # HF peft reads the same cache file
+    peft.preprocess_loraga(theirs, config(peft, "lora_ga", lora_ga_config=peft.LoraGAConfig()),
+                           lambda: pytest.fail("the cache should be used"), cache_file=str(tmp_path / "grads.pt"))
+    assert torch.equal(theirs.model.layers[0].self_attn.q_proj._peft_loraga_grad,
+                       torch.load(tmp_path / "grads.pt")["model.layers.0.self_attn.q_proj._peft_loraga_grad"])
     with pytest.raises(graftkit.UsageError, match="preprocess_loraga"):
         graftkit.get_peft_model(tiny_llama(), cfg)
     with pytest.raises(graftkit.UsageError, match="no backward pass"):
@@ -291,3 +296,105 @@ def test_lora_ga_preprocessing_cache_and_errors(tmp_path):
         graftkit.preprocess_loraga(tiny_llama(), config(graftkit, True), lambda: None)
     with pytest.raises(graftkit.ConfigError, match="direction"):
         graftkit.LoraConfig(init_lora_weights="lora_ga", lora_ga_config={"direction": "up"})
+
+
+def _peft_corda():
+    pytest.importorskip("attr")  # HF peft's CorDA module imports attrs without declaring it
+    from peft.tuners.lora.config import CordaConfig
+    from peft.tuners.lora.corda import preprocess_corda
+    return CordaConfig, preprocess_corda
+
+
+def _samples(model):
+    batches = [token_batch(seed=s, batch=1, length=9) for s in range(3)]
+
+    def run_model():
+        for batch in batches:
+            model(**batch)
+    return run_model
+
+
+@pytest.mark.parametrize("arch, method", [("llama", "ipm"), ("gpt2", "kpm")])
+def test_corda_matches_peft(tmp_path, arch, method):
+    """CorDA: from the same sample data, HF peft's A, B and residual base exactly (the top r or bottom r directions
+    of the context-oriented decomposition; GPT-2's Conv1D included), the base function at the start; the
+    decomposition cache moves between the two libraries."""
+    peft_corda_config, peft_preprocess = _peft_corda()
+    make, targets = ((tiny_llama, ["q_proj", "v_proj", "down_proj"]) if arch == "llama"
+                     else (tiny_gpt2, ["c_attn", "c_fc"]))
+    x = token_batch(batch=1, length=9)
+    made, caches = {}, {}
+    for library, corda_config, preprocess in ((peft, peft_corda_config, peft_preprocess),
+                                              (graftkit, graftkit.CordaConfig, graftkit.preprocess_corda)):
+        model = make()
+        caches[library.__name__] = tmp_path / f"{library.__name__}.pt"
+        cfg = library.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="corda",
+                                 corda_config=corda_config(corda_method=method,
+                                                           cache_file=str(caches[library.__name__])))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            preprocess(model, cfg, _samples(model))
+            made[library.__name__] = library.get_peft_model(model, cfg)
+    ours, theirs = made["graftkit"], made["peft"]
+    mine = {k.replace("adapters.default.", ""): v for k, v in ours.state_dict().items()}
+    peers = {k.replace(".default", ""): v for k, v in theirs.state_dict().items()}
+    assert mine.keys() == peers.keys()
+    for key, value in mine.items():
+        torch.testing.assert_close(value, peers[key], rtol=0, atol=0, msg=key)
+    torch.testing.assert_close(run(ours, x), run(make(), x), rtol=1e-5, atol=1e-6)
+    # each library reads the other's cache (no data needed) and builds the same adapter
+    cfg = graftkit.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="corda",
+                              corda_config={"corda_method": method, "cache_file": str(caches["peft"])})
+    model = make()
+    graftkit.preprocess_corda(model, cfg)
+    again = graftkit.get_peft_model(model, cfg).state_dict()
+    for key, value in ours.state_dict().items():
+        torch.testing.assert_close(again[key], value, rtol=0, atol=0, msg=key)
+    model = make()
+    theirs_cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="corda",
+                                 corda_config=peft_corda_config(corda_method=method,
+                                                                cache_file=str(caches["graftkit"])))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft_preprocess(model, theirs_cfg)
+        from_ours = peft.get_peft_model(model, theirs_cfg).state_dict()
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(from_ours[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_corda_errors_and_files(tmp_path):
+    x = token_batch(batch=1, length=9)
+    cfg = config(graftkit, "corda", corda_config={"covariance_file": str(tmp_path / "cov.pt")})
+    model = tiny_llama()
+    graftkit.preprocess_corda(model, cfg, _samples(model))
+    assert (tmp_path / "cov.pt").is_file() and not model.training
+    first = graftkit.get_peft_model(model, cfg)
+    assert not any(hasattr(m, "_graftkit_corda_eigens") for m in first.modules())
+    first.save_pretrained(tmp_path / "init")
+    randomize_adapters(first)
+    expected = run(first, x)
+    first.save_pretrained(tmp_path / "plain", path_initial_model_for_weight_conversion=tmp_path / "init")
+    for library in (graftkit, peft):  # a plain rank-2r adapter for the original base
+        back = library.PeftModel.from_pretrained(tiny_llama(), tmp_path / "plain")
+        torch.testing.assert_close(run(back.eval(), x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(graftkit.UsageError, match="preprocess_corda"):
+        graftkit.get_peft_model(tiny_llama(), cfg)
+    with pytest.raises(graftkit.UsageError, match="run_model"):
+        graftkit.preprocess_corda(tiny_llama(), config(graftkit, "corda"))
+    with pytest.raises(graftkit.UsageError, match="no input"):
+        graftkit.preprocess_corda(tiny_llama(), config(graftkit, "corda"), lambda: None)
+    other_rank = graftkit.LoraConfig(r=2, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights="corda",
+                                     corda_config={"cache_file": str(tmp_path / "r4.pt")})
+    model = tiny_llama()
+    graftkit.preprocess_corda(model, config(graftkit, "corda", corda_config={"cache_file": str(tmp_path / "r4.pt")}),
+                              _samples(model))
+    model = tiny_llama()
+    graftkit.preprocess_corda(model, other_rank)
+    with pytest.raises(graftkit.ConfigError, match="rank 4"):
+        graftkit.get_peft_model(model, other_rank)
+    (tmp_path / "bad.pt").write_bytes(b"not a cache")
+    with pytest.raises(graftkit.CheckpointError, match="bad.pt"):
+        graftkit.preprocess_corda(tiny_llama(), config(graftkit, "corda",
+                                                       corda_config={"cache_file": str(tmp_path / "bad.pt")}))
+    with pytest.raises(graftkit.ConfigError, match="corda_method"):
+        graftkit.LoraConfig(init_lora_weights="corda", corda_config={"corda_method": "both"})

@@ -37,10 +37,12 @@ from .methods import (
     PromptTuningInit,
 )
 from .methods.lora import (
+    CordaConfig,
     LoftQConfig,
     LoraGAConfig,
     hotswap_adapter,
     prepare_model_for_compiled_hotswap,
+    preprocess_corda,
     preprocess_loraga,
     replace_lora_weights_loftq,
 )
@@ -86,6 +88,7 @@ __all__ = [
     "AutoPeftModelForTokenClassification",
     "CheckpointError",
     "ConfigError",
+    "CordaConfig",
     "GraftkitError",
     "IA3Config",
     "LoftQConfig",
@@ -118,6 +121,7 @@ __all__ = [
     "inject_adapter_in_model",
     "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
+    "preprocess_corda",
     "preprocess_loraga",
     "replace_lora_weights_loftq",
     "__version__",

@@ -46,11 +46,13 @@ from ..registry import Method, is_loading, register
 from ..weights import get_weight, is_quantized, linear_features, set_weight
 
 _INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora", "orthogonal", "loftq", "mica",
-                 "lora_ga")
-_NOT_YET = ("eva", "corda")  # HF peft inits graftkit does not implement yet
-# inits computed from the base weight, its gradient or noise
-_FROM_WEIGHT = ("pissa", "olora", "orthogonal", "loftq", "mica", "lora_ga")
-_GRAD = "_graftkit_loraga_grad"  # where preprocess_loraga leaves a target's averaged weight gradient
+                 "lora_ga", "corda")
+_NOT_YET = ("eva",)  # HF peft inits graftkit does not implement yet
+# inits computed from the base weight, its gradient, its input statistics or noise
+_FROM_WEIGHT = ("pissa", "olora", "orthogonal", "loftq", "mica", "lora_ga", "corda")
+# What a preprocessing call leaves on each target layer for the init to use (then dropped): preprocess_loraga the
+# averaged weight gradient, preprocess_corda the (S, U, V) of the context-oriented decomposition.
+_PREPARED = {"lora_ga": "_graftkit_loraga_grad", "corda": "_graftkit_corda_eigens"}
 
 
 def _known_init(init: object) -> bool:
@@ -91,9 +93,33 @@ class LoraGAConfig:
     stable_gamma: int = 16
 
 
+@dataclasses.dataclass
+class CordaConfig:
+    """CorDA's settings (``LoraConfig(init_lora_weights="corda", corda_config=CordaConfig(...))``, after
+    :func:`preprocess_corda`).
+
+    Args:
+        corda_method: ``"ipm"`` (instruction-previewed: the adapter takes the r directions the data uses most) or
+            ``"kpm"`` (knowledge-preserving: the r it uses least, keeping the rest in the frozen base).
+        cache_file: where the decomposition is read from if present, else written (a ``torch.save`` dict of
+            tensors, the same keys as HF peft's, so caches move between the two).
+        covariance_file: the same for the input covariances.
+        use_float16_for_covariance: accumulate the covariances in the inputs' half precision (less memory).
+        verbose: print each layer as it is decomposed.
+        prune_temporary_fields: kept for the file format; graftkit never leaves temporary fields on layers.
+    """
+
+    cache_file: str | None = None
+    covariance_file: str | None = None
+    corda_method: str = "ipm"
+    verbose: bool = False
+    use_float16_for_covariance: bool = False
+    prune_temporary_fields: bool = True
+
+
 def moves_base(init: object) -> bool:
-    """Whether the init moves a part of the base weight into the adapter (PiSSA, OLoRA, LoRA-GA)."""
-    return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "lora_ga"))
+    """Whether the init moves a part of the base weight into the adapter (PiSSA, OLoRA, LoRA-GA, CorDA)."""
+    return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "lora_ga", "corda"))
 
 
 @dataclasses.dataclass
@@ -142,13 +168,13 @@ class LoraConfig(TunerConfig):
     target_parameters: list[str] | None = None
     loftq_config: dict[str, int] = dataclasses.field(default_factory=dict)
     lora_ga_config: dict[str, Any] | None = None
+    corda_config: dict[str, Any] | None = None
 
     # How the weights started says nothing about what trained weights compute.
     bookkeeping_fields: ClassVar[frozenset[str]] = TunerConfig.bookkeeping_fields | {"init_lora_weights"}
     peft_only_fields: ClassVar[dict[str, Any]] = {
         "alora_invocation_tokens": None,
         "arrow_config": None,
-        "corda_config": None,
         "ensure_weight_tying": False,
         "eva_config": None,
         "kasa_config": None,
@@ -167,6 +193,8 @@ class LoraConfig(TunerConfig):
             self.loftq_config = dataclasses.asdict(self.loftq_config)
         if isinstance(self.lora_ga_config, LoraGAConfig):
             self.lora_ga_config = dataclasses.asdict(self.lora_ga_config)
+        if isinstance(self.corda_config, CordaConfig):
+            self.corda_config = dataclasses.asdict(self.corda_config)
         super().__post_init__()
         self.peft_type = PeftType.LORA
         if self.r <= 0:
@@ -210,6 +238,12 @@ class LoraConfig(TunerConfig):
                 raise ConfigError(f"LoraConfig.lora_ga_config={self.lora_ga_config} is not valid: direction is one of "
                                   "ArBr, A2rBr, ArB2r, random; scale one of stable, weight_svd, gd_scale, unit")
             self.lora_ga_config = ga
+        elif self.init_lora_weights == "corda":
+            corda = {**dataclasses.asdict(CordaConfig()), **(self.corda_config or {})}
+            if corda["corda_method"] not in ("ipm", "kpm") or set(corda) - set(dataclasses.asdict(CordaConfig())):
+                raise ConfigError(f"LoraConfig.corda_config={self.corda_config} is not valid: corda_method is 'ipm' or "
+                                  f"'kpm'; keys are {sorted(dataclasses.asdict(CordaConfig()))}")
+            self.corda_config = corda
         if self.loftq_config and self.init_lora_weights != "loftq":
             raise ConfigError(f"LoraConfig.loftq_config={self.loftq_config} is set but init_lora_weights is "
                               f"{self.init_lora_weights!r}; set init_lora_weights='loftq' or drop loftq_config")
@@ -302,7 +336,7 @@ class LoraLinear(_BiasMerge, nn.Module):
         self.frozen_parameters: tuple[str, ...] = ("lora_B.weight",) if init == "mica" else ()
         if lora_bias:
             nn.init.zeros_(self.lora_B.bias)
-        if init in ("loftq", "mica", "lora_ga") and is_loading():
+        if init in ("loftq", "mica", "lora_ga", "corda") and is_loading():
             # A and B come from the file, fitted to the base the user saved (LoftQ: the quantized one; LoRA-GA:
             # the residual); nothing to compute
             _init_pair(self.lora_A.weight, self.lora_B.weight, True, r)
@@ -314,7 +348,7 @@ class LoraLinear(_BiasMerge, nn.Module):
                         "advises); OLoRA works on quantized bases")
                 raise UnsupportedError(f"init_lora_weights={init!r} needs a float base layer, got a quantized "
                                        f"{type(base_layer).__name__}: {hint}")
-            self._init_from_weight(init, weight, r, options, getattr(base_layer, _GRAD, None))
+            self._init_from_weight(init, weight, r, options, getattr(base_layer, _PREPARED.get(init, ""), None))
         else:
             _init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
         self.use_dora = use_dora
@@ -327,7 +361,7 @@ class LoraLinear(_BiasMerge, nn.Module):
         self._cast: tuple | None = None  # (key, A, B) in an activation dtype, for inference (see _weights)
 
     def _init_from_weight(self, init: str, weight: torch.Tensor, r: int, options: LoraConfig | None = None,
-                          grad: torch.Tensor | None = None) -> None:
+                          prepared: Any = None) -> None:
         """PiSSA: A, B from the top-r singular triplets (B A s = the principal part of W); OLoRA: from W's QR
         factors; orthogonal: two halves of a random orthogonal matrix, so that B A = 0 (Kaiming-scaled noise);
         MiCA: B the r minor left singular vectors, A zero; LoftQ: see :func:`_loftq`.
@@ -341,7 +375,9 @@ class LoraLinear(_BiasMerge, nn.Module):
                 b = torch.linalg.svd(w, full_matrices=False)[0][:, -r:]
                 a = torch.zeros(r, w.shape[1], dtype=w.dtype, device=w.device)
             elif init == "lora_ga":
-                a, b = self._lora_ga(weight, grad, r, (options.lora_ga_config if options else None) or {})
+                a, b = self._lora_ga(weight, prepared, r, (options.lora_ga_config if options else None) or {})
+            elif init == "corda":
+                a, b = self._corda(prepared, r)
             elif init == "loftq":
                 loftq = (options.loftq_config if options else None) or {"loftq_bits": 4, "loftq_iter": 1}
                 q, a, b = _loftq(self._oi(weight), r, self.scaling, loftq["loftq_bits"], loftq["loftq_iter"])
@@ -403,6 +439,22 @@ class LoraLinear(_BiasMerge, nn.Module):
             a, b = a / self.scaling, b / self.scaling
         dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
         return a.to(dtype).to(torch.float32), b.to(dtype).to(torch.float32)
+
+    def _corda(self, eigens: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+               r: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """CorDA (Yang et al. 2024): s·B A is the part (S, U, V) of W's context-oriented decomposition that
+        :func:`preprocess_corda` kept; the base gives it up (``base_offset``)."""
+        if eigens is None:
+            raise UsageError("init_lora_weights='corda' needs the layers' input statistics: call "
+                             "graftkit.preprocess_corda(model, config, run_model) before get_peft_model")
+        sv, u, v = (t.to(torch.float32) for t in eigens)
+        out_features, in_features = self.lora_B.weight.shape[0], self.lora_A.weight.shape[1]
+        if sv.shape != (r,) or u.shape != (out_features, r) or v.shape != (in_features, r):
+            raise ConfigError(f"the CorDA decomposition holds rank {sv.shape[0]} for a ({out_features}, {in_features}) "
+                              f"layer, the adapter wants rank {r}: run preprocess_corda with the same model and config "
+                              "(a cache_file built for another rank must be deleted)")
+        root = torch.sqrt(sv / self.scaling)
+        return v.T * root[:, None], u * root[None, :]
 
     def shift_base(self, weight: torch.Tensor, sign: float) -> torch.Tensor:
         """weight + sign · s·B₀A₀ (the attach-time offset), in place."""
@@ -1258,7 +1310,8 @@ class Lora(Method):
             if getattr(adapter, "pending_base", None) is not None:
                 set_weight(layer.base_layer, adapter.pending_base)
                 adapter.pending_base = None
-            layer.base_layer.__dict__.pop(_GRAD, None)  # preprocess_loraga's gradient, used
+            for prepared in _PREPARED.values():  # what preprocess_loraga / preprocess_corda left there, used
+                layer.base_layer.__dict__.pop(prepared, None)
 
     @classmethod
     def supported_layers(cls) -> str:
@@ -1774,15 +1827,61 @@ def _safetensors_files(path: str | os.PathLike[str]) -> dict[str, str]:
     return out
 
 
+def _prepared_targets(model: nn.Module, lora_config: LoraConfig, init: str) -> list[tuple[str, nn.Module]]:
+    """The linear layers a preprocessing call prepares (``lora_config``'s targets), refusing quantized ones."""
+    from ..inject import find_targets, is_linear
+
+    if lora_config.init_lora_weights != init:
+        raise ConfigError(f"preprocess_{init.replace('_', '')} is for init_lora_weights={init!r}, got "
+                          f"{lora_config.init_lora_weights!r}; set it in the LoraConfig you pass to get_peft_model")
+    targets = [(n, model.get_submodule(n)) for n in find_targets(model, lora_config)]
+    targets = [(n, m) for n, m in targets if is_linear(m)]
+    if not targets:
+        raise TargetError(f"init_lora_weights={init!r}: the config targets no linear layer of the model (it "
+                          "initialises nn.Linear and Conv1D layers)")
+    quantized = [n for n, m in targets if is_quantized(m)]
+    if quantized:
+        raise UnsupportedError(f"init_lora_weights={init!r} needs full-precision weights; {quantized[:3]} are "
+                               "quantized. Prepare and attach on the float model, quantize the residual afterwards")
+    return targets
+
+
+def _read_cache(path: str | os.PathLike[str] | None, keys: list[str]) -> dict[str, torch.Tensor] | None:
+    """A tensor dict written by ``torch.save`` (read without unpickling code), if ``path`` holds one."""
+    if path is None or not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return None
+    try:
+        cache = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say which
+        raise CheckpointError(f"{path}: not a readable tensor cache ({type(err).__name__}: {err}); delete it to "
+                              "recompute") from err
+    missing = [k for k in keys if not isinstance(cache, dict) or k not in cache]
+    if missing:
+        raise CheckpointError(f"{path}: no cached tensor {missing[:3]}; it was built for another model or config, "
+                              "delete it to recompute")
+    return cache
+
+
+def _write_cache(path: str | os.PathLike[str] | None, tensors: dict[str, torch.Tensor]) -> None:
+    """Write the cache whole or not at all (a temporary file renamed over the target)."""
+    if path is None:
+        return
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    partial = f"{path}.partial"
+    torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, partial)
+    os.replace(partial, path)
+
+
 def preprocess_loraga(model: nn.Module, lora_config: LoraConfig, train_step: Any,
                       cache_file: str | os.PathLike[str] | None = None) -> None:
     """Estimate the gradient of every weight ``lora_config`` targets, for ``init_lora_weights="lora_ga"``.
 
     ``train_step()`` runs forward and backward passes on a few batches (gradients are taken for the targeted weights
     only, averaged over the backward passes); the next ``get_peft_model(model, lora_config)`` turns them into A and B
-    and drops them. With ``cache_file`` the gradients are read from that safetensors file when it exists, else
-    computed and written there. The model's ``requires_grad`` flags and train/eval mode are restored, also when
-    ``train_step`` raises.
+    and drops them. With ``cache_file`` the gradients are read from that file when it exists, else computed and
+    written there (HF peft's cache format: ``torch.save`` of ``{"<module>._peft_loraga_grad": tensor}``). The
+    model's ``requires_grad`` flags and train/eval mode are restored, also when ``train_step`` raises.
 
     Raises:
         ConfigError: ``lora_config.init_lora_weights`` is not ``"lora_ga"``.
@@ -1791,29 +1890,12 @@ def preprocess_loraga(model: nn.Module, lora_config: LoraConfig, train_step: Any
         CheckpointError: the cache file lacks a target's gradient.
         UsageError: ``train_step`` ran no backward pass through a target.
     """
-    from ..inject import find_targets, is_linear
-
-    if lora_config.init_lora_weights != "lora_ga":
-        raise ConfigError(f"preprocess_loraga is for init_lora_weights='lora_ga', got "
-                          f"{lora_config.init_lora_weights!r}; set it in the LoraConfig you pass to get_peft_model")
-    targets = [(n, model.get_submodule(n)) for n in find_targets(model, lora_config)]
-    targets = [(n, m) for n, m in targets if is_linear(m)]
-    if not targets:
-        raise TargetError("preprocess_loraga: the config targets no linear layer of the model (LoRA-GA initialises "
-                          "nn.Linear and Conv1D layers)")
-    quantized = [n for n, m in targets if is_quantized(m)]
-    if quantized:
-        raise UnsupportedError(f"LoRA-GA needs full-precision gradients; {quantized[:3]} are quantized. Run "
-                               "preprocess_loraga and get_peft_model on the float model, quantize afterwards")
-    cache = os.fspath(cache_file) if cache_file is not None else None
-    if cache is not None and os.path.isfile(cache) and os.path.getsize(cache) > 0:
-        from safetensors.torch import load_file
-        grads = load_file(cache)
-        missing = [n for n, _ in targets if n not in grads]
-        if missing:
-            raise CheckpointError(f"{cache}: no cached gradient for {missing[:3]}; delete the file to recompute it")
+    attr = _PREPARED["lora_ga"]
+    targets = _prepared_targets(model, lora_config, "lora_ga")
+    cache = _read_cache(cache_file, [f"{n}._peft_loraga_grad" for n, _ in targets])
+    if cache is not None:
         for name, module in targets:
-            setattr(module, _GRAD, grads[name].to(module.weight.device))
+            setattr(module, attr, cache[f"{name}._peft_loraga_grad"].to(module.weight.device))
         return
     flags = {p: p.requires_grad for p in model.parameters()}
     was_training = model.training
@@ -1835,7 +1917,7 @@ def preprocess_loraga(model: nn.Module, lora_config: LoraConfig, train_step: Any
             raise UsageError(f"preprocess_loraga: train_step ran no backward pass through {silent[:3]}; it should "
                              "call loss.backward() on a few batches")
         for name, module in targets:
-            setattr(module, _GRAD, module.weight.grad.detach() / counts[name])
+            setattr(module, attr, module.weight.grad.detach() / counts[name])
     finally:
         for hook in hooks:
             hook.remove()
@@ -1844,7 +1926,105 @@ def preprocess_loraga(model: nn.Module, lora_config: LoraConfig, train_step: Any
         for param, flag in flags.items():
             param.requires_grad_(flag)
         model.train(was_training)
-    if cache is not None:
-        from safetensors.torch import save_file
-        os.makedirs(os.path.dirname(os.path.abspath(cache)), exist_ok=True)
-        save_file({n: getattr(m, _GRAD).contiguous() for n, m in targets}, cache)
+    _write_cache(cache_file, {f"{n}._peft_loraga_grad": getattr(m, attr) for n, m in targets})
+
+
+@torch.no_grad()
+def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model: Any = None,
+                     hooked_model: nn.Module | None = None) -> None:
+    """Collect each targeted layer's input covariance while ``run_model()`` runs the model on sample data, and
+    decompose the layer for ``init_lora_weights="corda"`` (context-oriented: the SVD of W·C, mapped back through C⁻¹).
+    The next ``get_peft_model(model, lora_config)`` takes the r directions ``corda_config["corda_method"]`` asks
+    for ("ipm": the top r, "kpm": the bottom r) into the adapter and drops the rest.
+
+    ``corda_config["covariance_file"]`` / ``["cache_file"]`` reuse the covariances / the decomposition when those files
+    exist (then ``run_model`` may be ``None``) and are written otherwise, in HF peft's format. ``hooked_model``: run
+    the statistics on another model with the same module names (rarely needed). Inputs are taken as rows of the
+    layer's last dimension, each forward call scaled by its largest value, as the ecosystem does.
+
+    Raises:
+        ConfigError: ``lora_config.init_lora_weights`` is not ``"corda"``.
+        TargetError: no linear layer is targeted.
+        UnsupportedError: a target is quantized.
+        UsageError: no cache and no ``run_model``, a layer saw no input, or an input held NaN/Inf.
+        CheckpointError: a cache file lacks a layer.
+    """
+    targets = _prepared_targets(model, lora_config, "corda")
+    settings = lora_config.corda_config or {}
+    ranks = {n: lora_config.rank_and_alpha(n)[0] for n, _ in targets}
+    keys = [f"{n}.eigens.{part}" for n, _ in targets for part in ("S_WC", "U_WC", "V_WC")]
+    cache = _read_cache(settings.get("cache_file"), keys)
+    if cache is None:
+        covariances = _read_cache(settings.get("covariance_file"), [n for n, _ in targets])
+        if covariances is None:
+            covariances = _input_covariances(targets, hooked_model or model, run_model,
+                                             settings.get("use_float16_for_covariance", False))
+            _write_cache(settings.get("covariance_file"), covariances)
+        cache = {}
+        for name, module in targets:
+            if settings.get("verbose"):
+                print(f"CorDA: decomposing {name}")
+            w = get_weight(module).to(torch.float32)
+            w = w.T if type(module).__name__ == "Conv1D" else w
+            sv, u, v = _context_svd(w, covariances[name].to(w.device, torch.float32))
+            keep = slice(0, ranks[name]) if settings.get("corda_method", "ipm") == "ipm" else slice(-ranks[name], None)
+            cache.update({f"{name}.eigens.S_WC": sv[keep].clone(), f"{name}.eigens.U_WC": u[:, keep].clone(),
+                          f"{name}.eigens.V_WC": v[:, keep].clone()})
+        _write_cache(settings.get("cache_file"), cache)
+    for name, module in targets:
+        parts = (cache[f"{name}.eigens.{p}"].to(module.weight.device) for p in ("S_WC", "U_WC", "V_WC"))
+        setattr(module, _PREPARED["corda"], tuple(parts))
+
+
+def _input_covariances(targets: list[tuple[str, nn.Module]], hooked: nn.Module, run_model: Any,
+                       half: bool) -> dict[str, torch.Tensor]:
+    """Σ XᵀX / calls over ``run_model()``'s forward calls through each target (X: the call's input rows, scaled by
+    the largest value)."""
+    if run_model is None:
+        raise UsageError("preprocess_corda needs run_model (a callable that runs the model on sample data) when "
+                         "corda_config has no existing covariance_file or cache_file")
+    sums: dict[str, Any] = {n: 0 for n, _ in targets}
+    calls = {n: 0 for n, _ in targets}
+
+    def hook(name: str):
+        def collect(_module: nn.Module, args: tuple, _output: Any) -> None:
+            x = args[0].detach()
+            x = x.reshape(-1, x.shape[-1]) if half else x.reshape(-1, x.shape[-1]).float()
+            x = x / x.max().abs()
+            if not bool(torch.isfinite(x).all()):
+                raise UsageError(f"preprocess_corda: the input of '{name}' holds NaN/Inf (or is all zero); check the "
+                                 "sample data")
+            sums[name] = sums[name] + x.T @ x
+            calls[name] += 1
+        return collect
+
+    by_name = dict(hooked.named_modules())
+    handles = [by_name[n].register_forward_hook(hook(n)) for n, _ in targets if n in by_name]
+    was_training = hooked.training
+    hooked.eval()
+    try:
+        run_model()
+    finally:
+        for handle in handles:
+            handle.remove()
+        hooked.train(was_training)
+    silent = [n for n, _ in targets if not calls[n]]
+    if silent:
+        raise UsageError(f"preprocess_corda: run_model sent no input through {silent[:3]}; run the model on sample "
+                         "data inside it")
+    return {n: sums[n] / calls[n] for n, _ in targets}
+
+
+def _context_svd(w: torch.Tensor, covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(S, U, V) with W = U diag(S) Vᵀ and W·C̃ = U diag(S) (C̃ V)ᵀ an SVD, C̃ the covariance damped until it
+    inverts well (a multiple of its mean diagonal added, doubled from 1% while ‖C̃ C̃⁻¹ − I‖ ≥ 0.05)."""
+    eye = torch.eye(covariance.shape[0], device=covariance.device)
+    damp = 0.01
+    while True:
+        fixed = covariance + eye * (torch.diag(covariance).mean() * damp)
+        inverse = torch.linalg.inv(fixed)
+        if torch.dist(fixed @ inverse, eye).item() < 0.05:
+            break
+        damp *= 2
+    u, sv, vh = torch.linalg.svd(w @ fixed, full_matrices=False)
+    return sv, u, (vh @ inverse).T
