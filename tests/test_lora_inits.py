@@ -111,9 +111,6 @@ def test_merge_and_unload_keeps_the_trained_function():
 def test_errors():
     with pytest.raises(graftkit.ConfigError, match="even ranks"):
         graftkit.LoraConfig(r=3, init_lora_weights="orthogonal")
-    for name in ("eva",):
-        with pytest.raises(graftkit.UnsupportedError, match="does not implement yet"):
-            graftkit.LoraConfig(init_lora_weights=name)
     with pytest.raises(graftkit.UnsupportedError, match="not implemented"):
         graftkit.LoraConfig(init_lora_weights="pissa_niter_x")
     model = tiny_gpt2()
@@ -398,3 +395,82 @@ def test_corda_errors_and_files(tmp_path):
                                                        corda_config={"cache_file": str(tmp_path / "bad.pt")}))
     with pytest.raises(graftkit.ConfigError, match="corda_method"):
         graftkit.LoraConfig(init_lora_weights="corda", corda_config={"corda_method": "both"})
+
+
+def _eva_batches():
+    batches = [dict(token_batch(seed=s, batch=2, length=12)) for s in range(4)]
+    for batch in batches:
+        batch["labels"] = batch["input_ids"].clone()
+        batch["labels"][:, :3] = -100  # masked prompt positions do not count
+    return batches
+
+
+EVA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+@pytest.mark.parametrize("r, rho, tau", [(2, 3.0, 0.9), (3, 2.0, 0.95), (1, 6.0, 0.9)])
+def test_eva_matches_peft(tmp_path, r, rho, tau):
+    """EVA: the same principal directions (incremental PCA over the same batches, to the same convergence), the same
+    rank redistribution (layers dropped at rank 0, alphas scaled with their rank) and the same config as HF peft; the
+    base function at the start; files both ways."""
+    made = {}
+    for library in (peft, graftkit):
+        torch.manual_seed(0)
+        model = library.get_peft_model(tiny_llama(), library.LoraConfig(
+            r=r, lora_alpha=8, target_modules=EVA_TARGETS, init_lora_weights="eva",
+            eva_config=library.EvaConfig(rho=rho, tau=tau)))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            library.initialize_lora_eva_weights(model, _eva_batches(), show_progress_bar=False)
+        made[library.__name__] = model
+    ours, theirs = made["graftkit"], made["peft"]
+    mine = {k.replace("adapters.default.", ""): v for k, v in ours.state_dict().items()}
+    peers = {k.replace(".default", ""): v for k, v in theirs.state_dict().items()}
+    assert mine.keys() == peers.keys()
+    for key, value in mine.items():
+        torch.testing.assert_close(value, peers[key], rtol=1e-5, atol=1e-6, msg=key)
+    ours_config, theirs_config = ours.peft_config["default"], theirs.peft_config["default"]
+    assert ours_config.rank_pattern == theirs_config.rank_pattern
+    assert ours_config.alpha_pattern == theirs_config.alpha_pattern
+    assert sorted(ours_config.target_modules) == sorted(theirs_config.target_modules)
+    x = token_batch()
+    torch.testing.assert_close(run(ours, x), run(tiny_llama(), x), rtol=0, atol=0)  # B is zero
+    if r == 2:
+        assert ours_config.rank_pattern  # the ranks were redistributed
+    if r == 1:
+        assert len(ours_config.target_modules) < 14  # some layer got rank 0 and lost its adapter
+    randomize_adapters(ours)
+    expected = run(ours, x)
+    ours.save_pretrained(tmp_path)
+    torch.testing.assert_close(run(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval(), x), expected,
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(run(graftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path), x), expected)
+
+
+def test_eva_state_dict_of_a_plain_model_and_errors():
+    """get_eva_state_dict on a model without adapters (config given) equals HF peft's; whitening divides each
+    direction by the square root of its singular value once."""
+    cfg = dict(r=2, lora_alpha=8, target_modules=["o_proj", "down_proj"], init_lora_weights="eva")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.get_eva_state_dict(tiny_llama(), _eva_batches(), peft.LoraConfig(**cfg),
+                                         show_progress_bar=False)
+    ours = graftkit.get_eva_state_dict(tiny_llama(), _eva_batches(), graftkit.LoraConfig(**cfg))
+    assert ours.keys() == theirs.keys()
+    for key, value in ours.items():
+        torch.testing.assert_close(value, theirs[key], rtol=1e-5, atol=1e-6, msg=key)
+    whitened = graftkit.get_eva_state_dict(tiny_llama(), _eva_batches(), graftkit.LoraConfig(
+        **cfg, eva_config={"whiten": True}))
+    for key, value in ours.items():
+        ratio = whitened[key] / value
+        assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-4)  # one factor per direction
+    model = graftkit.get_peft_model(tiny_llama(), graftkit.LoraConfig(r=2, target_modules=["o_proj"]))
+    with pytest.raises(graftkit.UsageError, match="init_lora_weights='eva'"):
+        graftkit.initialize_lora_eva_weights(model, _eva_batches())
+    eva_model = graftkit.get_peft_model(tiny_llama(), graftkit.LoraConfig(**cfg))
+    with pytest.raises(graftkit.UsageError, match="dataloader"):
+        graftkit.initialize_lora_eva_weights(eva_model)
+    with pytest.raises(graftkit.UsageError, match="empty"):
+        graftkit.initialize_lora_eva_weights(eva_model, [])
+    with pytest.raises(graftkit.ConfigError, match="rho"):
+        graftkit.LoraConfig(init_lora_weights="eva", eva_config={"rho": 0.5})

@@ -38,14 +38,14 @@ from .methods import (
 )
 from .methods.lora import (
     CordaConfig,
+    EvaConfig,
     LoftQConfig,
     LoraGAConfig,
     hotswap_adapter,
     prepare_model_for_compiled_hotswap,
-    preprocess_corda,
-    preprocess_loraga,
     replace_lora_weights_loftq,
 )
+from .methods.lora_data import get_eva_state_dict, initialize_lora_eva_weights, preprocess_corda, preprocess_loraga
 from .model import (
     PeftModel,
     PeftModelForCausalLM,
@@ -89,6 +89,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "CordaConfig",
+    "EvaConfig",
     "GraftkitError",
     "IA3Config",
     "LoftQConfig",
@@ -116,8 +117,10 @@ __all__ = [
     "Trainer",
     "UnsupportedError",
     "UsageError",
+    "get_eva_state_dict",
     "get_peft_model",
     "hotswap_adapter",
+    "initialize_lora_eva_weights",
     "inject_adapter_in_model",
     "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",

@@ -46,8 +46,8 @@ from ..registry import Method, is_loading, register
 from ..weights import get_weight, is_quantized, linear_features, set_weight
 
 _INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora", "orthogonal", "loftq", "mica",
-                 "lora_ga", "corda")
-_NOT_YET = ("eva",)  # HF peft inits graftkit does not implement yet
+                 "lora_ga", "corda", "eva")
+_NOT_YET: tuple[str, ...] = ()  # HF peft inits graftkit does not implement yet
 # inits computed from the base weight, its gradient, its input statistics or noise
 _FROM_WEIGHT = ("pissa", "olora", "orthogonal", "loftq", "mica", "lora_ga", "corda")
 # What a preprocessing call leaves on each target layer for the init to use (then dropped): preprocess_loraga the
@@ -58,7 +58,7 @@ _PREPARED = {"lora_ga": "_graftkit_loraga_grad", "corda": "_graftkit_corda_eigen
 def _known_init(init: object) -> bool:
     if isinstance(init, bool):
         return True
-    return isinstance(init, str) and (init in ("gaussian", *_FROM_WEIGHT)
+    return isinstance(init, str) and (init in ("gaussian", "eva", *_FROM_WEIGHT)
                                       or re.fullmatch(r"pissa_niter_\d+", init) is not None)
 
 
@@ -117,6 +117,28 @@ class CordaConfig:
     prune_temporary_fields: bool = True
 
 
+@dataclasses.dataclass
+class EvaConfig:
+    """EVA's settings (``LoraConfig(init_lora_weights="eva", eva_config=EvaConfig(...))``, then
+    :func:`initialize_lora_eva_weights`).
+
+    Args:
+        rho: each layer may take up to round(rho·r) components; the ranks are then redistributed by explained
+            variance within the total budget (rho=1: every layer keeps r).
+        tau: a component has converged when its cosine similarity to the previous batch's is at least tau.
+        use_label_mask: leave out positions whose label is ``label_mask_value``.
+        whiten: divide each component by the square root of its singular value.
+        adjust_scaling_factors: scale lora_alpha with a layer's new rank (alpha · new_r / r), so s stays put.
+    """
+
+    rho: float = 2.0
+    tau: float = 0.99
+    use_label_mask: bool = True
+    label_mask_value: int = -100
+    whiten: bool = False
+    adjust_scaling_factors: bool = True
+
+
 def moves_base(init: object) -> bool:
     """Whether the init moves a part of the base weight into the adapter (PiSSA, OLoRA, LoRA-GA, CorDA)."""
     return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "lora_ga", "corda"))
@@ -169,6 +191,7 @@ class LoraConfig(TunerConfig):
     loftq_config: dict[str, int] = dataclasses.field(default_factory=dict)
     lora_ga_config: dict[str, Any] | None = None
     corda_config: dict[str, Any] | None = None
+    eva_config: dict[str, Any] | None = None
 
     # How the weights started says nothing about what trained weights compute.
     bookkeeping_fields: ClassVar[frozenset[str]] = TunerConfig.bookkeeping_fields | {"init_lora_weights"}
@@ -176,7 +199,6 @@ class LoraConfig(TunerConfig):
         "alora_invocation_tokens": None,
         "arrow_config": None,
         "ensure_weight_tying": False,
-        "eva_config": None,
         "kasa_config": None,
         "layer_replication": None,
         "megatron_config": None,
@@ -195,6 +217,8 @@ class LoraConfig(TunerConfig):
             self.lora_ga_config = dataclasses.asdict(self.lora_ga_config)
         if isinstance(self.corda_config, CordaConfig):
             self.corda_config = dataclasses.asdict(self.corda_config)
+        if isinstance(self.eva_config, EvaConfig):
+            self.eva_config = dataclasses.asdict(self.eva_config)
         super().__post_init__()
         self.peft_type = PeftType.LORA
         if self.r <= 0:
@@ -244,6 +268,12 @@ class LoraConfig(TunerConfig):
                 raise ConfigError(f"LoraConfig.corda_config={self.corda_config} is not valid: corda_method is 'ipm' or "
                                   f"'kpm'; keys are {sorted(dataclasses.asdict(CordaConfig()))}")
             self.corda_config = corda
+        elif self.init_lora_weights == "eva":
+            eva = {**dataclasses.asdict(EvaConfig()), **(self.eva_config or {})}
+            if set(eva) - set(dataclasses.asdict(EvaConfig())) or not eva["rho"] >= 1.0 or not 0 < eva["tau"] <= 1:
+                raise ConfigError(f"LoraConfig.eva_config={self.eva_config} is not valid: rho >= 1, 0 < tau <= 1, keys "
+                                  f"{sorted(dataclasses.asdict(EvaConfig()))}")
+            self.eva_config = eva
         if self.loftq_config and self.init_lora_weights != "loftq":
             raise ConfigError(f"LoraConfig.loftq_config={self.loftq_config} is set but init_lora_weights is "
                               f"{self.init_lora_weights!r}; set init_lora_weights='loftq' or drop loftq_config")
@@ -1212,6 +1242,9 @@ def _loftq(weight: torch.Tensor, r: int, scaling: float, bits: int, iters: int,
 
 def _init_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> None:
     with torch.no_grad():
+        if init == "eva":  # A keeps its layer's default draw until initialize_lora_eva_weights replaces it
+            nn.init.zeros_(b)
+            return
         if init == "gaussian":
             nn.init.normal_(a, std=1 / r)
         else:
@@ -1377,7 +1410,7 @@ class Lora(Method):
                 raise UnsupportedError(f"DoRA on a grouped {kind} ('{module_name}', groups={base_layer.groups}) is not "
                                        "defined in graftkit (its weight norm needs the dense update, which grouped "
                                        "convolutions have none of); exclude it or set use_dora=False")
-            if isinstance(init, str) and init != "gaussian":
+            if isinstance(init, str) and init not in ("gaussian", "eva"):
                 raise UnsupportedError(f"init_lora_weights={init!r} on {kind} ('{module_name}') is not defined (HF "
                                        "peft refuses it too); use True or 'gaussian' for convolutions")
             return LoraConv(base_layer, r, alpha, config.lora_dropout, config.use_rslora, init, config.use_dora,
@@ -1394,7 +1427,7 @@ class Lora(Method):
         refused = {"key/value dimensions other than the embedding's": not base_layer._qkv_same_embed_dim,
                    "use_dora": config.use_dora, "lora_bias": config.lora_bias,
                    f"init_lora_weights={config.init_lora_weights!r}": isinstance(config.init_lora_weights, str)
-                   and config.init_lora_weights != "gaussian"}
+                   and config.init_lora_weights not in ("gaussian", "eva")}
         for what, present in refused.items():
             if present:
                 raise UnsupportedError(f"LoRA on nn.MultiheadAttention ('{module_name}') with {what} is not supported "
@@ -1825,206 +1858,3 @@ def _safetensors_files(path: str | os.PathLike[str]) -> dict[str, str]:
         with safe_open(file, framework="pt", device="cpu") as handle:
             out.update({k: file for k in handle.keys()})  # noqa: SIM118 (safe_open has no __iter__)
     return out
-
-
-def _prepared_targets(model: nn.Module, lora_config: LoraConfig, init: str) -> list[tuple[str, nn.Module]]:
-    """The linear layers a preprocessing call prepares (``lora_config``'s targets), refusing quantized ones."""
-    from ..inject import find_targets, is_linear
-
-    if lora_config.init_lora_weights != init:
-        raise ConfigError(f"preprocess_{init.replace('_', '')} is for init_lora_weights={init!r}, got "
-                          f"{lora_config.init_lora_weights!r}; set it in the LoraConfig you pass to get_peft_model")
-    targets = [(n, model.get_submodule(n)) for n in find_targets(model, lora_config)]
-    targets = [(n, m) for n, m in targets if is_linear(m)]
-    if not targets:
-        raise TargetError(f"init_lora_weights={init!r}: the config targets no linear layer of the model (it "
-                          "initialises nn.Linear and Conv1D layers)")
-    quantized = [n for n, m in targets if is_quantized(m)]
-    if quantized:
-        raise UnsupportedError(f"init_lora_weights={init!r} needs full-precision weights; {quantized[:3]} are "
-                               "quantized. Prepare and attach on the float model, quantize the residual afterwards")
-    return targets
-
-
-def _read_cache(path: str | os.PathLike[str] | None, keys: list[str]) -> dict[str, torch.Tensor] | None:
-    """A tensor dict written by ``torch.save`` (read without unpickling code), if ``path`` holds one."""
-    if path is None or not os.path.isfile(path) or os.path.getsize(path) == 0:
-        return None
-    try:
-        cache = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a truncated or foreign file: say which
-        raise CheckpointError(f"{path}: not a readable tensor cache ({type(err).__name__}: {err}); delete it to "
-                              "recompute") from err
-    missing = [k for k in keys if not isinstance(cache, dict) or k not in cache]
-    if missing:
-        raise CheckpointError(f"{path}: no cached tensor {missing[:3]}; it was built for another model or config, "
-                              "delete it to recompute")
-    return cache
-
-
-def _write_cache(path: str | os.PathLike[str] | None, tensors: dict[str, torch.Tensor]) -> None:
-    """Write the cache whole or not at all (a temporary file renamed over the target)."""
-    if path is None:
-        return
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    partial = f"{path}.partial"
-    torch.save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, partial)
-    os.replace(partial, path)
-
-
-def preprocess_loraga(model: nn.Module, lora_config: LoraConfig, train_step: Any,
-                      cache_file: str | os.PathLike[str] | None = None) -> None:
-    """Estimate the gradient of every weight ``lora_config`` targets, for ``init_lora_weights="lora_ga"``.
-
-    ``train_step()`` runs forward and backward passes on a few batches (gradients are taken for the targeted weights
-    only, averaged over the backward passes); the next ``get_peft_model(model, lora_config)`` turns them into A and B
-    and drops them. With ``cache_file`` the gradients are read from that file when it exists, else computed and
-    written there (HF peft's cache format: ``torch.save`` of ``{"<module>._peft_loraga_grad": tensor}``). The
-    model's ``requires_grad`` flags and train/eval mode are restored, also when ``train_step`` raises.
-
-    Raises:
-        ConfigError: ``lora_config.init_lora_weights`` is not ``"lora_ga"``.
-        TargetError: no linear layer is targeted.
-        UnsupportedError: a target is quantized (LoRA-GA needs full-precision gradients).
-        CheckpointError: the cache file lacks a target's gradient.
-        UsageError: ``train_step`` ran no backward pass through a target.
-    """
-    attr = _PREPARED["lora_ga"]
-    targets = _prepared_targets(model, lora_config, "lora_ga")
-    cache = _read_cache(cache_file, [f"{n}._peft_loraga_grad" for n, _ in targets])
-    if cache is not None:
-        for name, module in targets:
-            setattr(module, attr, cache[f"{name}._peft_loraga_grad"].to(module.weight.device))
-        return
-    flags = {p: p.requires_grad for p in model.parameters()}
-    was_training = model.training
-    counts = {name: 0 for name, _ in targets}
-    hooks = []
-    try:
-        for param in flags:
-            param.requires_grad_(False)
-        for name, module in targets:
-            module.weight.grad = None
-            module.weight.requires_grad_(True)
-            hooks.append(module.weight.register_hook(  # once per backward pass through the layer
-                lambda _grad, name=name: counts.__setitem__(name, counts[name] + 1)))
-        model.train()
-        with torch.enable_grad():
-            train_step()
-        silent = [n for n, m in targets if not counts[n] or m.weight.grad is None]
-        if silent:
-            raise UsageError(f"preprocess_loraga: train_step ran no backward pass through {silent[:3]}; it should "
-                             "call loss.backward() on a few batches")
-        for name, module in targets:
-            setattr(module, attr, module.weight.grad.detach() / counts[name])
-    finally:
-        for hook in hooks:
-            hook.remove()
-        for _, module in targets:
-            module.weight.grad = None
-        for param, flag in flags.items():
-            param.requires_grad_(flag)
-        model.train(was_training)
-    _write_cache(cache_file, {f"{n}._peft_loraga_grad": getattr(m, attr) for n, m in targets})
-
-
-@torch.no_grad()
-def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model: Any = None,
-                     hooked_model: nn.Module | None = None) -> None:
-    """Collect each targeted layer's input covariance while ``run_model()`` runs the model on sample data, and
-    decompose the layer for ``init_lora_weights="corda"`` (context-oriented: the SVD of W·C, mapped back through C⁻¹).
-    The next ``get_peft_model(model, lora_config)`` takes the r directions ``corda_config["corda_method"]`` asks
-    for ("ipm": the top r, "kpm": the bottom r) into the adapter and drops the rest.
-
-    ``corda_config["covariance_file"]`` / ``["cache_file"]`` reuse the covariances / the decomposition when those files
-    exist (then ``run_model`` may be ``None``) and are written otherwise, in HF peft's format. ``hooked_model``: run
-    the statistics on another model with the same module names (rarely needed). Inputs are taken as rows of the
-    layer's last dimension, each forward call scaled by its largest value, as the ecosystem does.
-
-    Raises:
-        ConfigError: ``lora_config.init_lora_weights`` is not ``"corda"``.
-        TargetError: no linear layer is targeted.
-        UnsupportedError: a target is quantized.
-        UsageError: no cache and no ``run_model``, a layer saw no input, or an input held NaN/Inf.
-        CheckpointError: a cache file lacks a layer.
-    """
-    targets = _prepared_targets(model, lora_config, "corda")
-    settings = lora_config.corda_config or {}
-    ranks = {n: lora_config.rank_and_alpha(n)[0] for n, _ in targets}
-    keys = [f"{n}.eigens.{part}" for n, _ in targets for part in ("S_WC", "U_WC", "V_WC")]
-    cache = _read_cache(settings.get("cache_file"), keys)
-    if cache is None:
-        covariances = _read_cache(settings.get("covariance_file"), [n for n, _ in targets])
-        if covariances is None:
-            covariances = _input_covariances(targets, hooked_model or model, run_model,
-                                             settings.get("use_float16_for_covariance", False))
-            _write_cache(settings.get("covariance_file"), covariances)
-        cache = {}
-        for name, module in targets:
-            if settings.get("verbose"):
-                print(f"CorDA: decomposing {name}")
-            w = get_weight(module).to(torch.float32)
-            w = w.T if type(module).__name__ == "Conv1D" else w
-            sv, u, v = _context_svd(w, covariances[name].to(w.device, torch.float32))
-            keep = slice(0, ranks[name]) if settings.get("corda_method", "ipm") == "ipm" else slice(-ranks[name], None)
-            cache.update({f"{name}.eigens.S_WC": sv[keep].clone(), f"{name}.eigens.U_WC": u[:, keep].clone(),
-                          f"{name}.eigens.V_WC": v[:, keep].clone()})
-        _write_cache(settings.get("cache_file"), cache)
-    for name, module in targets:
-        parts = (cache[f"{name}.eigens.{p}"].to(module.weight.device) for p in ("S_WC", "U_WC", "V_WC"))
-        setattr(module, _PREPARED["corda"], tuple(parts))
-
-
-def _input_covariances(targets: list[tuple[str, nn.Module]], hooked: nn.Module, run_model: Any,
-                       half: bool) -> dict[str, torch.Tensor]:
-    """Σ XᵀX / calls over ``run_model()``'s forward calls through each target (X: the call's input rows, scaled by
-    the largest value)."""
-    if run_model is None:
-        raise UsageError("preprocess_corda needs run_model (a callable that runs the model on sample data) when "
-                         "corda_config has no existing covariance_file or cache_file")
-    sums: dict[str, Any] = {n: 0 for n, _ in targets}
-    calls = {n: 0 for n, _ in targets}
-
-    def hook(name: str):
-        def collect(_module: nn.Module, args: tuple, _output: Any) -> None:
-            x = args[0].detach()
-            x = x.reshape(-1, x.shape[-1]) if half else x.reshape(-1, x.shape[-1]).float()
-            x = x / x.max().abs()
-            if not bool(torch.isfinite(x).all()):
-                raise UsageError(f"preprocess_corda: the input of '{name}' holds NaN/Inf (or is all zero); check the "
-                                 "sample data")
-            sums[name] = sums[name] + x.T @ x
-            calls[name] += 1
-        return collect
-
-    by_name = dict(hooked.named_modules())
-    handles = [by_name[n].register_forward_hook(hook(n)) for n, _ in targets if n in by_name]
-    was_training = hooked.training
-    hooked.eval()
-    try:
-        run_model()
-    finally:
-        for handle in handles:
-            handle.remove()
-        hooked.train(was_training)
-    silent = [n for n, _ in targets if not calls[n]]
-    if silent:
-        raise UsageError(f"preprocess_corda: run_model sent no input through {silent[:3]}; run the model on sample "
-                         "data inside it")
-    return {n: sums[n] / calls[n] for n, _ in targets}
-
-
-def _context_svd(w: torch.Tensor, covariance: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(S, U, V) with W = U diag(S) Vᵀ and W·C̃ = U diag(S) (C̃ V)ᵀ an SVD, C̃ the covariance damped until it
-    inverts well (a multiple of its mean diagonal added, doubled from 1% while ‖C̃ C̃⁻¹ − I‖ ≥ 0.05)."""
-    eye = torch.eye(covariance.shape[0], device=covariance.device)
-    damp = 0.01
-    while True:
-        fixed = covariance + eye * (torch.diag(covariance).mean() * damp)
-        inverse = torch.linalg.inv(fixed)
-        if torch.dist(fixed @ inverse, eye).item() < 0.05:
-            break
-        damp *= 2
-    u, sv, vh = torch.linalg.svd(w @ fixed, full_matrices=False)
-    return sv, u, (vh @ inverse).T
