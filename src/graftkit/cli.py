@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from .errors import GraftkitError
+from .errors import ConfigError, GraftkitError
 
 
 def _load_base(path: str, dtype: str = "float32"):
@@ -28,22 +28,53 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    if args.config:
+        return _train_from_file(args)
+    if not args.data or not args.output:
+        raise ConfigError("graftkit train needs --config run.yaml, or --data and --output for a quick LoRA run")
     from . import LoraConfig, TaskType, get_peft_model, sft
     from .demo import default_model_dir
 
     model, tokenizer = _load_base(args.model or default_model_dir())
-    targets = args.target_modules.split(",") if args.target_modules != "all-linear" else "all-linear"
-    config = LoraConfig(r=args.rank, lora_alpha=args.alpha or 2 * args.rank, lora_dropout=args.dropout,
+    names = args.target_modules or "all-linear"
+    targets = names.split(",") if names != "all-linear" else "all-linear"
+    rank = args.rank or 16
+    config = LoraConfig(r=rank, lora_alpha=args.alpha or 2 * rank, lora_dropout=args.dropout or 0.0,
                         target_modules=targets, use_dora=args.dora, use_rslora=args.rslora,
                         task_type=TaskType.CAUSAL_LM)
     model = get_peft_model(model, config)
     model.print_trainable_parameters()
-    losses = sft.train(model, tokenizer, sft.load_pairs(args.data), steps=args.steps, batch_size=args.batch_size,
-                       lr=args.lr, seed=args.seed)
+    losses = sft.train(model, tokenizer, sft.load_pairs(args.data), steps=args.steps or 100,
+                       batch_size=args.batch_size or 8, lr=args.lr or 2e-3, seed=args.seed or 0)
     print(f"loss: {losses[0]:.3f} -> {losses[-1]:.3f}")
     model.save_pretrained(args.output)
     print(f"adapter saved to {args.output}")
     return 0
+
+
+def _train_from_file(args: argparse.Namespace) -> int:
+    from . import recipe, runner
+
+    raw = recipe.read_file(args.config)
+    quick = ("data", "rank", "alpha", "dropout", "target_modules", "dora", "rslora", "steps", "batch_size", "lr",
+             "seed")
+    given = [k for k in quick if getattr(args, k) not in (None, False)]
+    if given:
+        raise ConfigError(f"--{given[0].replace('_', '-')} belongs to the quick mode; with --config set it in the "
+                          f"file or with --set (e.g. --set adapter.r=8)")
+    if args.model:
+        raw["model"] = args.model
+    if args.output:
+        raw["output"] = args.output
+    for assignment in args.set or []:
+        recipe.set_key(raw, assignment)
+    checked = recipe.check(raw, args.config, os.path.dirname(os.path.abspath(args.config)))
+    if args.check:
+        print(f"{args.config}: OK")
+        print(recipe.dump(checked), end="")
+        return 0
+    final = runner.run(checked, resume=args.resume, overwrite=args.overwrite, merge=args.merge)
+    return 130 if final.get("interrupted") else 0
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -99,20 +130,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=cmd_demo)
 
-    train = sub.add_parser("train", help="train a LoRA adapter on a JSONL file of prompt/response pairs")
-    train.add_argument("--data", required=True, help='JSONL rows: {"prompt": ..., "response": ...}')
+    train = sub.add_parser(
+        "train", help="train an adapter: from a run file (--config run.yaml), or LoRA on prompt/response JSONL",
+        description="With --config: the whole run from one YAML file (model, data, adapter, quantization, "
+                    "training), checked before any weight loads; see docs/cli.md. Without it: a quick LoRA run.")
+    train.add_argument("--config", help="a run file (YAML): model, output, data, adapter, quantization, training")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="override one key of the run file, e.g. --set training.max_steps=20 (repeatable)")
+    train.add_argument("--resume", action="store_true", help="continue the run from its last checkpoint")
+    train.add_argument("--overwrite", action="store_true", help="start again in an output folder that holds a run")
+    train.add_argument("--merge", action="store_true", help="also write the merged model to OUTPUT/merged")
+    train.add_argument("--check", action="store_true", help="check the run file and print it resolved; train nothing")
+    train.add_argument("--data", help='quick mode: JSONL rows {"prompt": ..., "response": ...}')
     train.add_argument("--model", help="a local causal LM folder (default: SmolLM2-135M-Instruct)")
-    train.add_argument("--output", required=True)
-    train.add_argument("--rank", type=int, default=16)
+    train.add_argument("--output", help="the output folder (with --config: overrides the file's)")
+    train.add_argument("--rank", type=int)
     train.add_argument("--alpha", type=float)
-    train.add_argument("--dropout", type=float, default=0.0)
-    train.add_argument("--target-modules", default="all-linear", help="comma-separated names, or all-linear")
+    train.add_argument("--dropout", type=float)
+    train.add_argument("--target-modules", help="comma-separated names, or all-linear (default)")
     train.add_argument("--dora", action="store_true")
     train.add_argument("--rslora", action="store_true")
-    train.add_argument("--steps", type=int, default=100)
-    train.add_argument("--batch-size", type=int, default=8)
-    train.add_argument("--lr", type=float, default=2e-3)
-    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--steps", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--lr", type=float)
+    train.add_argument("--seed", type=int)
     train.set_defaults(func=cmd_train)
 
     inspect = sub.add_parser("inspect", help="show an adapter's config and tensors")

@@ -1,0 +1,281 @@
+"""``graftkit train --config run.yaml``: one file for a whole training run, checked before any weight loads.
+
+::
+
+    model: path/to/model            # a local folder; "default" (or no key): the embedded SmolLM2-135M-Instruct
+    output: runs/pirate             # the run's folder (checkpoints, adapter, metrics, plot, card)
+    data:
+      train: data/train.jsonl       # JSONL / CSV / Parquet / .txt files, or a datasets.save_to_disk folder
+      eval: data/eval.jsonl         # or eval_fraction: 0.1 (a seeded split of train)
+      format: auto                  # prompt_response | messages | text | auto (from the first row's keys)
+      max_length: 512
+    adapter:                        # a peft_type and that config class's own fields: any registered method
+      peft_type: LORA
+      r: 16
+      target_modules: all-linear
+    quantization:                   # optional: BitsAndBytesConfig names (needs bitsandbytes)
+      load_in_4bit: true
+    training:                       # transformers TrainingArguments names
+      max_steps: 100
+      learning_rate: 2.0e-4
+
+Every key is checked against what it may be (unknown keys with a "did you mean", wrong types, missing files) and
+each problem is one :class:`~graftkit.errors.ConfigError` line naming the key, before the model is read.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import inspect
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError, MissingPackageError
+
+FORMATS = ("auto", "prompt_response", "messages", "text")
+_TOP = {"model": "a local model folder, or 'default'", "output": "the run's folder", "data": "a mapping",
+        "adapter": "a mapping with peft_type", "quantization": "a mapping of BitsAndBytesConfig names",
+        "training": "a mapping of TrainingArguments names"}
+_DATA = {"train": None, "eval": None, "eval_fraction": None, "format": "auto", "max_length": 512,
+         "prompt_field": "prompt", "response_field": "response", "messages_field": "messages", "text_field": "text"}
+# TrainingArguments defaults a run changes (the user's file may set them otherwise).
+_TRAINING_DEFAULTS = {"max_steps": 100, "per_device_train_batch_size": 8, "learning_rate": 2e-4,
+                      "lr_scheduler_type": "cosine", "warmup_steps": 0.1, "logging_steps": 5, "save_steps": 50,
+                      "save_total_limit": 2, "report_to": "none", "remove_unused_columns": False, "seed": 0}
+# Set by the run itself: naming them in the file is refused.
+_TRAINING_OWNED = {"output_dir": "use the top-level 'output' key"}
+
+
+@dataclass
+class Recipe:
+    """A checked run file: everything ``graftkit train`` needs, with defaults filled in."""
+
+    source: str
+    model: str | None
+    output: str
+    data: dict[str, Any]
+    adapter: dict[str, Any]
+    quantization: dict[str, Any] | None
+    training: dict[str, Any]
+    raw: dict[str, Any] = field(default_factory=dict)
+
+    def resolved(self) -> dict[str, Any]:
+        """The run as it will happen (defaults included), for ``run.yaml`` in the output folder."""
+        out = {"model": self.model or "default", "output": self.output, "data": self.data, "adapter": self.adapter,
+               "training": self.training}
+        if self.quantization:
+            out["quantization"] = self.quantization
+        return copy.deepcopy(out)
+
+
+def _unknown(where: str, key: object, allowed: list[str]) -> ConfigError:
+    hint = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+    did = f" (did you mean '{hint[0]}'?)" if hint else ""
+    return ConfigError(f"{where}: unknown key '{key}'{did}; allowed: {', '.join(sorted(allowed))}")
+
+
+def _mapping(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(value).__name__} {value!r:.60}")
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise ConfigError(f"{where}: key {bad[0]!r} is not a string")
+    return value
+
+
+def set_key(raw: dict[str, Any], assignment: str) -> None:
+    """Apply one ``--set section.key=value`` override (the value parsed as YAML: numbers, booleans, lists)."""
+    import yaml
+
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected KEY=VALUE, e.g. training.max_steps=20")
+    path, text = assignment.split("=", 1)
+    keys = path.strip().split(".")
+    if not all(keys):
+        raise ConfigError(f"--set {assignment!r}: the key {path!r} has an empty part")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({err})") from None
+    node = raw
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: '{key}' holds {child!r}, not a mapping")
+        node = child
+    node[keys[-1]] = value
+
+
+def read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        import yaml
+    except ImportError as err:
+        raise MissingPackageError("reading a run file needs PyYAML: pip install 'graftkit[train]'") from err
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ConfigError(f"--config {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            raw = yaml.safe_load(handle)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top, got {type(raw).__name__}")
+    return raw
+
+
+def check(raw: dict[str, Any], source: str, base_dir: str = ".") -> Recipe:
+    """Validate a run file's contents (nothing is loaded); relative paths are taken from ``base_dir``.
+
+    Raises:
+        ConfigError: the first problem found, naming its key.
+        UnsupportedError: the adapter turns on a feature graftkit does not implement.
+    """
+    raw = copy.deepcopy(raw)
+    for key in raw:
+        if key not in _TOP:
+            raise _unknown(source, key, list(_TOP))
+
+    def local(value: Any, where: str, folder_ok: bool = True) -> str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{source}: {where}: expected a path (a string), got {value!r:.60}")
+        path = value if os.path.isabs(value) else os.path.normpath(os.path.join(base_dir, value))
+        if not os.path.exists(path) or (not folder_ok and os.path.isdir(path)):
+            raise ConfigError(f"{source}: {where}: {value!r} does not exist" + (
+                f" (looked at {path})" if path != value else ""))
+        return path
+
+    model = raw.get("model")
+    if model in (None, "default"):
+        model = None
+    else:
+        model = local(model, "model")
+        if not os.path.isdir(model):
+            raise ConfigError(f"{source}: model: {raw['model']!r} is not a folder (a local model saved with "
+                              "save_pretrained, or 'default')")
+    output = raw.get("output")
+    if not isinstance(output, str) or not output:
+        raise ConfigError(f"{source}: output: expected the run's folder (a string), got {output!r:.60}; set it in the "
+                          "file or pass --output")
+    output = output if os.path.isabs(output) else os.path.normpath(os.path.join(base_dir, output))
+
+    data = _mapping(raw.get("data"), f"{source}: data")
+    for key in data:
+        if key not in _DATA:
+            raise _unknown(f"{source}: data", key, list(_DATA))
+    data = {**_DATA, **data}
+    if data["train"] is None:
+        raise ConfigError(f"{source}: data.train: missing; give the training data (a file, a list of files or a "
+                          "datasets.save_to_disk folder)")
+    for split in ("train", "eval"):
+        value = data[split]
+        if value is None:
+            continue
+        paths = value if isinstance(value, list) else [value]
+        if not paths:
+            raise ConfigError(f"{source}: data.{split}: an empty list")
+        data[split] = [local(p, f"data.{split}") for p in paths]
+    if data["format"] not in FORMATS:
+        raise ConfigError(f"{source}: data.format: expected one of {', '.join(FORMATS)}, got {data['format']!r}")
+    fraction = data["eval_fraction"]
+    if fraction is not None:
+        if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction < 1:
+            raise ConfigError(f"{source}: data.eval_fraction: expected a number between 0 and 1, got {fraction!r}")
+        if data["eval"] is not None:
+            raise ConfigError(f"{source}: data: give eval or eval_fraction, not both")
+    if isinstance(data["max_length"], bool) or not isinstance(data["max_length"], int) or data["max_length"] < 8:
+        raise ConfigError(f"{source}: data.max_length: expected an integer >= 8, got {data['max_length']!r}")
+    for key in ("prompt_field", "response_field", "messages_field", "text_field"):
+        if not isinstance(data[key], str) or not data[key]:
+            raise ConfigError(f"{source}: data.{key}: expected a column name, got {data[key]!r}")
+
+    adapter = _check_adapter(_mapping(raw.get("adapter"), f"{source}: adapter"), source)
+    quantization = _check_quantization(raw.get("quantization"), source)
+    training = _check_training(_mapping(raw.get("training"), f"{source}: training"), source, output)
+    if training.get("eval_strategy", "no") != "no" and data["eval"] is None and not data["eval_fraction"]:
+        raise ConfigError(f"{source}: training.eval_strategy={training['eval_strategy']!r} needs eval data "
+                          "(data.eval or data.eval_fraction)")
+    return Recipe(source, model, output, data, adapter, quantization, training, raw)
+
+
+def _check_adapter(adapter: dict[str, Any], source: str) -> dict[str, Any]:
+    from .config import PeftConfig
+    from .registry import config_class
+
+    adapter = {"peft_type": "LORA", "task_type": "CAUSAL_LM", **adapter}
+    target = config_class(str(adapter["peft_type"]), source=f"{source}: adapter.peft_type")
+    names = [f.name for f in dataclasses.fields(target) if f.init]
+    for key in adapter:
+        if key not in names:
+            raise _unknown(f"{source}: adapter ({target.__name__})", key, names)
+    PeftConfig.from_dict(adapter, source=f"{source}: adapter")  # the config class's own checks
+    return adapter
+
+
+def _check_quantization(value: Any, source: str) -> dict[str, Any] | None:
+    if value is None:
+        return None
+    quantization = _mapping(value, f"{source}: quantization")
+    from transformers import BitsAndBytesConfig
+
+    names = [n for n in inspect.signature(BitsAndBytesConfig.__init__).parameters if n not in ("self", "kwargs")]
+    for key in quantization:
+        if key not in names:
+            raise _unknown(f"{source}: quantization", key, names)
+    if not (quantization.get("load_in_4bit") or quantization.get("load_in_8bit")):
+        raise ConfigError(f"{source}: quantization: set load_in_4bit: true or load_in_8bit: true")
+    try:
+        BitsAndBytesConfig(**quantization)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: quantization: {err}") from None
+    return quantization
+
+
+def _check_training(training: dict[str, Any], source: str, output: str) -> dict[str, Any]:
+    from transformers import TrainingArguments
+
+    fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+    for key in training:
+        if key in _TRAINING_OWNED:
+            raise ConfigError(f"{source}: training.{key}: set by the run; {_TRAINING_OWNED[key]}")
+        if key not in fields:
+            raise _unknown(f"{source}: training", key, [k for k in fields if not k.startswith("_")])
+        default = fields[key].default
+        value = training[key]
+        expected = (bool if isinstance(default, bool) else int if isinstance(default, int) else
+                    float if isinstance(default, float) else None)
+        if expected is bool and not isinstance(value, bool):
+            raise ConfigError(f"{source}: training.{key}: expected true or false, got {value!r:.60}")
+        if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+            raise ConfigError(f"{source}: training.{key}: expected an integer, got {value!r:.60}")
+        if expected is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ConfigError(f"{source}: training.{key}: expected a number, got {value!r:.60}")
+    if "num_train_epochs" in training and "max_steps" not in training:
+        training = {**training, "max_steps": -1}  # epochs asked for: no step limit
+    resolved = {**_TRAINING_DEFAULTS, **training}
+    if resolved.get("eval_strategy", "no") != "no" and "eval_steps" not in resolved:
+        resolved["eval_steps"] = resolved["save_steps"]
+    try:
+        TrainingArguments(output_dir=output, **resolved)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{source}: training: {str(err).splitlines()[0]}") from None
+    return resolved
+
+
+def describe_schema() -> str:
+    """One line per top-level key, for ``--help``."""
+    return "; ".join(f"{k}: {v}" for k, v in _TOP.items())
+
+
+def dump(recipe: Recipe) -> str:
+    import yaml
+
+    return yaml.safe_dump(json.loads(json.dumps(recipe.resolved(), default=str)), sort_keys=False)

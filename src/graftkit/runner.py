@@ -1,0 +1,446 @@
+"""What ``graftkit train --config run.yaml`` runs: read and check the data, load the model (optionally quantized),
+attach the adapter, train with :class:`graftkit.Trainer`, and leave a complete run folder behind.
+
+The run folder holds ``checkpoint-N/`` (adapter-only, resumable), the final adapter (``adapter_config.json`` and
+``adapter_model.safetensors``, readable by HF peft), ``run.yaml`` (the run as it happened, defaults included),
+``metrics.jsonl`` (one JSON object per log), ``loss.png`` (train and eval loss) and ``README.md`` (an adapter card);
+``--merge`` adds ``merged/`` (the base model with the adapter folded in, and its tokenizer).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import random
+import signal
+import time
+from typing import Any
+
+from .errors import ConfigError, MissingPackageError
+from .recipe import Recipe
+from .sft import IGNORE_INDEX, encode_pair
+
+# --------------------------------------------------------------------------------------------------------- data
+
+
+def read_rows(paths: list[str], where: str) -> list[dict[str, Any]]:
+    """Rows of JSONL/JSON/CSV/Parquet/text files or ``datasets.save_to_disk`` folders (text files: one row per
+    non-empty line, as ``{"text": line}``)."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        if os.path.isdir(path):
+            rows += _from_disk(path, where)
+            continue
+        ext = os.path.splitext(path)[1].lower()
+        if ext in (".jsonl", ".json"):
+            rows += _json_rows(path)
+        elif ext == ".csv":
+            with open(path, encoding="utf-8", newline="") as handle:
+                rows += [dict(r) for r in csv.DictReader(handle)]
+        elif ext == ".parquet":
+            try:
+                import pyarrow.parquet as pq
+            except ImportError as err:
+                raise MissingPackageError(f"{where}: reading {path} needs pyarrow: pip install 'graftkit[train]'") \
+                    from err
+            rows += pq.read_table(path).to_pylist()
+        elif ext in (".txt", ".text", ".md"):
+            with open(path, encoding="utf-8") as handle:
+                rows += [{"text": line.rstrip("\n")} for line in handle if line.strip()]
+        else:
+            raise ConfigError(f"{where}: {path}: unknown file kind '{ext}'; use .jsonl, .json, .csv, .parquet, .txt "
+                              "or a datasets.save_to_disk folder")
+    if not rows:
+        raise ConfigError(f"{where}: no rows in {paths}")
+    return rows
+
+
+def _json_rows(path: str) -> list[dict[str, Any]]:
+    with open(path, encoding="utf-8") as handle:
+        text = handle.read()
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        rows = data
+    else:
+        rows = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise ConfigError(f"{path}:{number}: not a JSON object ({err.msg})") from None
+    for number, row in enumerate(rows, 1):
+        if not isinstance(row, dict):
+            raise ConfigError(f"{path}: row {number} is a {type(row).__name__}, expected an object")
+    return rows
+
+
+def _from_disk(path: str, where: str) -> list[dict[str, Any]]:
+    try:
+        import datasets
+    except ImportError as err:
+        raise MissingPackageError(f"{where}: reading the folder {path} needs datasets: pip install "
+                                  "'graftkit[train]'") from err
+    try:
+        loaded = datasets.load_from_disk(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"{where}: {path} is not a datasets.save_to_disk folder ({err})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise ConfigError(f"{where}: {path} holds splits {list(loaded)}; name the one to use (save it alone)")
+        loaded = loaded["train"]
+    return loaded.to_list()
+
+
+def detect_format(rows: list[dict[str, Any]], data: dict[str, Any], where: str) -> str:
+    """The data format: the configured one, or the first row's (messages, prompt/response, text); every row is
+    checked to hold what the format needs."""
+    fmt = data["format"]
+    first = rows[0]
+    if fmt == "auto":
+        if data["messages_field"] in first:
+            fmt = "messages"
+        elif data["prompt_field"] in first and data["response_field"] in first:
+            fmt = "prompt_response"
+        elif data["text_field"] in first:
+            fmt = "text"
+        else:
+            raise ConfigError(f"{where}: cannot tell the data format from the first row's columns {sorted(first)}; "
+                              f"expected '{data['messages_field']}', '{data['prompt_field']}'+'"
+                              f"{data['response_field']}' or '{data['text_field']}' (or set data.format and the "
+                              "*_field names)")
+    need = {"messages": [data["messages_field"]], "prompt_response": [data["prompt_field"], data["response_field"]],
+            "text": [data["text_field"]]}[fmt]
+    for number, row in enumerate(rows, 1):
+        missing = [k for k in need if k not in row or row[k] is None]
+        if missing:
+            raise ConfigError(f"{where}: row {number} has no {missing} (columns: {sorted(row)})")
+        if fmt == "messages":
+            _check_messages(row[need[0]], f"{where}: row {number}")
+    return fmt
+
+
+def _check_messages(messages: Any, where: str) -> None:
+    if not isinstance(messages, list) or not messages:
+        raise ConfigError(f"{where}: messages must be a non-empty list of {{role, content}} objects")
+    for turn in messages:
+        if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+            raise ConfigError(f"{where}: each message needs 'role' and 'content', got {turn!r:.80}")
+    if not any(turn["role"] == "assistant" for turn in messages):
+        raise ConfigError(f"{where}: no assistant turn to learn from")
+
+
+def encode_messages(tokenizer: Any, messages: list[dict[str, Any]], max_length: int) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a conversation rendered with the tokenizer's chat template; only the assistant turns
+    are learned (each turn's tokens are the difference between the rendering up to it with a generation prompt and
+    the rendering including it)."""
+    def render(turns: list[dict[str, Any]], prompt: bool) -> list[int]:
+        ids = tokenizer.apply_chat_template(turns, add_generation_prompt=prompt, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    ids = render(messages, False)
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        start = len(render(messages[:i], True))
+        end = len(render(messages[: i + 1], False))
+        labels[start:end] = ids[start:end]
+    return ids[:max_length], labels[:max_length]
+
+
+def encode_rows(tokenizer: Any, rows: list[dict[str, Any]], fmt: str, data: dict[str, Any]) -> list[dict]:
+    if fmt == "messages" and not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("data.format is messages but the tokenizer has no chat template; use prompt/response or "
+                          "text rows, or a model with a chat template")
+    out = []
+    for row in rows:
+        if fmt == "messages":
+            ids, labels = encode_messages(tokenizer, row[data["messages_field"]], data["max_length"])
+        elif fmt == "prompt_response":
+            ids, labels = encode_pair(tokenizer, str(row[data["prompt_field"]]), str(row[data["response_field"]]),
+                                      data["max_length"])
+        else:
+            ids = tokenizer(str(row[data["text_field"]]) + (tokenizer.eos_token or ""),
+                            add_special_tokens=True)["input_ids"][: data["max_length"]]
+            labels = list(ids)
+        if any(label != IGNORE_INDEX for label in labels):
+            out.append({"input_ids": ids, "labels": labels})
+    if not out:
+        raise ConfigError(f"no row keeps a token to learn within data.max_length={data['max_length']}; raise it")
+    return out
+
+
+class PadCollator:
+    """Right-pads ``input_ids``/``labels`` rows into tensors with an attention mask (padding learns nothing)."""
+
+    def __init__(self, pad_id: int) -> None:
+        self.pad_id = pad_id
+
+    def __call__(self, rows: list[dict]) -> dict:
+        import torch
+
+        width = max(len(r["input_ids"]) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            ids[i, :n] = torch.tensor(row["input_ids"])
+            labels[i, :n] = torch.tensor(row["labels"])
+            mask[i, :n] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def split_rows(recipe: Recipe) -> tuple[list[dict], list[dict] | None, str]:
+    """(train rows, eval rows or None, format), all checked; nothing is loaded but the data files."""
+    data = recipe.data
+    train = read_rows(data["train"], f"{recipe.source}: data.train")
+    fmt = detect_format(train, data, f"{recipe.source}: data.train")
+    evaluation = None
+    if data["eval"] is not None:
+        evaluation = read_rows(data["eval"], f"{recipe.source}: data.eval")
+        detect_format(evaluation, {**data, "format": fmt}, f"{recipe.source}: data.eval")
+    elif data["eval_fraction"]:
+        order = list(range(len(train)))
+        random.Random(recipe.training.get("seed", 0)).shuffle(order)
+        cut = max(1, round(len(train) * data["eval_fraction"]))
+        if cut >= len(train):
+            raise ConfigError(f"{recipe.source}: data.eval_fraction={data['eval_fraction']} leaves no training rows "
+                              f"of {len(train)}")
+        evaluation = [train[i] for i in order[:cut]]
+        train = [train[i] for i in order[cut:]]
+    return train, evaluation, fmt
+
+
+# ---------------------------------------------------------------------------------------------------------- run
+
+
+def _callbacks(output: str, stop: dict[str, bool]) -> list[Any]:
+    from transformers import TrainerCallback
+
+    class Metrics(TrainerCallback):
+        """Appends every log to ``metrics.jsonl`` and shows the latest loss on the progress bar."""
+
+        def __init__(self) -> None:
+            self.bar_owner: Any = None
+
+        def on_log(self, args, state, control, logs=None, **kwargs):  # noqa: ANN001
+            if not logs or not state.is_world_process_zero:
+                return
+            record = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time(), 3), **logs}
+            with open(os.path.join(output, "metrics.jsonl"), "a", encoding="utf-8") as handle:
+                handle.write(json.dumps(record) + "\n")
+            bar = getattr(self.bar_owner, "training_bar", None)
+            if bar is not None and "loss" in logs:
+                bar.set_postfix(loss=f"{logs['loss']:.4f}")
+
+    class Interrupt(TrainerCallback):
+        """After Ctrl-C: save a checkpoint at the end of the current step and stop."""
+
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if stop["requested"]:
+                control.should_save = True
+                control.should_training_stop = True
+            return control
+
+    return [Metrics(), Interrupt()]
+
+
+def _checkpoints(output: str) -> list[str]:
+    if not os.path.isdir(output):
+        return []
+    return sorted((d for d in os.listdir(output) if d.startswith("checkpoint-") and d[11:].isdigit()),
+                  key=lambda d: int(d[11:]))
+
+
+def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, merge: bool = False,
+        log: Any = print) -> dict[str, Any]:
+    """Train as ``recipe`` says; returns the final metrics.
+
+    Raises:
+        ConfigError: the data do not fit the recipe, ``resume`` without a checkpoint, or an output folder that
+            already holds a run (without ``resume`` or ``overwrite``).
+    """
+    import shutil
+
+    from . import PeftConfig, Trainer, get_peft_model
+    from .demo import default_model_dir
+
+    output = recipe.output
+    done = _checkpoints(output)
+    if resume and not done:
+        raise ConfigError(f"--resume: no checkpoint-N folder in {output}; start the run without --resume")
+    if done and not resume and not overwrite:
+        raise ConfigError(f"{output} holds a run ({done[-1]}); pass --resume to continue it or --overwrite to start "
+                          "again (its checkpoints are deleted)")
+    train_rows, eval_rows, fmt = split_rows(recipe)
+    if resume:  # logs past the checkpoint (a crash after it) are logged again by the resumed run
+        _truncate_metrics(os.path.join(output, "metrics.jsonl"), int(done[-1][11:]))
+    if overwrite and not resume:
+        for name in done:
+            shutil.rmtree(os.path.join(output, name))
+        for name in ("metrics.jsonl", "loss.png"):
+            if os.path.exists(os.path.join(output, name)):
+                os.remove(os.path.join(output, name))
+    os.makedirs(output, exist_ok=True)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+    model_dir = recipe.model or default_model_dir(log=log)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    train_set = encode_rows(tokenizer, train_rows, fmt, recipe.data)
+    eval_set = encode_rows(tokenizer, eval_rows, fmt, recipe.data) if eval_rows else None
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if recipe.quantization:
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(**recipe.quantization)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    if recipe.quantization:
+        from .integrations import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    from transformers import set_seed
+
+    set_seed(recipe.training.get("seed", 0))  # the adapter's random start is part of the run
+    model = get_peft_model(base, PeftConfig.from_dict(recipe.adapter, source=f"{recipe.source}: adapter"))
+    trainable, total = model.get_nb_trainable_parameters()
+    log(f"graftkit train: {recipe.adapter['peft_type']} on {model_dir}: {trainable:,d} trainable of {total:,d} "
+        f"parameters; {len(train_set)} training rows ({fmt})" + (f", {len(eval_set)} eval rows" if eval_set else ""))
+    args = TrainingArguments(output_dir=output, **recipe.training)
+    stop = {"requested": False}
+    trainer = Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                      data_collator=PadCollator(tokenizer.pad_token_id), processing_class=tokenizer)
+    for callback in _callbacks(output, stop):
+        trainer.add_callback(callback)
+    metrics_cb = next(c for c in trainer.callback_handler.callbacks if type(c).__name__ == "Metrics")
+    metrics_cb.bar_owner = next((c for c in trainer.callback_handler.callbacks
+                                 if type(c).__name__ == "ProgressCallback"), None)
+
+    def interrupted(_signum: int, _frame: Any) -> None:
+        if stop["requested"]:
+            raise KeyboardInterrupt
+        stop["requested"] = True
+        log("\ngraftkit train: stopping after this step and saving a checkpoint (Ctrl-C again to quit at once)")
+
+    previous = signal.signal(signal.SIGINT, interrupted)
+    try:
+        trainer.train(resume_from_checkpoint=True if resume else None)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if stop["requested"]:
+        last = _checkpoints(output)
+        log(f"graftkit train: interrupted at step {trainer.state.global_step}; {last[-1] if last else 'no checkpoint'} "
+            f"saved in {output}. Continue with: graftkit train --config {recipe.source} --resume")
+        return {"interrupted": True, "step": trainer.state.global_step}
+    final: dict[str, Any] = {"step": trainer.state.global_step}
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    if losses:
+        final["train_loss"] = losses[-1]
+    if eval_set:
+        evaluation = trainer.evaluate()
+        final["eval_loss"] = evaluation["eval_loss"]
+        final["eval_perplexity"] = math.exp(min(evaluation["eval_loss"], 50.0))
+    trainer.save_model(output)
+    with open(os.path.join(output, "run.yaml"), "w", encoding="utf-8") as handle:
+        from .recipe import dump
+
+        handle.write(dump(recipe))
+    plot_losses(trainer.state.log_history, os.path.join(output, "loss.png"), log)
+    write_card(output, recipe, model_dir, fmt, len(train_set), final, trainable)
+    if merge:
+        merged = model.merge_and_unload(safe_merge=True)
+        merged.save_pretrained(os.path.join(output, "merged"))
+        tokenizer.save_pretrained(os.path.join(output, "merged"))
+        log(f"graftkit train: merged model saved to {os.path.join(output, 'merged')}")
+    log("graftkit train: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                       for k, v in final.items()) + f"; adapter in {output}")
+    return final
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    if not os.path.isfile(path):
+        return
+    with open(path, encoding="utf-8") as handle:
+        kept = [line for line in handle if line.strip() and json.loads(line).get("step", 0) <= step]
+    with open(path + ".partial", "w", encoding="utf-8") as handle:
+        handle.writelines(kept)
+    os.replace(path + ".partial", path)
+
+
+def plot_losses(history: list[dict[str, Any]], path: str, log: Any = print) -> bool:
+    """Train (and eval) loss against steps as a PNG; ``False`` (with a note) when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log("graftkit train: loss.png skipped (pip install 'graftkit[train]' for matplotlib)")
+        return False
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
+    evaluation = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss")
+    if evaluation:
+        ax.plot(*zip(*evaluation, strict=True), marker="o", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    if train or evaluation:
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return True
+
+
+def write_card(output: str, recipe: Recipe, model_dir: str, fmt: str, rows: int, final: dict[str, Any],
+               trainable: int) -> None:
+    """``README.md``: what was trained on what, how far, with which result, and how to load it."""
+    adapter = {k: v for k, v in recipe.adapter.items() if k != "peft_type"}
+    data = ", ".join(os.path.basename(p) for p in recipe.data["train"])
+    metrics = "\n".join(f"| {k} | {v:.4f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in final.items())
+    text = f"""---
+library_name: peft
+base_model: {model_dir}
+tags:
+- graftkit
+- {str(recipe.adapter['peft_type']).lower()}
+---
+
+# Adapter trained with graftkit
+
+- Base model: `{model_dir}`
+- Method: {recipe.adapter['peft_type']} ({json.dumps(adapter, default=str)}), {trainable:,d} trainable parameters
+- Data: {data} ({rows} rows, {fmt} format)
+- Steps: {final.get('step')}
+
+| metric | value |
+|---|---|
+{metrics}
+
+Load it with graftkit or HF peft:
+
+```python
+from transformers import AutoModelForCausalLM
+import graftkit
+
+model = graftkit.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained("{model_dir}"), "{output}")
+```
+
+`run.yaml` holds the whole run (defaults included), `metrics.jsonl` every log, `loss.png` the loss curve.
+"""
+    with open(os.path.join(output, "README.md"), "w", encoding="utf-8") as handle:
+        handle.write(text)

