@@ -213,3 +213,86 @@ def test_the_example_run_file(tmp_path, capsys):
                      "training.max_steps=2", "--set", "training.eval_steps=2", "--set", "training.save_steps=2"]) == 0
     assert (tmp_path / "pirate" / "adapter_model.safetensors").is_file()
     assert "eval_loss" in (tmp_path / "pirate" / "README.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def two_adapters(workspace):
+    """Two LoRA adapters with random non-zero weights on the tiny model."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import randomize_adapters
+    folders = {}
+    for seed, name in ((3, "first"), (4, "second")):
+        model = graftkit.get_peft_model(AutoModelForCausalLM.from_pretrained(workspace / "tiny"),
+                                        graftkit.LoraConfig(r=4, target_modules="all-linear"))
+        randomize_adapters(model, seed=seed, std=0.5)
+        model.save_pretrained(workspace / name)
+        folders[name] = workspace / name
+    return folders
+
+
+def greedy(model, tokenizer, messages, tokens=6):
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_tensors="pt")
+    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=tokens,
+                             do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+
+
+def test_chat_through_a_pipe(workspace, two_adapters, monkeypatch, capsys):
+    """Streamed answers equal greedy generation with the chosen adapter (or none) on the conversation so far;
+    /reset forgets it, /adapter switches, /base answers with the base model."""
+    import io
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "tiny")
+    ask = "what comes after 3 ?"
+    script = f"{ask}\n/adapter nope\n/adapter second\n{ask}\n/base\n/reset\n{ask}\n/quit\nnever read\n"
+    monkeypatch.setattr("sys.stdin", io.StringIO(script))
+    assert cli.main(["chat", "--model", str(workspace / "tiny"), "--adapter", str(two_adapters["first"]),
+                     "--adapter", str(two_adapters["second"]), "--max-new-tokens", "6"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    answers = [line.split("] ", 1)[1].strip() for line in lines if line.startswith("[")]
+    base = AutoModelForCausalLM.from_pretrained(workspace / "tiny").eval()
+    first = graftkit.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workspace / "tiny"),
+                                               two_adapters["first"])
+    second = graftkit.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(workspace / "tiny"),
+                                                two_adapters["second"])
+    one = greedy(first, tokenizer, [{"role": "user", "content": ask}])
+    two = greedy(second, tokenizer, [{"role": "user", "content": ask}, {"role": "assistant", "content": one},
+                                     {"role": "user", "content": ask}])
+    fresh = greedy(base, tokenizer, [{"role": "user", "content": ask}])
+    assert answers == [one, two, fresh]
+    assert len({one, two, fresh}) == 3
+    assert "(no adapter 'nope'; loaded: first, second)" in lines and "(conversation cleared)" in lines
+
+
+def test_eval_table_matches_the_loss_written_out(workspace, two_adapters, capsys, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from graftkit.recipe import _DATA
+    from graftkit.runner import PadCollator, detect_format, encode_rows, read_rows
+    assert cli.main(["eval", "--model", str(workspace / "tiny"), "--adapter", str(two_adapters["first"]),
+                     "--data", str(workspace / "pairs.jsonl"), "--batch-size", "5",
+                     "--json", str(tmp_path / "eval.json")]) == 0
+    table = json.loads((tmp_path / "eval.json").read_text())
+    assert [r["model"] for r in table] == ["base", "first"]
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "tiny")
+    rows = read_rows([str(workspace / "pairs.jsonl")], "data")
+    encoded = encode_rows(tokenizer, rows, detect_format(rows, _DATA, "data"), _DATA)
+    for entry, model in ((table[0], AutoModelForCausalLM.from_pretrained(workspace / "tiny")),
+                         (table[1], graftkit.PeftModel.from_pretrained(
+                             AutoModelForCausalLM.from_pretrained(workspace / "tiny"), two_adapters["first"]))):
+        total = tokens = 0
+        for row in encoded:  # one row at a time: the model's own mean loss times its learned tokens
+            batch = PadCollator(tokenizer.pad_token_id)([row])
+            with torch.no_grad():
+                loss = model(**batch).loss
+            learned = sum(label != -100 for label in row["labels"][1:])
+            total += float(loss) * learned
+            tokens += learned
+        assert entry["tokens"] == tokens
+        assert entry["loss"] == pytest.approx(total / tokens, rel=1e-5)
+    assert table[0]["loss"] != pytest.approx(table[1]["loss"], rel=1e-3)
+    assert "| first |" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""The ``graftkit`` command line: demo, train, inspect, merge, generate."""
+"""The ``graftkit`` command line: demo, train, chat, eval, inspect, merge, generate."""
 
 from __future__ import annotations
 
@@ -116,6 +116,39 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_chat(args: argparse.Namespace) -> int:
+    from . import chat
+
+    adapters = chat.named_adapters(args.adapter or [])
+    model, tokenizer = chat.load(args.model, adapters)
+    return chat.chat(model, tokenizer, list(adapters), max_new_tokens=args.max_new_tokens,
+                     temperature=args.temperature, system=args.system)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from . import chat, runner
+    from .recipe import _DATA
+
+    adapters = chat.named_adapters(args.adapter or [])
+    data = {**_DATA, "format": args.format, "max_length": args.max_length}
+    if args.format not in ("auto", "prompt_response", "messages", "text"):
+        raise ConfigError(f"--format {args.format!r}: expected auto, prompt_response, messages or text")
+    rows = runner.read_rows(args.data, "--data")
+    fmt = runner.detect_format(rows, data, "--data")
+    model, tokenizer = chat.load(args.model, adapters)
+    encoded = runner.encode_rows(tokenizer, rows, fmt, data)
+    results = chat.eval_table(model, tokenizer, list(adapters), encoded, args.batch_size)
+    print(f"{len(encoded)} rows ({fmt}), loss per learned token")
+    print("| model | loss | perplexity | tokens |")
+    print("|---|---|---|---|")
+    for row in results:
+        print(f"| {row['model']} | {row['loss']:.4f} | {row['perplexity']:.3f} | {row['tokens']} |")
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(results, handle, indent=2)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="graftkit", description="Parameter-efficient fine-tuning.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -176,6 +209,28 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=40)
     gen.set_defaults(func=cmd_generate)
+
+    chat = sub.add_parser("chat", help="talk to a model and its adapters in the terminal (streamed)",
+                          description="One user turn per line. Commands: /reset, /adapter NAME, /base, /adapters, "
+                                      "/help, /quit. Reads from a pipe too.")
+    chat.add_argument("--model", help="the base model folder (default: SmolLM2-135M-Instruct)")
+    chat.add_argument("--adapter", action="append", metavar="[NAME=]DIR",
+                      help="an adapter to load (repeatable; named after its folder unless NAME= is given)")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
+    chat.add_argument("--system", help="a system message opening the conversation")
+    chat.set_defaults(func=cmd_chat)
+
+    evaluation = sub.add_parser("eval", help="loss and perplexity of the base model and each adapter on data")
+    evaluation.add_argument("--model", help="the base model folder (default: SmolLM2-135M-Instruct)")
+    evaluation.add_argument("--adapter", action="append", metavar="[NAME=]DIR", help="repeatable")
+    evaluation.add_argument("--data", action="append", required=True,
+                            help="JSONL/JSON/CSV/Parquet/text file or save_to_disk folder (repeatable)")
+    evaluation.add_argument("--format", default="auto")
+    evaluation.add_argument("--max-length", type=int, default=512)
+    evaluation.add_argument("--batch-size", type=int, default=8)
+    evaluation.add_argument("--json", help="also write the table to this JSON file")
+    evaluation.set_defaults(func=cmd_eval)
     return parser
 
 
