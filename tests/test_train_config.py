@@ -187,6 +187,10 @@ def test_overrides_and_data_errors(workspace, tmp_path, capsys):
                      "--set", "adapter.r=2"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out.split("\n", 1)[1])
     assert printed["training"]["max_steps"] == 3 and printed["adapter"]["r"] == 2
+    assert cli.main(["train", "--config", str(config), "--check", "--set", "training.eval_strategy=no",
+                     "--set", "training.save_strategy=no"]) == 0  # YAML's bare no is false: read as "no"
+    printed = yaml.safe_load(capsys.readouterr().out.split("\n", 1)[1])
+    assert printed["training"]["eval_strategy"] == "no" and printed["training"]["save_strategy"] == "no"
     assert cli.main(["train", "--config", str(config), "--set", "training.max_steps"]) == 2
     assert "expected KEY=VALUE" in capsys.readouterr().err
     assert cli.main(["train", "--config", str(config), "--rank", "4"]) == 2
@@ -296,3 +300,30 @@ def test_eval_table_matches_the_loss_written_out(workspace, two_adapters, capsys
         assert entry["loss"] == pytest.approx(total / tokens, rel=1e-5)
     assert table[0]["loss"] != pytest.approx(table[1]["loss"], rel=1e-3)
     assert "| first |" in capsys.readouterr().out
+
+
+def test_every_data_source_reads_the_same_rows(tmp_path):
+    import csv
+
+    from graftkit.runner import read_rows
+    datasets = pytest.importorskip("datasets")
+    rows = [{"prompt": f"q{i}", "response": f"a{i}"} for i in range(5)]
+    (tmp_path / "rows.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "rows.json").write_text(json.dumps(rows))
+    with open(tmp_path / "rows.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["prompt", "response"])
+        writer.writeheader()
+        writer.writerows(rows)
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "rows.parquet"))
+    datasets.Dataset.from_list(rows).save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(rows)}).save_to_disk(str(tmp_path / "splits"))
+    for source in ("rows.jsonl", "rows.json", "rows.csv", "rows.parquet", "saved", "splits"):
+        assert read_rows([str(tmp_path / source)], "data") == rows, source
+    (tmp_path / "lines.txt").write_text("first line\n\nsecond line\n")
+    assert read_rows([str(tmp_path / "lines.txt")], "data") == [{"text": "first line"}, {"text": "second line"}]
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "a"}\nnot json\n')
+    with pytest.raises(graftkit.ConfigError, match="bad.jsonl:2"):
+        read_rows([str(tmp_path / "bad.jsonl")], "data")
+    (tmp_path / "rows.xlsx").write_text("")
+    with pytest.raises(graftkit.ConfigError, match="unknown file kind"):
+        read_rows([str(tmp_path / "rows.xlsx")], "data")

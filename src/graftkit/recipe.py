@@ -250,6 +250,8 @@ def _check_training(training: dict[str, Any], source: str, output: str) -> dict[
             raise _unknown(f"{source}: training", key, [k for k in fields if not k.startswith("_")])
         default = fields[key].default
         value = training[key]
+        if isinstance(value, bool) and isinstance(default, str):  # YAML reads a bare no / off as false
+            value = training[key] = "no" if value is False else "yes"
         expected = (bool if isinstance(default, bool) else int if isinstance(default, int) else
                     float if isinstance(default, float) else None)
         if expected is bool and not isinstance(value, bool):
