@@ -2,8 +2,8 @@
 
 Both train LoRA (r=16, all-linear) on SmolLM2-135M-Instruct with the demo's pirate data, batch 8, the same
 ``TrainingArguments`` and the same encoded rows; each step's wall time is taken by a callback at ``on_step_end``.
-The two variants alternate (run file, by hand, run file, by hand, ...) and the median step of each is reported,
-the first two steps of every run left out (warm-up). The CLI should add nothing to a step.
+The two variants alternate (run file then by hand, then the other way round, ...) and the median step of each is
+reported, the first two steps of every run left out (warm-up). The CLI should add nothing to a step.
 
 Usage::
 
@@ -92,9 +92,11 @@ def main() -> None:
     args = parser.parse_args()
     times: dict[str, list[float]] = {"run file": [], "by hand": []}
     with tempfile.TemporaryDirectory() as scratch:
-        for r in range(args.rounds):
-            times["run file"] += run_file(os.path.join(scratch, f"cli{r}"), args.steps)
-            times["by hand"] += by_hand(os.path.join(scratch, f"hand{r}"), args.steps)
+        for r in range(args.rounds):  # alternate which goes first, so neither always runs on a fresh process
+            order = ("run file", "by hand") if r % 2 == 0 else ("by hand", "run file")
+            for name in order:
+                run = run_file if name == "run file" else by_hand
+                times[name] += run(os.path.join(scratch, f"{name.replace(' ', '')}{r}"), args.steps)
     ms = {k: 1000 * statistics.median(v) for k, v in times.items()}
     print(f"# LoRA training step, SmolLM2-135M-Instruct fp32, batch 8, {args.rounds} x {args.steps} steps each, "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}, {torch.get_num_threads()} threads")

@@ -5,7 +5,7 @@ pirate-persona answers from the same seed, and the script records the trainable 
 step, the peak memory of the process (each rank runs in a fresh subprocess, so the peaks do not mix) and the loss
 on 32 held-out questions. It writes a Markdown table and a plot:
 
-    python examples/course_rank_sweep.py                       # about 5 minutes on 2 cores
+    python examples/course_rank_sweep.py                       # about 7 minutes on 2 cores
     python examples/course_rank_sweep.py --smoke --out /tmp/x  # two ranks, two steps: checks that it runs
 """
 
@@ -53,7 +53,7 @@ def one(rank: int, steps: int) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ranks", default="2,4,8,16,32,64")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--out", default=OUT, help="where rank_sweep.md and rank_sweep.png go")
     parser.add_argument("--smoke", action="store_true", help="two ranks, two steps")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)

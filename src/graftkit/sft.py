@@ -142,6 +142,7 @@ def train(
 
         bar = tqdm(total=steps, desc="training", unit="step")
     device = params[0].device
+    allocate = getattr(model, "update_and_allocate", None)  # a graftkit model; a plain one trains in full
     for step, rows in enumerate(batches(encoded, batch_size, steps, seed)):
         batch = collate(rows, pad_id)
         out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
@@ -150,7 +151,8 @@ def train(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        model.update_and_allocate(step)  # per-step work of the method (AdaLoRA's rank allocation), gradients live
+        if allocate is not None:
+            allocate(step)  # per-step work of the method (AdaLoRA's rank allocation), gradients live
         opt.zero_grad(set_to_none=True)
         losses.append(out.loss.item())
         if bar is not None:
