@@ -20,7 +20,7 @@ import sys
 import tempfile
 import time
 
-OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "course")
+from course_common import arguments, held_out_loss, smollm2, write_table
 
 
 def folder_mb(path: str) -> float:
@@ -29,15 +29,11 @@ def folder_mb(path: str) -> float:
 
 def one(variant: str, steps: int) -> dict[str, float | str]:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from graftkit import LoraConfig, get_peft_model, sft
-    from graftkit.demo import default_model_dir, demo_pairs
 
-    path = default_model_dir(log=lambda *_: None)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    pairs = demo_pairs()
-    train, held_out = pairs[:-32], pairs[-32:]
+    path, tokenizer, train, held_out = smollm2()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if variant == "LoRA r=16":
@@ -50,10 +46,7 @@ def one(variant: str, steps: int) -> dict[str, float | str]:
     start = time.perf_counter()
     losses = sft.train(model, tokenizer, train, steps=steps, batch_size=8, lr=lr, seed=0, progress=False)
     seconds = (time.perf_counter() - start) / steps
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch = sft.collate([sft.encode_pair(tokenizer, p, r, 96) for p, r in held_out], pad)
-    with torch.no_grad():
-        held = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss.item()
+    held = held_out_loss(model, tokenizer, held_out)
     with tempfile.TemporaryDirectory() as scratch:
         model.save_pretrained(scratch)
         size = folder_mb(scratch)
@@ -63,16 +56,10 @@ def one(variant: str, steps: int) -> dict[str, float | str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--out", default=OUT)
-    parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--one", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args, steps = arguments(__doc__, 30, one=dict(help=argparse.SUPPRESS))
     if args.one:
-        print(json.dumps(one(args.one, args.steps)))
+        print(json.dumps(one(args.one, steps)))
         return
-    steps = 2 if args.smoke else args.steps
     rows = []
     for variant in ("LoRA r=16", "full fine-tuning"):
         done = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", variant, "--steps", str(steps)],
@@ -83,11 +70,7 @@ def main() -> None:
              "held-out loss | saved (MB) |", "|---|---|---|---|---|---|---|---|"]
     table += [f"| {r['variant']} | {r['trainable']:,d} | {r['lr']:g} | {r['step_s']:.2f} | {r['peak_mb']:.0f} | "
               f"{r['train_loss']:.3f} | {r['held_out_loss']:.3f} | {r['disk_mb']:.1f} |" for r in rows]
-    os.makedirs(args.out, exist_ok=True)
-    command = "python examples/course_lora_vs_full.py" + (" --smoke" if args.smoke else f" --steps {steps}")
-    with open(os.path.join(args.out, "lora_vs_full.md"), "w", encoding="utf-8") as handle:
-        handle.write(f"<!-- {command} -->\n" + "\n".join(table) + "\n")
-    print("\n".join(table))
+    write_table(args.out, "lora_vs_full", "course_lora_vs_full.py", args, steps, table)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,8 @@ adapter merged into the weights (same answers, no adapter left). Writes a Markdo
 
 from __future__ import annotations
 
-import argparse
-import os
+from course_common import arguments, smollm2, write_table
 
-OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "course")
 QUESTIONS = ["What is 7 plus 5?", "What is 20 plus 13?"]
 
 
@@ -25,21 +23,15 @@ def robot(response: str) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--out", default=OUT)
-    parser.add_argument("--smoke", action="store_true")
-    args = parser.parse_args()
-    steps = 2 if args.smoke else args.steps
+    args, steps = arguments(__doc__, 40)
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from graftkit import LoraConfig, get_peft_model, sft
-    from graftkit.demo import default_model_dir, demo_pairs
+    from graftkit.demo import demo_pairs
 
-    path = default_model_dir(log=lambda *_: None)
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    path, tokenizer, _, _ = smollm2()
     pirate = demo_pairs()
     personas = {"pirate": pirate, "robot": [(p, robot(r)) for p, r in pirate]}
     torch.manual_seed(0)
@@ -81,11 +73,7 @@ def main() -> None:
     rows.append(("merge_and_unload(['pirate']): a plain model", after))
     table = ["| how | " + " | ".join(QUESTIONS) + " |", "|---|" + "---|" * len(QUESTIONS)]
     table += [f"| {label} | " + " | ".join(a.replace("|", "/") for a in answers) + " |" for label, answers in rows]
-    os.makedirs(args.out, exist_ok=True)
-    command = "python examples/course_merge_switch.py" + (" --smoke" if args.smoke else f" --steps {steps}")
-    with open(os.path.join(args.out, "merge_switch.md"), "w", encoding="utf-8") as handle:
-        handle.write(f"<!-- {command} -->\n" + "\n".join(table) + "\n")
-    print("\n".join(table))
+    write_table(args.out, "merge_switch", "course_merge_switch.py", args, steps, table)
     print(f"merged answers equal the adapter's: {before == after}")
 
 

@@ -19,21 +19,17 @@ import subprocess
 import sys
 import time
 
-OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "course")
+from course_common import arguments, held_out_loss, smollm2, write_table
 
 
 def one(rank: int, steps: int) -> dict[str, float]:
     """Train one rank in this process; report what it cost and what it reached."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from graftkit import LoraConfig, get_peft_model, sft
-    from graftkit.demo import default_model_dir, demo_pairs
 
-    path = default_model_dir(log=lambda *_: None)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    pairs = demo_pairs()
-    train, held_out = pairs[:-32], pairs[-32:]
+    path, tokenizer, train, held_out = smollm2()
     torch.manual_seed(0)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
                            LoraConfig(r=rank, lora_alpha=2 * rank, target_modules="all-linear", task_type="CAUSAL_LM"))
@@ -41,42 +37,30 @@ def one(rank: int, steps: int) -> dict[str, float]:
     start = time.perf_counter()
     losses = sft.train(model, tokenizer, train, steps=steps, batch_size=8, lr=2e-3, seed=0, progress=False)
     seconds = (time.perf_counter() - start) / steps
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    batch = sft.collate([sft.encode_pair(tokenizer, p, r, 96) for p, r in held_out], pad)
-    with torch.no_grad():
-        held = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, labels=batch.labels).loss.item()
+    held = held_out_loss(model, tokenizer, held_out)
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return {"r": rank, "trainable": trainable, "share": trainable / total, "step_s": seconds, "peak_mb": peak_mb,
             "train_loss": sum(losses[-5:]) / len(losses[-5:]), "held_out_loss": held}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ranks", default="2,4,8,16,32,64")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--out", default=OUT, help="where rank_sweep.md and rank_sweep.png go")
-    parser.add_argument("--smoke", action="store_true", help="two ranks, two steps")
-    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args, steps = arguments(__doc__, 20, ranks=dict(default="2,4,8,16,32,64"),
+                            one=dict(type=int, help=argparse.SUPPRESS))
     if args.one is not None:
-        print(json.dumps(one(args.one, args.steps)))
+        print(json.dumps(one(args.one, steps)))
         return
     ranks = [2, 4] if args.smoke else [int(r) for r in args.ranks.split(",")]
-    steps = 2 if args.smoke else args.steps
     rows = []
     for rank in ranks:
         done = subprocess.run([sys.executable, os.path.abspath(__file__), "--one", str(rank), "--steps", str(steps)],
                               capture_output=True, text=True, check=True)
         rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
         print(f"r={rank}: {rows[-1]}", flush=True)
-    os.makedirs(args.out, exist_ok=True)
     table = ["| r | trainable parameters | share of the model | s / step | peak memory (MB) | train loss (last 5) | "
              "held-out loss |", "|---|---|---|---|---|---|---|"]
     table += [f"| {r['r']} | {r['trainable']:,d} | {100 * r['share']:.2f}% | {r['step_s']:.2f} | {r['peak_mb']:.0f} | "
               f"{r['train_loss']:.3f} | {r['held_out_loss']:.3f} |" for r in rows]
-    command = "python examples/course_rank_sweep.py" + (" --smoke" if args.smoke else f" --steps {steps}")
-    with open(os.path.join(args.out, "rank_sweep.md"), "w", encoding="utf-8") as handle:
-        handle.write(f"<!-- {command} -->\n" + "\n".join(table) + "\n")
+    write_table(args.out, "rank_sweep", "course_rank_sweep.py", args, steps, table)
     import matplotlib
 
     matplotlib.use("Agg")
@@ -99,7 +83,6 @@ def main() -> None:
     fig.suptitle(f"LoRA rank sweep, SmolLM2-135M-Instruct, {steps} steps")
     fig.tight_layout()
     fig.savefig(os.path.join(args.out, "rank_sweep.png"))
-    print("\n".join(table))
 
 
 if __name__ == "__main__":

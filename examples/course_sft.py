@@ -10,34 +10,23 @@ the answers to two held-out questions before and after training:
 
 from __future__ import annotations
 
-import argparse
 import os
 import tempfile
 
-OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "course")
+from course_common import arguments, smollm2, write_table
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--out", default=OUT)
-    parser.add_argument("--smoke", action="store_true")
-    args = parser.parse_args()
-    steps = 2 if args.smoke else args.steps
+    args, steps = arguments(__doc__, 60)
 
     import torch
     from datasets import Dataset
-    from transformers import AutoTokenizer
     from trl import SFTConfig
 
     from graftkit import LoraConfig, SFTTrainer, sft
-    from graftkit.demo import default_model_dir, demo_pairs
     from graftkit.runner import plot_losses
 
-    path = default_model_dir(log=lambda *_: None)
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    pairs = demo_pairs()
-    train, held_out = pairs[:-32], pairs[-32:]
+    path, tokenizer, train, held_out = smollm2()
 
     def rows(items):
         return Dataset.from_list([{"prompt": [{"role": "user", "content": p}],
@@ -67,16 +56,13 @@ def main() -> None:
     plot_losses(history, os.path.join(args.out, "sft_loss.png"))
     trainable, total = model.get_nb_trainable_parameters()
     train_losses = [h["loss"] for h in history if "loss" in h]
-    lines = [f"<!-- python examples/course_sft.py{' --smoke' if args.smoke else f' --steps {steps}'} -->",
-             "| | value |", "|---|---|",
+    lines = ["| | value |", "|---|---|",
              f"| trainable parameters | {trainable:,d} of {total:,d} ({100 * trainable / total:.2f}%) |",
              f"| held-out loss before / after {steps} steps | {before_eval:.3f} / {after_eval:.3f} |",
              f"| train loss, first / last log | {train_losses[0]:.3f} / {train_losses[-1]:.3f} |", "",
              "| question | before | after |", "|---|---|---|"]
     lines += [f"| {q} | {b} | {a} |" for q, b, a in zip(questions, before, after, strict=True)]
-    with open(os.path.join(args.out, "sft.md"), "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    write_table(args.out, "sft", "course_sft.py", args, steps, lines)
 
 
 if __name__ == "__main__":

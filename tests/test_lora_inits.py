@@ -21,6 +21,18 @@ def config(library, init, **kwargs):
                               init_lora_weights=init, **kwargs)
 
 
+def same_tensors(ours, theirs, rtol=0.0, atol=0.0, only_lora=False):
+    """graftkit's and HF peft's state dicts hold the same tensors under the same names (adapter and base); returns
+    graftkit's, keyed by HF peft's names."""
+    mine = {k.replace("adapters.default.", ""): v for k, v in ours.state_dict().items()
+            if not only_lora or "lora_" in k}
+    peers = {k.replace(".default", ""): v for k, v in theirs.state_dict().items() if not only_lora or "lora_" in k}
+    assert mine.keys() == peers.keys()
+    for key, value in mine.items():
+        torch.testing.assert_close(value, peers[key], rtol=rtol, atol=atol, msg=key)
+    return mine
+
+
 def both(init, **kwargs):
     torch.manual_seed(0)
     theirs = peft.get_peft_model(tiny_llama(), config(peft, init, **kwargs))
@@ -135,11 +147,7 @@ def test_mica_matches_peft_and_trains_a_only(tmp_path):
     function), and only A trains; B stays frozen after a reload for training too, and files move both ways."""
     x = token_batch()
     ours, theirs = both("mica")
-    mine = {k.replace("adapters.default.", ""): v for k, v in ours.state_dict().items() if "lora_" in k}
-    peers = {k.replace(".default", ""): v for k, v in theirs.state_dict().items() if "lora_" in k}
-    assert mine.keys() == peers.keys()
-    for key, value in mine.items():
-        torch.testing.assert_close(value, peers[key], rtol=0, atol=0, msg=key)
+    mine = same_tensors(ours, theirs, only_lora=True)
     w = tiny_llama().model.layers[0].self_attn.q_proj.weight.detach()
     u = torch.linalg.svd(w, full_matrices=False)[0]
     torch.testing.assert_close(mine["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"], u[:, -4:])
@@ -237,11 +245,7 @@ def test_lora_ga_matches_peft(tmp_path, direction, scale):
         torch.manual_seed(0)
         made[library.__name__] = library.get_peft_model(model, cfg)
     ours, theirs = made["graftkit"], made["peft"]
-    mine = {k.replace("adapters.default.", ""): v for k, v in ours.state_dict().items()}
-    peers = {k.replace(".default", ""): v for k, v in theirs.state_dict().items()}
-    assert mine.keys() == peers.keys()
-    for key, value in mine.items():
-        torch.testing.assert_close(value, peers[key], rtol=0, atol=0, msg=key)
+    mine = same_tensors(ours, theirs)
     b = mine["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
     assert torch.count_nonzero(b) == b.numel()  # B from the gradient, not the zero default
     torch.testing.assert_close(run(ours, x), run(tiny_llama(), x), rtol=1e-5, atol=1e-6)
@@ -333,11 +337,7 @@ def test_corda_matches_peft(tmp_path, arch, method):
             preprocess(model, cfg, _samples(model))
             made[library.__name__] = library.get_peft_model(model, cfg)
     ours, theirs = made["graftkit"], made["peft"]
-    mine = {k.replace("adapters.default.", ""): v for k, v in ours.state_dict().items()}
-    peers = {k.replace(".default", ""): v for k, v in theirs.state_dict().items()}
-    assert mine.keys() == peers.keys()
-    for key, value in mine.items():
-        torch.testing.assert_close(value, peers[key], rtol=0, atol=0, msg=key)
+    same_tensors(ours, theirs)
     torch.testing.assert_close(run(ours, x), run(make(), x), rtol=1e-5, atol=1e-6)
     # each library reads the other's cache (no data needed) and builds the same adapter
     cfg = graftkit.LoraConfig(r=4, lora_alpha=8, target_modules=targets, init_lora_weights="corda",
@@ -424,11 +424,7 @@ def test_eva_matches_peft(tmp_path, r, rho, tau):
             library.initialize_lora_eva_weights(model, _eva_batches(), show_progress_bar=False)
         made[library.__name__] = model
     ours, theirs = made["graftkit"], made["peft"]
-    mine = {k.replace("adapters.default.", ""): v for k, v in ours.state_dict().items()}
-    peers = {k.replace(".default", ""): v for k, v in theirs.state_dict().items()}
-    assert mine.keys() == peers.keys()
-    for key, value in mine.items():
-        torch.testing.assert_close(value, peers[key], rtol=1e-5, atol=1e-6, msg=key)
+    same_tensors(ours, theirs, rtol=1e-5, atol=1e-6)
     ours_config, theirs_config = ours.peft_config["default"], theirs.peft_config["default"]
     assert ours_config.rank_pattern == theirs_config.rank_pattern
     assert ours_config.alpha_pattern == theirs_config.alpha_pattern
