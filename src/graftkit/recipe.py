@@ -31,15 +31,13 @@ import difflib
 import inspect
 import json
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import ConfigError, MissingPackageError
 
 FORMATS = ("auto", "prompt_response", "messages", "text")
-_TOP = {"model": "a local model folder, or 'default'", "output": "the run's folder", "data": "a mapping",
-        "adapter": "a mapping with peft_type", "quantization": "a mapping of BitsAndBytesConfig names",
-        "training": "a mapping of TrainingArguments names"}
+_TOP = ("model", "output", "data", "adapter", "quantization", "training")
 _DATA = {"train": None, "eval": None, "eval_fraction": None, "format": "auto", "max_length": 512,
          "prompt_field": "prompt", "response_field": "response", "messages_field": "messages", "text_field": "text"}
 # TrainingArguments defaults a run changes (the user's file may set them otherwise).
@@ -61,7 +59,6 @@ class Recipe:
     adapter: dict[str, Any]
     quantization: dict[str, Any] | None
     training: dict[str, Any]
-    raw: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> dict[str, Any]:
         """The run as it will happen (defaults included), for ``run.yaml`` in the output folder."""
@@ -203,7 +200,7 @@ def check(raw: dict[str, Any], source: str, base_dir: str = ".") -> Recipe:
     if training.get("eval_strategy", "no") != "no" and data["eval"] is None and not data["eval_fraction"]:
         raise ConfigError(f"{source}: training.eval_strategy={training['eval_strategy']!r} needs eval data "
                           "(data.eval or data.eval_fraction)")
-    return Recipe(source, model, output, data, adapter, quantization, training, raw)
+    return Recipe(source, model, output, data, adapter, quantization, training)
 
 
 def _check_adapter(adapter: dict[str, Any], source: str) -> dict[str, Any]:
@@ -270,11 +267,6 @@ def _check_training(training: dict[str, Any], source: str, output: str) -> dict[
     except (TypeError, ValueError) as err:
         raise ConfigError(f"{source}: training: {str(err).splitlines()[0]}") from None
     return resolved
-
-
-def describe_schema() -> str:
-    """One line per top-level key, for ``--help``."""
-    return "; ".join(f"{k}: {v}" for k, v in _TOP.items())
 
 
 def dump(recipe: Recipe) -> str:
