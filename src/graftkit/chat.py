@@ -154,17 +154,14 @@ def evaluate(model: Any, tokenizer: Any, rows: list[dict], batch_size: int = 8) 
 
 def eval_table(model: Any, tokenizer: Any, adapters: list[str], rows: list[dict], batch_size: int = 8) -> list[dict]:
     """One row per model: the base, then each adapter."""
+    import contextlib
+
     results = []
     for name in [None, *adapters]:
-        if name is None:
-            scope = model.disable_adapter() if hasattr(model, "peft_config") else None
-        else:
+        if name is not None:
             model.set_adapter(name)
-            scope = None
-        if scope is not None:
-            with scope:
-                loss, tokens = evaluate(model, tokenizer, rows, batch_size)
-        else:
+        base = name is None and hasattr(model, "peft_config")
+        with model.disable_adapter() if base else contextlib.nullcontext():
             loss, tokens = evaluate(model, tokenizer, rows, batch_size)
         results.append({"model": name or "base", "loss": loss, "perplexity": math.exp(min(loss, 50.0)),
                         "tokens": tokens})

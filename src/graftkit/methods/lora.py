@@ -984,9 +984,11 @@ class _ParameterUpdate(nn.Module):
 
 class LoraParameters(nn.Module):
     """LoRA on parameters of one module that it uses directly (``target_parameters``): fused expert weights, a
-    router's weight. The module runs with W + s·ΔW substituted for each (``AdaptedLayer`` uses
-    ``torch.func.functional_call``); merging writes them. Saved keys follow the ecosystem's nesting: with k targeted
-    parameters, the i-th in registration order is ``<module>.{"base_layer." · (k-1-i)}lora_A.weight``."""
+    router's weight. Fused expert blocks run on the routed tokens with each expert's update added on its pairs
+    (:meth:`routed_forward`, ``experts.py``); other modules run with W + s·ΔW substituted (``AdaptedLayer`` uses
+    ``torch.func.functional_call``). Merging writes the updates into the weights. Saved keys follow the ecosystem's
+    nesting: with k targeted parameters, the i-th in registration order is
+    ``<module>.{"base_layer." · (k-1-i)}lora_A.weight``."""
 
     def __init__(self, base_layer: nn.Module, ranks: dict[str, tuple[int, float]], init: bool | str) -> None:
         """``ranks``: parameter name -> (r, s), in the module's registration order."""
