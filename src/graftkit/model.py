@@ -913,6 +913,7 @@ class PeftModel(nn.Module):
         if cls is PeftModel and config.task_type is not None:
             target_cls = TASK_CLASSES.get(TaskType(config.task_type), PeftModel)
         tensors = _with_prefix(tensors)
+        config, tensors = method_for(config).upgrade_checkpoint(model, config, tensors, directory)
         _check_shapes_before_building(model, target_cls._prepare_config_for(model, config), tensors, strict, directory)
         grads = {id(p): p.requires_grad for p in model.parameters()}
         with loading():
@@ -954,6 +955,7 @@ class PeftModel(nn.Module):
         config, tensors = read_checkpoint(directory, allow_pickle)
         config.inference_mode = not is_trainable
         tensors = _with_prefix(tensors)
+        config, tensors = method_for(config).upgrade_checkpoint(self.model, config, tensors, directory)
         if adapter_name in self.peft_config:
             self._check_same_adapter(adapter_name, config, directory)
             current = self.peft_config[adapter_name]

@@ -91,6 +91,13 @@ class Method:
                                "OLoRA LoRA adapters)")
 
     @classmethod
+    def upgrade_checkpoint(cls, model: nn.Module, config: PeftConfig, tensors: dict[str, torch.Tensor], source: str
+                           ) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+        """(config, tensors) of a saved adapter re-expressed for ``model`` when its files were written for another
+        layout of the same architecture (an older transformers); most methods return them unchanged."""
+        return config, tensors
+
+    @classmethod
     def training_state(cls, model: nn.Module, config: PeftConfig, adapter_name: str) -> dict[str, torch.Tensor]:
         """State the method keeps between optimizer steps outside the adapter's weights (AdaLoRA's importance
         averages), for a training checkpoint; most methods keep none."""

@@ -1528,6 +1528,14 @@ class Lora(Method):
             t_b.copy_(combine([_ab(a)[1] for a, _ in valid], w_b, combination_type, density, majority_sign_method))
 
     @classmethod
+    def upgrade_checkpoint(cls, model: nn.Module, config: PeftConfig, tensors: dict[str, torch.Tensor], source: str
+                           ) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+        """Adapters saved on transformers 4's per-expert MoE layers load onto transformers 5's fused experts."""
+        from .lora_legacy import upgrade_moe_checkpoint
+
+        return upgrade_moe_checkpoint(model, config, tensors, source)
+
+    @classmethod
     def convert_from_initial(cls, config: LoraConfig, tensors: dict[str, torch.Tensor], initial_config: PeftConfig,
                              initial: dict[str, torch.Tensor], source: str) -> tuple[LoraConfig, dict]:
         """A trained PiSSA/OLoRA adapter as a plain LoRA adapter for the original base (``save_pretrained(...,
