@@ -20,9 +20,9 @@ LAYOUT = {"mixtral": ("block_sparse_moe", ("w1", "w3", "w2")), "qwen3_moe": ("ml
                                                                                        "down_proj"))}
 
 
-def legacy_adapter(folder, kind, seed, r=2, alpha=4, **config):
-    """A transformers-4-era adapter folder (q_proj, every expert's three layers, the router) with non-zero A and B;
-    returns its tensors as {(layer, what, expert or None): (A, B)}."""
+def legacy_adapter(folder, kind, seed, r=2, alpha=4, attention=("q_proj",), **config):
+    """A transformers-4-era adapter folder (attention projections, every expert's three layers, the router) with
+    non-zero A and B; returns its tensors as {(layer, what, expert or None): (A, B)}."""
     gen = torch.Generator().manual_seed(seed)
     model = tiny_moe(kind)
     block, (gate, up, down) = LAYOUT[kind]
@@ -39,7 +39,9 @@ def legacy_adapter(folder, kind, seed, r=2, alpha=4, **config):
     ranks = {gate: r, up: r, down: r, **config.pop("branch_ranks", {})}
     for layer in range(2):
         prefix = f"model.layers.{layer}"
-        pairs[(layer, "q_proj", None)] = pair(f"{prefix}.self_attn.q_proj", r, hidden, hidden)
+        for name in attention:
+            out, inp = getattr(model.model.layers[layer].self_attn, name).weight.shape
+            pairs[(layer, name, None)] = pair(f"{prefix}.self_attn.{name}", r, inp, out)
         pairs[(layer, "router", None)] = pair(f"{prefix}.{block}.gate", r, hidden, experts)
         for e in range(experts):
             pairs[(layer, gate, e)] = pair(f"{prefix}.{block}.experts.{e}.{gate}", ranks[gate], hidden, inter)
@@ -49,7 +51,7 @@ def legacy_adapter(folder, kind, seed, r=2, alpha=4, **config):
     save_file({k: v.contiguous() for k, v in tensors.items()}, folder / "adapter_model.safetensors")
     (folder / "adapter_config.json").write_text(json.dumps({
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha,
-        "target_modules": ["q_proj", gate, up, down, "gate"], "lora_dropout": 0.0, "bias": "none", **config}))
+        "target_modules": [*attention, gate, up, down, "gate"], "lora_dropout": 0.0, "bias": "none", **config}))
     return pairs
 
 
@@ -62,8 +64,8 @@ def written_out(kind, pairs, scale):
         for (layer, what, e), (a, b) in pairs.items():
             mlp = model.model.layers[layer].mlp
             s = scale(what)
-            if what == "q_proj":
-                model.model.layers[layer].self_attn.q_proj.weight += s * b @ a
+            if what.endswith("_proj") and what not in (gate, up, down):
+                getattr(model.model.layers[layer].self_attn, what).weight += s * b @ a
             elif what == "router":
                 mlp.gate.weight += s * b @ a
             elif what == down:
@@ -75,9 +77,11 @@ def written_out(kind, pairs, scale):
     return model
 
 
-@pytest.mark.parametrize("kind", ["mixtral", "qwen3_moe"])
-def test_a_transformers_4_adapter_loads_as_the_maths_and_as_hf_peft_reads_it(tmp_path, kind):
-    pairs = legacy_adapter(tmp_path / "v4", kind, seed=11)
+@pytest.mark.parametrize("kind, targets", [("mixtral", "list"), ("qwen3_moe", "list"), ("mixtral", "all-linear")])
+def test_a_transformers_4_adapter_loads_as_the_maths_and_as_hf_peft_reads_it(tmp_path, kind, targets):
+    attention = ("q_proj",) if targets == "list" else ("q_proj", "k_proj", "v_proj", "o_proj")
+    pairs = legacy_adapter(tmp_path / "v4", kind, seed=11, attention=attention,
+                           **({} if targets == "list" else {"target_modules": "all-linear"}))
     x = token_batch()
     expected = run(written_out(kind, pairs, lambda what: 2.0), x)
     assert (expected - run(tiny_moe(kind), x)).abs().max() > 1e-2  # the adapter changes the outputs
@@ -89,7 +93,7 @@ def test_a_transformers_4_adapter_loads_as_the_maths_and_as_hf_peft_reads_it(tmp
     ours.save_pretrained(tmp_path / "v5")
     config = json.loads((tmp_path / "v5" / "adapter_config.json").read_text())
     assert sorted(config["target_parameters"]) == ["down_proj", "gate.weight", "gate_up_proj"]
-    assert sorted(config["target_modules"]) == ["q_proj"]
+    assert config["target_modules"] == ("all-linear" if targets == "all-linear" else ["q_proj"])
     assert config["rank_pattern"] == {r".*\.gate_up_proj": 4} and config["alpha_pattern"] == {r".*\.gate_up_proj": 8}
     back = peft.PeftModel.from_pretrained(tiny_moe(kind), tmp_path / "v5").eval()
     torch.testing.assert_close(run(back, x), expected, rtol=1e-5, atol=1e-5)
