@@ -174,6 +174,40 @@ def test_mica_matches_peft_and_trains_a_only(tmp_path):
         graftkit.get_peft_model(tiny_llama(), graftkit.LoraConfig(r=200, init_lora_weights="mica"))
 
 
+def test_mica_on_an_embedding_matches_peft_and_trains_a_only(tmp_path):
+    """MiCA on nn.Embedding: B is the r minor left singular vectors of the (dim, vocabulary) projection the lookup
+    computes, as HF peft draws them; A (the lookup table) starts at zero and is all that trains, as in HF peft."""
+    x = token_batch()
+    settings = dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], init_lora_weights="mica")
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**settings))
+    ours = graftkit.get_peft_model(tiny_llama(), graftkit.LoraConfig(**settings))
+    mine = same_tensors(ours, theirs, only_lora=True)
+    u = torch.linalg.svd(tiny_llama().model.embed_tokens.weight.detach().T, full_matrices=False)[0]
+    torch.testing.assert_close(mine["base_model.model.model.embed_tokens.lora_embedding_B"], u[:, -4:])
+    torch.testing.assert_close(run(ours, x), run(tiny_llama(), x), rtol=0, atol=0)
+    trainable = {n.replace("adapters.default.", "") for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable == {n.replace(".default", "") for n, p in theirs.named_parameters() if p.requires_grad}
+    assert "base_model.model.model.embed_tokens.lora_embedding_A" in trainable
+    assert not any("lora_B" in n or "lora_embedding_B" in n for n in trainable)
+    frozen = {n: p.detach().clone() for n, p in ours.named_parameters() if not p.requires_grad}
+    opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.5)
+    ours.train()
+    ours(**x, labels=x["input_ids"]).loss.backward()
+    opt.step()
+    assert all(torch.equal(p, frozen[n]) for n, p in ours.named_parameters() if n in frozen)
+    assert ours.model.model.embed_tokens.adapters["default"].lora_embedding_A.abs().max() > 0
+    ours.save_pretrained(tmp_path)
+    expected = run(ours.eval(), x)
+    back = graftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
+    assert {n.replace("adapters.default.", "") for n, p in back.named_parameters() if p.requires_grad} == trainable
+    torch.testing.assert_close(run(back.eval(), x), expected)
+    torch.testing.assert_close(run(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval(), x), expected,
+                               rtol=1e-5, atol=1e-6)
+    with pytest.raises(graftkit.ConfigError, match="min.num_embeddings, embedding_dim"):
+        graftkit.get_peft_model(tiny_llama(), graftkit.LoraConfig(r=200, target_modules=["embed_tokens"],
+                                                                  init_lora_weights="mica"))
+
+
 @pytest.mark.parametrize("bits", [4, 8])
 def test_loftq_base_becomes_its_quantized_values_and_ba_their_error(tmp_path, bits):
     """LoftQ on a float model: each adapted weight becomes exactly the values bitsandbytes stores for it, and

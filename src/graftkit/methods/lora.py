@@ -700,10 +700,20 @@ class LoraEmbedding(nn.Module):
         self.lora_embedding_A = nn.Parameter(torch.empty(r, num, **kw))
         self.lora_embedding_B = nn.Parameter(torch.empty(dim, r, **kw))
         self.scaling = _scaling(r, alpha, use_rslora)
+        # MiCA trains A only; B keeps the minor singular directions of the embedding matrix (dim, num) it was given.
+        self.frozen_parameters: tuple[str, ...] = ("lora_embedding_B",) if init == "mica" else ()
         with torch.no_grad():
             if init is False:
                 nn.init.normal_(self.lora_embedding_A)
                 nn.init.normal_(self.lora_embedding_B)
+            elif init == "mica" and not is_loading():
+                w = weight.detach().to(torch.float32).T  # the projection the lookup computes: (dim, num)
+                if r > min(w.shape):
+                    raise ConfigError(f"init_lora_weights='mica' needs r <= min(num_embeddings, embedding_dim) = "
+                                      f"{min(w.shape)} for an embedding of shape {tuple(weight.shape)}, got r={r}; "
+                                      "lower r (rank_pattern)")
+                nn.init.zeros_(self.lora_embedding_A)
+                self.lora_embedding_B.copy_(torch.linalg.svd(w, full_matrices=False)[0][:, -r:])
             else:  # A is the lookup table here, so it is the zero half
                 nn.init.zeros_(self.lora_embedding_A)
                 nn.init.normal_(self.lora_embedding_B)
@@ -1398,9 +1408,10 @@ class Lora(Method):
             if config.lora_bias:
                 raise UnsupportedError(f"lora_bias on nn.Embedding ('{module_name}') is not supported (nor in HF "
                                        "peft); exclude the embedding or set lora_bias=False")
-            if init in ("loftq", "mica"):
-                raise UnsupportedError(f"init_lora_weights={init!r} on nn.Embedding ('{module_name}') is not "
-                                       "implemented in graftkit; exclude the embedding from target_modules")
+            if init == "loftq":
+                raise UnsupportedError(f"init_lora_weights='loftq' on nn.Embedding ('{module_name}') is not "
+                                       "implemented in graftkit (a 4-bit base keeps its embeddings in float); exclude "
+                                       "the embedding from target_modules")
             return LoraEmbedding(base_layer, r, alpha, config.use_rslora, init, config.use_dora)
         if isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             if r % base_layer.groups:
