@@ -84,3 +84,20 @@ def test_trainer_under_ddp_checkpoints_and_resumes(tmp_path):
     assert sorted(later, key=int) == ["4", "5", "6"]
     for step, loss in later.items():
         assert abs(loss - full[step]) <= 1e-6, (step, loss, full[step])
+
+
+def test_eva_gathers_every_process_rows(tmp_path):
+    """EVA under 2 processes, each with half of every batch: with gather_distributed_inputs (the default) both
+    arrive at the directions and ranks one process finds on the whole batches; without it they disagree."""
+    script = os.path.join(os.path.dirname(__file__), "distributed", "eva_gather.py")
+    _run([sys.executable, script, "single", str(tmp_path)], tmp_path)
+    _run([*_launcher("ddp"), script, "ddp", str(tmp_path)], tmp_path)
+    single = load_file(tmp_path / "eva-single-0.safetensors")
+    first, second = load_file(tmp_path / "eva-ddp-0.safetensors"), load_file(tmp_path / "eva-ddp-1.safetensors")
+    assert {k: v.shape for k, v in first.items()} == {k: v.shape for k, v in single.items()}
+    for key, value in single.items():
+        assert torch.equal(first[key], second[key]), key
+        torch.testing.assert_close(first[key], value, atol=1e-4, rtol=0, msg=key)
+    alone = [load_file(tmp_path / f"eva-local-{rank}.safetensors") for rank in (0, 1)]
+    assert any(alone[0][k].shape != alone[1][k].shape or not torch.allclose(alone[0][k], alone[1][k], atol=1e-3)
+               for k in alone[0])

@@ -353,14 +353,18 @@ def get_eva_state_dict(model: nn.Module, dataloader: Iterable, peft_config: Lora
 
     Returns ``{module path: (rank, in_features) tensor}`` (rank may be 0), for :func:`initialize_lora_eva_weights`.
     ``forward_fn(model, batch)`` defaults to ``model(**batch)``; the default input handling takes the attended, not
-    label-masked positions of language-model batches. ``gather_distributed_inputs``/``show_progress_bar`` are accepted
-    for the ecosystem's signature (graftkit runs one process's batches and prints nothing).
+    label-masked positions of language-model batches. With ``torch.distributed`` initialised and
+    ``gather_distributed_inputs`` (the default), every process fits each layer on all processes' rows of the step, in
+    rank order, so all of them arrive at the same directions and ranks (their dataloaders must have the same length, as
+    a ``DistributedSampler`` gives); ``False`` fits each process on its own rows. ``show_progress_bar`` is accepted for
+    the ecosystem's signature (graftkit prints nothing).
 
     Raises:
         UsageError: the dataloader is empty, the model is not a PeftModel and no config is given, or a layer's
             directions never converge within 1,000 passes over the data.
     """
-    del gather_distributed_inputs, show_progress_bar
+    del show_progress_bar
+    gather = gather_distributed_inputs and _world_size() > 1
     forward_fn = forward_fn or (lambda m, batch: m(**batch))
     run_model, config, targets = _eva_targets(model, peft_config, adapter_name)
     if not targets:
@@ -434,6 +438,8 @@ def get_eva_state_dict(model: nn.Module, dataloader: Iterable, peft_config: Lora
         def fit(root: str):
             def hook(_m: nn.Module, args: tuple, _out: Any) -> None:
                 x = layer_fn(root)(args, state["rows"], root)
+                if gather:
+                    x = _gather_rows(x.detach())
                 if x.shape[0] < pcas[root].k:
                     return  # fewer positions than components: this batch cannot be used for this layer
                 before = pcas[root].components
@@ -484,6 +490,28 @@ def get_eva_state_dict(model: nn.Module, dataloader: Iterable, peft_config: Lora
             u /= pca.singular_values[:rank].sqrt().reshape(-1, 1)
         out[name] = u if device is None else u.to(device)
     return out
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _gather_rows(x: torch.Tensor) -> torch.Tensor:
+    """Every process's rows of ``x`` (n_i, d), in rank order (the row counts may differ)."""
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    count = torch.tensor([x.shape[0]], device=x.device)
+    counts = [torch.zeros_like(count) for _ in range(world)]
+    dist.all_gather(counts, count)
+    width = int(max(c.item() for c in counts))
+    padded = x.new_zeros((width, *x.shape[1:]))
+    padded[: x.shape[0]] = x
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: int(c.item())] for part, c in zip(parts, counts, strict=True)])
 
 
 def _distribute(pcas: dict[str, _IncrementalPCA], owner: dict[str, str], groups: dict[str, list[str]],
