@@ -15,6 +15,10 @@ from torch import nn
 # batches below are built on that device, and random values are still drawn on the CPU from seeded generators.
 DEVICE = torch.device(os.environ.get("GRAFTKIT_TEST_DEVICE", "cpu"))
 
+# The bound on a subprocess a test starts: only a hung one reaches it. An hour, since the suite must pass on a
+# loaded machine where a few steps of a real model can take many minutes; no test's outcome depends on speed.
+HUNG_AFTER_S = 3600
+
 warnings.filterwarnings("ignore", message=".*eos_token_id.*")
 warnings.filterwarnings("ignore", message=".*bos_token_id.*")
 

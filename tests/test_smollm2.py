@@ -30,6 +30,17 @@ def load(path):
     return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
 
 
+def test_the_converted_tokenizer_has_the_models_special_tokens(smol_dir):
+    """transformers before 5.7 or so read the GGUF's eos as <|im_start|> and no pad token; the conversion fixes
+    them from the model config, so generation stops at <|im_end|> and batches pad on every version."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tokenizer, config = AutoTokenizer.from_pretrained(smol_dir), AutoConfig.from_pretrained(smol_dir)
+    ids = (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    assert ids == (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (1, 2, 2)
+    assert (tokenizer.eos_token, tokenizer.pad_token) == ("<|im_end|>", "<|im_end|>")
+
+
 def test_real_model_matches_peft_and_round_trips(smol_dir, tmp_path):
     peft = pytest.importorskip("peft")
     ids = torch.tensor([[1, 504, 3458, 282, 4649, 314, 253, 1789]])
@@ -54,6 +65,7 @@ def test_real_model_matches_peft_and_round_trips(smol_dir, tmp_path):
         assert (merged(input_ids=ids).logits - expected).abs().max().item() <= 5e-5 * scale
 
 
+@pytest.mark.slow
 def test_demo_end_to_end_short(smol_dir, tmp_path, capsys):
     from graftkit.demo import run_demo
 
@@ -67,6 +79,7 @@ def test_demo_end_to_end_short(smol_dir, tmp_path, capsys):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_cli_train_generate_merge(smol_dir, tmp_path, capsys):
     import json
 
@@ -94,6 +107,7 @@ def test_cli_train_generate_merge(smol_dir, tmp_path, capsys):
     assert (merged - expected).abs().max().item() <= 5e-5 * expected.abs().max().item()
 
 
+@pytest.mark.slow
 def test_prompt_tuning_trains_on_the_real_model(smol_dir):
     from transformers import AutoTokenizer
 
@@ -120,6 +134,7 @@ NEW_METHODS = {  # a few dozen steps of each on the real weights: the loss falls
 LEARNING_RATES = {"ia3": 3e-2, "adalora": 1e-2, "adaption_prompt": 1e-2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", NEW_METHODS)
 def test_ia3_adalora_llama_adapter_train_on_the_real_model(smol_dir, method):
     from transformers import AutoTokenizer

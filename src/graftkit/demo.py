@@ -55,6 +55,12 @@ def default_model_dir(log=print) -> str:
     log(f"converting {SMOLLM2_GGUF} to safetensors in {target} (once; about half a minute)")
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The model config reads the GGUF's special token ids right on every transformers version; the tokenizer does
+    # not before 5.7 or so (eos became <|im_start|>, no pad token). Take them from the config.
+    for role in ("bos", "eos", "pad", "unk"):
+        token_id = getattr(model.config, f"{role}_token_id", None)
+        if isinstance(token_id, int):
+            setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
     os.makedirs(cache_root(), exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".smollm2-", dir=cache_root())
     try:

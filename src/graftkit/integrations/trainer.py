@@ -122,9 +122,12 @@ class AdapterTrainerMixin:
             smoother = self.label_smoother
 
             model = _graftkit_model(self)
+            # Older transformers (4.57, 5.0) have no num_items_in_batch on the smoother: it averages per batch there
+            counts_items = "num_items_in_batch" in inspect.signature(smoother.__call__).parameters
 
             def smoothed_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
-                loss = smoother(outputs, labels, shift_labels=shift, num_items_in_batch=num_items_in_batch)
+                extra = {"num_items_in_batch": num_items_in_batch} if counts_items else {}
+                loss = smoother(outputs, labels, shift_labels=shift, **extra)
                 penalty = model.training_penalty() if model.training else None  # AdaLoRA's, as forward adds it
                 return loss if penalty is None else loss + penalty
 
