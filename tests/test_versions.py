@@ -64,6 +64,8 @@ def test_the_readme_names_the_floor_and_each_lane():
     pins = floor_pins()
     for name in ("torch", "transformers", "trl", "accelerate", "datasets"):
         assert pins[name] in tested, f"README's Tested versions does not name the floor's {name} {pins[name]}"
-    vllm = dict(line.split("==") for line in (ROOT / ".ci" / "vllm.txt").read_text().splitlines()
-                if line and not line.startswith("#"))
-    assert vllm["transformers"] in tested
+    for lane in ("vllm", "axolotl"):
+        pins = dict(line.split("==") for line in (ROOT / ".ci" / f"{lane}.txt").read_text().splitlines()
+                    if line and not line.startswith("#"))
+        assert f"transformers {pins['transformers']}" in tested, f"README's Tested versions misses the {lane} lane"
+        assert f".ci/{lane}.txt" in (ROOT / ".ci" / "run").read_text(encoding="utf-8"), f".ci/run runs no {lane} lane"

@@ -25,23 +25,29 @@ except ImportError as exc:  # pragma: no cover - exercised only without TRL
     raise MissingPackageError("graftkit.SFTTrainer needs TRL: pip install trl") from exc
 
 
+# TRL's function that puts its fused LM head on a model: its name in TRL 1.x up to 1.14, and from 1.15 on.
+_FUSED_HEAD_PATCHERS = ("_patch_chunked_ce_lm_head", "add_fused_lm_head")
+
+
 @contextlib.contextmanager
 def _fused_head_inside_wrapper() -> Iterator[None]:
     """While TRL's constructor runs, its fused LM head goes onto the transformers model inside a graftkit wrapper
-    (TRL unwraps only HF peft's class; on the wrapper its patched forward would find no backbone)."""
-    original = getattr(_sft_module, "add_fused_lm_head", None)
-    if original is None:  # a TRL without the fused head: nothing to redirect
-        yield
-        return
+    (TRL unwraps only HF peft's class; on the wrapper its patched forward would find no backbone). A TRL without
+    the fused head has none of the functions: nothing to redirect."""
+    originals = {name: getattr(_sft_module, name) for name in _FUSED_HEAD_PATCHERS if hasattr(_sft_module, name)}
 
-    def add_fused_lm_head(model: Any, *args: Any, **kwargs: Any) -> Any:
-        return original(model.get_base_model() if isinstance(model, PeftModel) else model, *args, **kwargs)
+    def inside(original: Any) -> Any:
+        def patch(model: Any, *args: Any, **kwargs: Any) -> Any:
+            return original(model.get_base_model() if isinstance(model, PeftModel) else model, *args, **kwargs)
+        return patch
 
-    _sft_module.add_fused_lm_head = add_fused_lm_head
+    for name, original in originals.items():
+        setattr(_sft_module, name, inside(original))
     try:
         yield
     finally:
-        _sft_module.add_fused_lm_head = original
+        for name, original in originals.items():
+            setattr(_sft_module, name, original)
 
 
 def _load_base(model: str, args: Any) -> Any:
