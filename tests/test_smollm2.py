@@ -31,7 +31,7 @@ def load(path):
 
 
 def test_the_converted_tokenizer_has_the_models_special_tokens(smol_dir):
-    """transformers before 5.7 or so read the GGUF's eos as <|im_start|> and no pad token; the conversion fixes
+    """transformers 5.6 (the floor) reads the GGUF's eos as <|im_start|> and no pad token; the conversion fixes
     them from the model config, so generation stops at <|im_end|> and batches pad on every version."""
     from transformers import AutoConfig, AutoTokenizer
 

@@ -56,7 +56,7 @@ def default_model_dir(log=print) -> str:
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(source, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
     # The model config reads the GGUF's special token ids right on every transformers version; the tokenizer does
-    # not before 5.7 or so (eos became <|im_start|>, no pad token). Take them from the config.
+    # not on 5.6, the floor (eos became <|im_start|>, no pad token). Take them from the config.
     for role in ("bos", "eos", "pad", "unk"):
         token_id = getattr(model.config, f"{role}_token_id", None)
         if isinstance(token_id, int):

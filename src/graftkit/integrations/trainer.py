@@ -122,7 +122,7 @@ class AdapterTrainerMixin:
             smoother = self.label_smoother
 
             model = _graftkit_model(self)
-            # Older transformers (4.57, 5.0) have no num_items_in_batch on the smoother: it averages per batch there
+            # transformers 5.6 (the floor) has no num_items_in_batch on the smoother (5.16 has): it averages per batch
             counts_items = "num_items_in_batch" in inspect.signature(smoother.__call__).parameters
 
             def smoothed_loss(outputs: Any, labels: torch.Tensor, num_items_in_batch: Any = None) -> torch.Tensor:
