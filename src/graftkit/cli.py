@@ -79,10 +79,10 @@ def _train_from_file(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from .io import read_checkpoint, resolve_adapter_dir
+    from .io import read_header, resolve_adapter_dir
 
     directory = resolve_adapter_dir(args.adapter)
-    config, tensors = read_checkpoint(directory, allow_pickle=args.allow_pickle)
+    config, tensors = read_header(directory, allow_pickle=args.allow_pickle)  # shapes only: no data read, no write
     print(f"adapter: {directory}")
     print(f"method: {config.peft_type}  task: {config.task_type}  base: {config.base_model_name_or_path}")
     fields = {f.name for f in dataclasses.fields(config)} - set(config.bookkeeping_fields) - {"peft_type"}

@@ -29,12 +29,13 @@ import json
 import os
 import secrets
 import shutil
+import stat
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .config import CONFIG_NAME, PeftConfig, check_regular_file, read_regular_file
@@ -47,6 +48,12 @@ TMP_PREFIX = ".graftkit-"
 RECORD_KEY = "graftkit.adapter_config"  # safetensors metadata key: the config the weights were saved with
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)
+_WEIGHT_FILES = (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; saves into one folder are not serialized there
+    fcntl = None
 
 
 # ---------------------------------------------------------------------------------------------- writing
@@ -74,6 +81,33 @@ def _umask() -> int:
     return mask
 
 
+@contextlib.contextmanager
+def folder_lock(directory: str, exclusive: bool) -> Iterator[None]:
+    """Hold an advisory lock on ``directory`` (``flock`` on the folder itself, so no lock file is left behind):
+    exclusive for a save or a replay, shared for a read. Two processes saving into one folder run one after the
+    other, and a reader never sees a save half-replayed. Where the platform or filesystem has no ``flock``
+    (Windows, some network filesystems) the block runs unlocked, as before."""
+    fd = None
+    if fcntl is not None:
+        try:
+            fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+            fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        except OSError:
+            pass  # no lock to be had here; the journal still keeps each checkpoint whole
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # releases the lock
+
+
+def _damaged_journal(path: str, why: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: the record of an interrupted save {why}, so graftkit will not act on it. Delete it if the "
+        "folder's adapter files are the ones you want, or save the adapter again"
+    )
+
+
 def _read_journal(directory: str) -> dict[str, Any] | None:
     """The pending save's journal, or ``None``.
 
@@ -87,46 +121,86 @@ def _read_journal(directory: str) -> dict[str, Any] | None:
         journal = json.loads(read_regular_file(path, "the save journal", CheckpointError).decode("utf-8"))
         stage, names, remove = journal["stage"], journal["files"], journal["remove"]
         valid = (isinstance(stage, str) and stage.startswith(TMP_PREFIX) and stage.endswith(".tmp")
-                 and os.sep not in stage and isinstance(names, list) and isinstance(remove, list)
-                 and all(n in _CHECKPOINT_FILES for n in names + remove))
+                 and "/" not in stage and "\\" not in stage and "\0" not in stage
+                 and isinstance(names, list) and isinstance(remove, list)
+                 and all(isinstance(n, str) and n in _CHECKPOINT_FILES for n in names + remove)
+                 and len(set(names + remove)) == len(names + remove))
     except (ValueError, KeyError, TypeError, RecursionError):
         valid = False
     if not valid:
-        raise CheckpointError(
-            f"{path}: the record of an interrupted save is damaged, so graftkit cannot tell which files belong "
-            "together. Delete it if the folder's adapter files are the ones you want, or save the adapter again"
-        )
+        raise _damaged_journal(path, "is damaged")
     return journal
 
 
-def _replay(directory: str, journal: dict[str, Any]) -> None:
-    """Finish a committed save (idempotent: a second replay, or a concurrent one, changes nothing)."""
+def _stage_of(directory: str, journal: dict[str, Any]) -> str:
+    """The journal's staging folder: a real folder directly inside ``directory``, never reached through a link
+    (a crafted journal whose staging "folder" links elsewhere would otherwise move another folder's files here).
+
+    Raises:
+        CheckpointError: the staging folder is a link, not a folder, or missing.
+    """
     stage = os.path.join(directory, journal["stage"])
-    for name in journal["files"]:
-        try:
-            os.replace(os.path.join(stage, name), os.path.join(directory, name))
-        except FileNotFoundError:  # moved already
-            pass
-    for name in journal["remove"]:
-        try:
-            os.remove(os.path.join(directory, name))
-        except FileNotFoundError:
-            pass
-    _fsync_dir(directory)
     try:
-        os.remove(os.path.join(directory, JOURNAL_NAME))
+        info = os.lstat(stage)
     except FileNotFoundError:
-        pass
+        raise _damaged_journal(os.path.join(directory, JOURNAL_NAME),
+                               f"names a staging folder ({journal['stage']}) that is not there") from None
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        kind = "a symbolic link" if stat.S_ISLNK(info.st_mode) else "not a folder"
+        raise _damaged_journal(os.path.join(directory, JOURNAL_NAME),
+                               f"names a staging folder ({journal['stage']}) that is {kind}")
+    return stage
+
+
+def _staged(directory: str, stage: str, name: str) -> bool:
+    """Whether ``name`` still waits in the staging folder (``False``: moved into place already).
+
+    Raises:
+        CheckpointError: the staged entry is a link or not a regular file.
+    """
+    try:
+        info = os.lstat(os.path.join(stage, name))
+    except FileNotFoundError:
+        return False
+    if not stat.S_ISREG(info.st_mode):
+        raise _damaged_journal(os.path.join(directory, JOURNAL_NAME),
+                               f"stages {name} as a link or special file, not a file it wrote")
+    return True
+
+
+def _replay(directory: str, journal: dict[str, Any]) -> None:
+    """Finish a committed save (idempotent: a replay cut short is finished by the next one). The caller holds
+    the folder's exclusive lock.
+
+    Readers that do not replay journals (HF peft, vLLM) must never find a new file beside an old one: the old
+    copies of the staged files go first, then the new files move in, the weights last. In between such a reader
+    finds no weights (an error it reports) rather than a mismatched pair.
+    """
+    stage = _stage_of(directory, journal)
+    pending = [name for name in journal["files"] if _staged(directory, stage, name)]
+    for name in pending + journal["remove"]:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(directory, name))
+    for name in sorted(pending, key=lambda n: n in _WEIGHT_FILES):
+        os.replace(os.path.join(stage, name), os.path.join(directory, name))
+    _fsync_dir(directory)
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(directory, JOURNAL_NAME))
     _fsync_dir(directory)
     shutil.rmtree(stage, ignore_errors=True)
 
 
 def recover(directory: str) -> None:
     """Finish the committed save an earlier process was killed in (if any), and remove what saves killed before
-    their commit point left behind. Raises ``OSError`` when the folder cannot be written."""
-    journal = _read_journal(directory)
-    if journal is not None:
-        _replay(directory, journal)
+    their commit point left behind. A journal graftkit cannot trust (damaged, or staging through a link) is
+    dropped unread: the save about to run replaces the files it would have named. The caller holds the folder's
+    exclusive lock. Raises ``OSError`` when the folder cannot be written."""
+    try:
+        journal = _read_journal(directory)
+        if journal is not None:
+            _replay(directory, journal)
+    except CheckpointError:
+        os.remove(os.path.join(directory, JOURNAL_NAME))
     for entry in os.listdir(directory):
         if entry.startswith(TMP_PREFIX) and entry.endswith(".tmp"):
             path = os.path.join(directory, entry)
@@ -136,6 +210,16 @@ def recover(directory: str) -> None:
                 os.remove(path)
 
 
+def _write_failure(exc: BaseException) -> str | None:
+    """Why a writer failed, when it is the disk's or the folder's fault (full disk, file-size limit, permissions);
+    ``None`` for anything else (a bug, an interrupt), which is raised as it is."""
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    if isinstance(exc, SafetensorError) or (isinstance(exc, RuntimeError) and "write" in str(exc).lower()):
+        return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return None
+
+
 def save_checkpoint(directory: str, files: dict[str, Callable[[str], None]], stale: list[str] = ()) -> None:
     """Write one checkpoint folder as a unit: ``files`` maps each file name to a writer ``write(path)``; the
     names in ``stale`` are removed in the same step (the other format's weights).
@@ -143,18 +227,29 @@ def save_checkpoint(directory: str, files: dict[str, Callable[[str], None]], sta
     The writers write into a staging folder inside ``directory`` (so their own temporary files, if any, stay
     there); a journal naming the staged files is the commit point. Files get the mode the umask gives ordinary
     files. A failure before the commit point removes the staging folder and leaves the old checkpoint as it was.
+    Saves into one folder from several processes run one after the other (:func:`folder_lock`).
 
     Raises:
-        SaveError: the folder cannot be created or written (the message says why); the old checkpoint is intact.
-        CheckpointError: ``directory`` is a file, or holds a damaged journal.
+        SaveError: the folder cannot be created or written (permissions, full disk, a file-size limit; the
+            message says which); the old checkpoint is intact.
+        CheckpointError: ``directory`` is a file.
     """
     if os.path.exists(directory) and not os.path.isdir(directory):
         raise CheckpointError(f"cannot save the adapter to '{directory}': it is a file; pass a folder path")
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise SaveError(f"cannot save the adapter to '{directory}': {exc.strerror or exc}. Check that the folder is "
+                        "writable and its parents are folders") from exc
+    with folder_lock(directory, exclusive=True):
+        _save_locked(directory, files, stale)
+
+
+def _save_locked(directory: str, files: dict[str, Callable[[str], None]], stale: list[str]) -> None:
     token = secrets.token_hex(6)
     stage_name = f"{TMP_PREFIX}{token}.tmp"
     stage = os.path.join(directory, stage_name)
     try:
-        os.makedirs(directory, exist_ok=True)
         recover(directory)
         os.mkdir(stage)
     except OSError as exc:
@@ -180,9 +275,10 @@ def save_checkpoint(directory: str, files: dict[str, Callable[[str], None]], sta
         shutil.rmtree(stage, ignore_errors=True)
         with contextlib.suppress(OSError):
             os.remove(journal_tmp)
-        if isinstance(exc, OSError):
-            raise SaveError(f"cannot save the adapter to '{directory}': {exc.strerror or exc}. The previous "
-                            "checkpoint there is unchanged") from exc
+        why = _write_failure(exc)
+        if why is not None:
+            raise SaveError(f"cannot save the adapter to '{directory}': {why}. The previous checkpoint there is "
+                            "unchanged; free disk space (or raise the file-size limit) and save again") from exc
         raise
     try:
         _replay(directory, _read_journal(directory))
@@ -245,38 +341,106 @@ def save_adapter_files(directory: str, config: PeftConfig, tensors: dict[str, to
 
 
 # ---------------------------------------------------------------------------------------------- reading
-def checkpoint_paths(directory: str) -> dict[str, str | None]:
+def checkpoint_paths(directory: str, write: bool = True) -> dict[str, str | None]:
     """Where each checkpoint file of ``directory`` is (``None``: not part of the checkpoint). A committed but
-    unfinished save is finished first or, in a folder graftkit cannot write, read from the files its journal
-    names."""
+    unfinished save is finished first (``write``) or, in a folder graftkit cannot or may not write, read from the
+    files its journal names.
+
+    Raises:
+        CheckpointError: a damaged journal, or one whose staging folder is not a real folder inside ``directory``.
+    """
     paths: dict[str, str | None] = {name: os.path.join(directory, name) for name in _CHECKPOINT_FILES}
     journal = _read_journal(directory)
     if journal is None:
         return paths
-    try:
-        _replay(directory, journal)
-        return paths
-    except OSError:  # read-only: read the new files where they are
-        for name in journal["files"]:
-            staged = os.path.join(directory, journal["stage"], name)
-            if os.path.exists(staged):
-                paths[name] = staged
-        for name in journal["remove"]:
-            paths[name] = None  # removed by the committed save
-        return paths
+    if write:
+        try:
+            with folder_lock(directory, exclusive=True):
+                journal = _read_journal(directory)  # another process may have finished it meanwhile
+                if journal is None:
+                    return paths
+                _replay(directory, journal)
+                return paths
+        except OSError:  # read-only: read the new files where they are
+            journal = _read_journal(directory)
+            if journal is None:
+                return paths
+    stage = _stage_of(directory, journal)
+    for name in journal["files"]:
+        if _staged(directory, stage, name):
+            paths[name] = os.path.join(stage, name)
+    for name in journal["remove"]:
+        paths[name] = None  # removed by the committed save
+    return paths
 
 
-def _read_safetensors(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    check_regular_file(path, "the weights file", CheckpointError)
+def _open_safetensors(path: str) -> Any:
     try:
-        with safe_open(path, "pt", device="cpu") as fh:
-            metadata = fh.metadata() or {}
-            return {key: fh.get_tensor(key) for key in fh.keys()}, metadata
+        return safe_open(path, "pt", device="cpu")
     except BaseException as exc:  # safetensors raises SafetensorError, and a Rust panic for some headers
         if isinstance(exc, (KeyboardInterrupt, SystemExit, MemoryError)):
             raise
         raise CheckpointError(f"{path}: not a readable safetensors file ({str(exc)[:200]}); re-save the adapter") \
             from None
+
+
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+           "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+           "BOOL": torch.bool}
+_HEADER_LIMIT = 100_000_000  # bytes; the safetensors library refuses longer headers too
+
+
+def _header(path: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """A safetensors file's metadata and its tensors as meta tensors (name, shape, dtype), from the header alone:
+    no tensor data is read or mapped, so a header declaring a huge tensor costs nothing to look at.
+
+    Raises:
+        CheckpointError: not a safetensors header, a non-float dtype, or offsets past the end of the file.
+    """
+    check_regular_file(path, "the weights file", CheckpointError)
+
+    def damaged(why: str) -> CheckpointError:
+        return CheckpointError(f"{path}: not a readable safetensors file ({why}); re-save the adapter")
+
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            prefix = fh.read(8)
+            if len(prefix) < 8:
+                raise damaged("shorter than a header")
+            length = int.from_bytes(prefix, "little")
+            if length > min(_HEADER_LIMIT, size - 8):
+                raise damaged(f"its header claims {length:,d} bytes")
+            header = json.loads(fh.read(length).decode("utf-8"))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read the weights file ({exc.strerror or exc})") from None
+    except (ValueError, RecursionError):
+        raise damaged("its header is not JSON") from None
+    if not isinstance(header, dict):
+        raise damaged("its header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise damaged("its metadata is not a mapping of strings")
+    out: dict[str, torch.Tensor] = {}
+    for key, info in header.items():
+        try:
+            shape, offsets, code = info["shape"], info["data_offsets"], info["dtype"]
+            valid = (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)
+                     and isinstance(offsets, list) and len(offsets) == 2
+                     and all(isinstance(o, int) for o in offsets) and 0 <= offsets[0] <= offsets[1])
+        except (TypeError, KeyError):
+            valid = False
+        if not valid:
+            raise damaged(f"tensor '{key}' has no valid shape, dtype and offsets")
+        if offsets[1] > size - 8 - length:
+            raise damaged(f"tensor '{key}' ends at byte {offsets[1]:,d}, past the end of the file")
+        dtype = _DTYPES.get(code)
+        if dtype is None:
+            raise CheckpointError(f"{path}: adapter tensors must be float16, bfloat16, float32 or float64; "
+                                  f"'{key}' is {code!r:.20}. The file is damaged or is not an adapter; re-save it")
+        out[key] = torch.empty(shape, dtype=dtype, device="meta")
+    _check_dtypes(out, path)
+    return metadata, out
 
 
 def _read_pickle(path: str) -> dict[str, torch.Tensor]:
@@ -313,14 +477,18 @@ def _weight_path(directory: str, paths: dict[str, str], allow_pickle: bool) -> t
     )
 
 
-def check_tensors(tensors: dict[str, torch.Tensor], source: str) -> None:
-    """Refuse non-floating tensors; warn, naming them, about tensors holding NaN or Inf."""
+def _check_dtypes(tensors: dict[str, torch.Tensor], source: str) -> None:
     wrong = [f"{k} ({str(t.dtype).replace('torch.', '')})" for k, t in tensors.items() if t.dtype not in FLOAT_DTYPES]
     if wrong:
         raise CheckpointError(
             f"{source}: adapter tensors must be float16, bfloat16, float32 or float64; {len(wrong)} are not, "
             f"e.g. {wrong[:5]}. The file is damaged or is not an adapter; re-save it"
         )
+
+
+def check_tensors(tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse non-floating tensors; warn, naming them, about tensors holding NaN or Inf."""
+    _check_dtypes(tensors, source)
     bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
     if bad:
         warnings.warn(f"{source}: {len(bad)} adapter tensor(s) hold NaN or Inf values, e.g. {bad[:5]}; the model's "
@@ -349,32 +517,73 @@ def _check_record(config: PeftConfig, metadata: dict[str, str], weights: str, co
         )
 
 
-def read_checkpoint(directory: str, allow_pickle: bool = False, config: PeftConfig | None = None
-                    ) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+ShapeCheck = Callable[[PeftConfig, dict[str, torch.Tensor]], None]
+
+
+def read_checkpoint(directory: str, allow_pickle: bool = False, config: PeftConfig | None = None,
+                    check_shapes: ShapeCheck | None = None) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
     """The config and tensors (on CPU) of an adapter folder, checked: the files are regular files, the weights
     parse, the tensors are floating point, and the weights were saved with this config (when they say so).
 
     Args:
         config: use this config instead of the folder's ``adapter_config.json`` (no pairing check then).
+        check_shapes: called with the config and the file's tensors as meta tensors (names, shapes and dtypes
+            from the safetensors header) before any tensor's data is read; it raises when they do not fit the
+            model, so a header declaring a huge tensor is refused without allocating it.
 
     Raises:
         ConfigError: the config file is missing or invalid.
         CheckpointError: missing, unreadable or damaged weights, a pickle file without ``allow_pickle``, or a
             weights file and config from two different saves.
     """
-    paths = checkpoint_paths(directory)
-    weights, pickled = _weight_path(directory, paths, allow_pickle)
-    paired = config is None
-    if config is None:
-        config = PeftConfig.from_json_file(paths[CONFIG_NAME])
-    if pickled:
-        tensors, metadata = _read_pickle(weights), {}
-    else:
-        tensors, metadata = _read_safetensors(weights)
-    if paired:
-        _check_record(config, metadata, weights, os.path.join(directory, CONFIG_NAME))
+    checkpoint_paths(directory)  # finish a committed save first, where the folder can be written
+    with folder_lock(directory, exclusive=False):  # no save replays while the pair is read
+        paths = checkpoint_paths(directory, write=False)
+        weights, pickled = _weight_path(directory, paths, allow_pickle)
+        paired = config is None
+        if config is None:
+            config = PeftConfig.from_json_file(paths[CONFIG_NAME])
+        if pickled:
+            tensors = _read_pickle(weights)  # pickles carry no record of their config
+            if check_shapes is not None:
+                check_shapes(config, {k: t.to("meta") for k, t in tensors.items()})
+        else:
+            metadata, meta = _header(weights)
+            if paired:
+                _check_record(config, metadata, weights, os.path.join(directory, CONFIG_NAME))
+            if check_shapes is not None:
+                check_shapes(config, meta)
+            tensors = _read_tensors(weights)
     check_tensors(tensors, weights)
     return config, tensors
+
+
+def read_header(directory: str, allow_pickle: bool = False) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
+    """The config and the tensors' names, shapes and dtypes (meta tensors) of an adapter folder, without reading
+    any tensor data and without writing anything (a committed but unfinished save is read from its staging
+    folder): what ``graftkit inspect`` shows."""
+    with folder_lock(directory, exclusive=False):
+        paths = checkpoint_paths(directory, write=False)
+        weights, pickled = _weight_path(directory, paths, allow_pickle)
+        config = PeftConfig.from_json_file(paths[CONFIG_NAME])
+        if pickled:
+            return config, {k: t.to("meta") for k, t in _read_pickle(weights).items()}
+        metadata, meta = _header(weights)
+        _check_record(config, metadata, weights, os.path.join(directory, CONFIG_NAME))
+        return config, meta
+
+
+def _read_tensors(path: str) -> dict[str, torch.Tensor]:
+    try:
+        with _open_safetensors(path) as fh:
+            return {key: fh.get_tensor(key) for key in fh.keys()}
+    except CheckpointError:
+        raise
+    except BaseException as exc:
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, MemoryError)):
+            raise
+        raise CheckpointError(f"{path}: not a readable safetensors file ({str(exc)[:200]}); re-save the adapter") \
+            from None
 
 
 # ---------------------------------------------------------------------------------------------- finding

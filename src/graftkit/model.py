@@ -906,12 +906,23 @@ class PeftModel(nn.Module):
         check_base_model(model)
         check_adapter_name(adapter_name)
         directory = resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
-        config, tensors = read_checkpoint(directory, allow_pickle, None if config is None else as_config(config))
+
+        def task_class(saved: PeftConfig) -> type[PeftModel]:
+            if cls is PeftModel and saved.task_type is not None:
+                return TASK_CLASSES.get(TaskType(saved.task_type), PeftModel)
+            return cls
+
+        def fits(saved: PeftConfig, meta: dict[str, torch.Tensor]) -> None:  # before any tensor data is read
+            saved, meta = method_for(saved).upgrade_checkpoint(model, saved.copy(), _with_prefix(meta), directory)
+            _check_header(model, meta, directory)
+            prepared = task_class(saved)._prepare_config_for(model, saved)
+            _check_shapes_before_building(model, prepared, meta, strict, directory)
+
+        given = None if config is None else as_config(config)
+        config, tensors = read_checkpoint(directory, allow_pickle, given, check_shapes=fits)
         config = config.copy()
         config.inference_mode = not is_trainable
-        target_cls = cls
-        if cls is PeftModel and config.task_type is not None:
-            target_cls = TASK_CLASSES.get(TaskType(config.task_type), PeftModel)
+        target_cls = task_class(config)
         tensors = _with_prefix(tensors)
         config, tensors = method_for(config).upgrade_checkpoint(model, config, tensors, directory)
         _check_shapes_before_building(model, target_cls._prepare_config_for(model, config), tensors, strict, directory)
@@ -952,7 +963,16 @@ class PeftModel(nn.Module):
         """
         check_adapter_name(adapter_name)
         directory = resolve_adapter_dir(model_id, subfolder, revision, **hub_kwargs)
-        config, tensors = read_checkpoint(directory, allow_pickle)
+
+        def fits(saved: PeftConfig, meta: dict[str, torch.Tensor]) -> None:
+            saved, meta = method_for(saved).upgrade_checkpoint(self.model, saved.copy(), _with_prefix(meta), directory)
+            _check_header(self.model, meta, directory)
+            if adapter_name in self.peft_config:  # shapes may follow the file's training state (AdaLoRA's ranks)
+                self._check_same_adapter(adapter_name, saved, directory)
+            else:
+                _check_shapes_before_building(self.model, self._prepare_config(saved), meta, strict, directory)
+
+        config, tensors = read_checkpoint(directory, allow_pickle, check_shapes=fits)
         config.inference_mode = not is_trainable
         tensors = _with_prefix(tensors)
         config, tensors = method_for(config).upgrade_checkpoint(self.model, config, tensors, directory)
@@ -1051,6 +1071,28 @@ def _fit_message(source: str, model: nn.Module, missing: list[str], unexpected: 
         parts.append(f"{len(unexpected)} unexpected tensor(s), e.g. {unexpected[:5]}")
     return (f"{source}: the adapter does not fit {type(model).__name__}: {'; '.join(parts)}. Was it trained on "
             "another base model or with other target_modules? Pass strict=False to load what matches")
+
+
+def _check_header(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Bound every tensor a file declares by the model it is for, before any is read: no adapter tensor holds
+    more elements than the whole base model (a header declaring a [4, 2**33] tensor over a sparse file would
+    otherwise allocate 128 GiB before any shape is compared).
+
+    Raises:
+        CheckpointError: a tensor (or all of them together) larger than the model could need.
+    """
+    total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    declared = 0
+    for key, tensor in tensors.items():
+        declared += tensor.numel()
+        if tensor.numel() > total:
+            raise CheckpointError(
+                f"{source}: tensor '{key}' declares shape {tuple(tensor.shape)} ({tensor.numel():,d} values), more "
+                f"than the whole {type(model).__name__} ({total:,d}); the file is damaged or is for another model"
+            )
+    if declared > 2 * total:
+        raise CheckpointError(f"{source}: the file declares {declared:,d} values in all, more than twice the whole "
+                              f"{type(model).__name__} ({total:,d}); the file is damaged or is for another model")
 
 
 def _check_shapes_before_building(model: nn.Module, config: PeftConfig, tensors: dict[str, torch.Tensor],
