@@ -331,3 +331,54 @@ def test_every_data_source_reads_the_same_rows(tmp_path):
     (tmp_path / "rows.xlsx").write_text("")
     with pytest.raises(graftkit.ConfigError, match="unknown file kind"):
         read_rows([str(tmp_path / "rows.xlsx")], "data")
+
+
+def test_a_folder_that_is_not_a_run_is_never_overwritten_silently(workspace, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import randomize_adapters
+    folder = tmp_path / "adapter"
+    model = graftkit.get_peft_model(AutoModelForCausalLM.from_pretrained(workspace / "tiny"),
+                                    graftkit.LoraConfig(r=4, target_modules=["q_proj"]))
+    randomize_adapters(model, seed=3)
+    model.save_pretrained(folder)
+    (folder / "README.md").write_text("my notes\n")
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    config = write_run(workspace, "into.yaml", output=str(folder), training={"max_steps": 2, "save_steps": 2,
+                                                                             "eval_strategy": "no"})
+    assert cli.main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "is not empty (it holds README.md, adapter_config.json" in err and "--overwrite" in err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+    assert cli.main(["train", "--config", str(config), "--overwrite"]) == 0
+    assert (folder / "README.md").read_text() != "my notes\n" and (folder / "checkpoint-2").is_dir()
+
+
+@pytest.mark.parametrize("where, message", [("file", "is a file, not a folder"), ("file/run", "lies under"),
+                                            ("/proc/self/graftkit-run", "is not writable")])
+def test_an_output_that_cannot_hold_a_run_is_found_before_loading(workspace, tmp_path, capsys, where, message):
+    (tmp_path / "file").write_text("x")
+    output = where if where.startswith("/") else str(tmp_path / where)
+    config = write_run(workspace, "out.yaml", output=output)
+    assert cli.main(["train", "--config", str(config)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    if not where.startswith("/"):
+        assert cli.main(["train", "--config", str(config), "--check"]) == 2
+        assert message in capsys.readouterr().err
+
+
+def test_resume_takes_the_newest_complete_checkpoint_and_says_so(workspace, tmp_path, capsys):
+    training = {"max_steps": 8, "save_steps": 4, "eval_strategy": "no"}
+    whole = write_run(workspace, "w.yaml", output=str(tmp_path / "whole"), training=training,
+                      data={"train": "pairs.jsonl", "eval_fraction": None})
+    assert cli.main(["train", "--config", str(whole)]) == 0
+    expected = losses(tmp_path / "whole")
+    os.remove(tmp_path / "whole" / "checkpoint-8" / "trainer_state.json")  # a save cut short by another tool
+    assert cli.main(["train", "--config", str(whole), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "skipped checkpoint-8 (it has no trainer_state.json" in out and "resuming from checkpoint-4" in out
+    again = losses(tmp_path / "whole")
+    assert sorted(again) == list(range(1, 9))
+    for step, value in expected.items():
+        assert again[step] == pytest.approx(value, rel=1e-5, abs=1e-6), step

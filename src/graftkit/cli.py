@@ -70,6 +70,7 @@ def _train_from_file(args: argparse.Namespace) -> int:
         recipe.set_key(raw, assignment)
     checked = recipe.check(raw, args.config, os.path.dirname(os.path.abspath(args.config)))
     if args.check:
+        runner.check_output(checked.output, create=False)
         train, evaluation, fmt = runner.split_rows(checked)  # the data too: every row in the format it needs
         print(f"{args.config}: OK ({len(train)} training rows, {len(evaluation or [])} eval rows, {fmt})")
         print(recipe.dump(checked), end="")

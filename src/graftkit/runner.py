@@ -15,6 +15,7 @@ import math
 import os
 import random
 import signal
+import tempfile
 import time
 from typing import Any
 
@@ -253,11 +254,54 @@ def _callbacks(output: str, stop: dict[str, bool]) -> list[Any]:
     return [Metrics(), Interrupt()]
 
 
-def _checkpoints(output: str) -> list[str]:
-    if not os.path.isdir(output):
-        return []
-    return sorted((d for d in os.listdir(output) if d.startswith("checkpoint-") and d[11:].isdigit()),
-                  key=lambda d: int(d[11:]))
+def check_output(output: str, create: bool = True) -> None:
+    """The run folder can be what ``graftkit train`` needs: a folder (made if missing, with ``create``) this user
+    can write, found before anything loads rather than at the first checkpoint.
+
+    Raises:
+        ConfigError: ``output`` is a file, lies under a file, or cannot be created or written.
+    """
+    if os.path.lexists(output) and not os.path.isdir(output):
+        raise ConfigError(f"output: {output} is a file, not a folder; choose a folder for the run")
+    parent = output
+    while not os.path.lexists(parent):
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"output: {output} lies under {parent}, which is a file; choose a folder for the run")
+    if not create:
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise ConfigError(f"output: {parent} is not writable by this user; choose another folder for the run")
+        return
+    try:
+        os.makedirs(output, exist_ok=True)
+        probe, name = tempfile.mkstemp(prefix=".graftkit-probe-", dir=output)
+        os.close(probe)
+        os.remove(name)
+    except OSError as err:
+        raise ConfigError(f"output: cannot write in {output} ({err.strerror or err}); choose a folder this user can "
+                          "write") from None
+
+
+def _check_run_folder(output: str, resume: bool, overwrite: bool, log: Any) -> str | None:
+    """What ``output`` holds decides what may happen: ``resume`` needs a complete checkpoint (its path is
+    returned); otherwise the folder must be new or empty unless ``overwrite``."""
+    from .integrations.trainer import checkpoints_of, newest_complete_checkpoint
+
+    done = checkpoints_of(output)
+    if resume:
+        if not done:
+            raise ConfigError(f"--resume: no checkpoint-N folder in {output}; start the run without --resume")
+        return newest_complete_checkpoint(output, log=lambda message: log(f"graftkit train: {message}"))
+    entries = sorted(os.listdir(output)) if os.path.isdir(output) else []
+    if entries and not overwrite:
+        if done:
+            raise ConfigError(f"{output} holds a run ({os.path.basename(done[-1])}); pass --resume to continue it or "
+                              "--overwrite to start again (its checkpoints are deleted)")
+        raise ConfigError(f"{output} is not empty (it holds {', '.join(entries[:5])}"
+                          f"{', ...' if len(entries) > 5 else ''}); graftkit train writes a run into a new or empty "
+                          "folder. Choose another output, or pass --overwrite to write the run over it (adapter "
+                          "files, README.md and run.yaml there are replaced)")
+    return None
 
 
 def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, merge: bool = False,
@@ -265,31 +309,29 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, merge: bo
     """Train as ``recipe`` says; returns the final metrics.
 
     Raises:
-        ConfigError: the data do not fit the recipe, ``resume`` without a checkpoint, or an output folder that
-            already holds a run (without ``resume`` or ``overwrite``).
+        ConfigError: the data do not fit the recipe, ``resume`` without a complete checkpoint, an output folder
+            that cannot be written, or one that is not empty (without ``resume`` or ``overwrite``).
     """
     import shutil
 
     from . import PeftConfig, Trainer, get_peft_model
     from .demo import default_model_dir
+    from .integrations.trainer import STAGING_DIR, checkpoints_of
 
     output = recipe.output
-    done = _checkpoints(output)
-    if resume and not done:
-        raise ConfigError(f"--resume: no checkpoint-N folder in {output}; start the run without --resume")
-    if done and not resume and not overwrite:
-        raise ConfigError(f"{output} holds a run ({done[-1]}); pass --resume to continue it or --overwrite to start "
-                          "again (its checkpoints are deleted)")
+    check_output(output, create=False)
+    checkpoint = _check_run_folder(output, resume, overwrite, log)
     train_rows, eval_rows, fmt = split_rows(recipe)
-    if resume:  # logs past the checkpoint (a crash after it) are logged again by the resumed run
-        _truncate_metrics(os.path.join(output, "metrics.jsonl"), int(done[-1][11:]))
+    check_output(output)
+    if checkpoint is not None:  # logs past the checkpoint (a crash after it) are logged again by the resumed run
+        log(f"graftkit train: resuming from {os.path.basename(checkpoint)}")
+        _truncate_metrics(os.path.join(output, "metrics.jsonl"), int(checkpoint.rsplit("-", 1)[1]))
     if overwrite and not resume:
-        for name in done:
-            shutil.rmtree(os.path.join(output, name))
+        for path in checkpoints_of(output) + [os.path.join(output, STAGING_DIR)]:
+            shutil.rmtree(path, ignore_errors=True)
         for name in ("metrics.jsonl", "loss.png"):
             if os.path.exists(os.path.join(output, name)):
                 os.remove(os.path.join(output, name))
-    os.makedirs(output, exist_ok=True)
 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
@@ -335,11 +377,11 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, merge: bo
 
     previous = signal.signal(signal.SIGINT, interrupted)
     try:
-        trainer.train(resume_from_checkpoint=True if resume else None)
+        trainer.train(resume_from_checkpoint=checkpoint)
     finally:
         signal.signal(signal.SIGINT, previous)
     if stop["requested"]:
-        last = _checkpoints(output)
+        last = [os.path.basename(c) for c in checkpoints_of(output)]
         log(f"graftkit train: interrupted at step {trainer.state.global_step}; {last[-1] if last else 'no checkpoint'} "
             f"saved in {output}. Continue with: graftkit train --config {recipe.source} --resume")
         return {"interrupted": True, "step": trainer.state.global_step}

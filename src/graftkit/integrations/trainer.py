@@ -13,13 +13,21 @@ Checkpoint layout (the one HF peft + Trainer writes, so either library can read 
       adapter_config.json, adapter_model.safetensors      the "default" adapter
       <name>/adapter_config.json, ...                     every other adapter
       optimizer.pt, scheduler.pt, rng_state.pth, trainer_state.json, training_args.bin
+
+**A checkpoint is complete or absent.** Each one is written under ``.graftkit-staging/checkpoint-N`` in the run
+folder and renamed into place once every file is there, so a process killed mid-save (or a full disk) leaves no
+``checkpoint-N`` behind, only staging that the next save removes. Resuming (``resume_from_checkpoint=True``)
+takes the newest complete checkpoint and says which incomplete ones it skipped (folders written by other tools
+may still be partial); a path to an incomplete one is an error naming what is missing.
 """
 
 from __future__ import annotations
 
 import contextlib
 import inspect
+import json
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -28,12 +36,14 @@ import torch
 import transformers
 from torch import nn
 
-from ..errors import CheckpointError, GraftkitError, UnsupportedError
+from ..errors import CheckpointError, GraftkitError, SaveError, UnsupportedError
 from ..model import PeftModel
 from ..weights import is_quantized
 
 TRAINING_ARGS_NAME = "training_args.bin"
 TRAINING_STATE_NAME = "graftkit_training_state.safetensors"  # methods' state between steps (AdaLoRA)
+STAGING_DIR = ".graftkit-staging"  # in the run folder: checkpoints being written (never matched by checkpoint-*)
+_logger = transformers.utils.logging.get_logger("graftkit")
 
 
 def _graftkit_model(trainer: Any, model: nn.Module | None = None) -> PeftModel | None:
@@ -166,6 +176,75 @@ class AdapterTrainerMixin:
             self.processing_class.save_pretrained(output_dir)
         torch.save(self.args, os.path.join(output_dir, TRAINING_ARGS_NAME))
 
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        """transformers' checkpoint, written in a staging folder and renamed into place when complete."""
+        if _graftkit_model(self) is None or self.args.push_to_hub:  # the Hub upload reads the final folder
+            return super()._save_checkpoint(model, trial)
+        run_dir = self._get_output_dir(trial=trial)
+        staging = os.path.join(run_dir, STAGING_DIR)
+        name = f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        final = os.path.join(run_dir, name)
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # what a killed save left
+        self._barrier()
+        self._get_output_dir = lambda trial=None: staging  # type: ignore[method-assign]  # where super() writes
+        try:
+            super()._save_checkpoint(model, trial)
+            best = self.state.best_model_checkpoint
+            if best is not None and os.path.dirname(best) == staging:  # the path it will have
+                self.state.best_model_checkpoint = os.path.join(run_dir, os.path.basename(best))
+                if self.args.should_save:
+                    self.state.save_to_json(os.path.join(staging, name, transformers.trainer.TRAINER_STATE_NAME))
+            self._barrier()  # every rank's files (sharded optimizer states) are in before the rename
+            if self.args.should_save:
+                _fsync_tree(os.path.join(staging, name))
+                if os.path.exists(final):  # the same step saved again (a resumed run): replace it whole
+                    os.replace(final, os.path.join(staging, f"replaced-{name}"))
+                os.replace(os.path.join(staging, name), final)
+                shutil.rmtree(staging, ignore_errors=True)
+        except BaseException as exc:
+            if self.args.should_save:
+                replaced = os.path.join(staging, f"replaced-{name}")
+                if os.path.isdir(replaced) and not os.path.exists(final):
+                    os.replace(replaced, final)  # the old copy of this step goes back
+                shutil.rmtree(staging, ignore_errors=True)
+            if isinstance(exc, SaveError):
+                raise
+            if isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "write" in str(exc).lower()):
+                raise SaveError(f"cannot write {name} in {run_dir}: {str(exc).strip()[:200]}. The run's earlier "
+                                "checkpoints are unchanged; free disk space and resume from the last one") from exc
+            raise
+        finally:
+            del self._get_output_dir
+        self._barrier()
+        if self.args.should_save:
+            transformers.trainer.rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
+                                                    best_model_checkpoint=self.state.best_model_checkpoint,
+                                                    use_mtime=True)
+
+    def _barrier(self) -> None:
+        if self.args.world_size > 1:
+            self.accelerator.wait_for_everyone()
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args: Any, **kwargs: Any) -> Any:
+        """transformers' ``train``; for a graftkit model, ``resume_from_checkpoint=True`` takes the newest
+        *complete* checkpoint of ``output_dir`` (skipped ones are named in the log), and a path to an incomplete
+        one is a :class:`CheckpointError`."""
+        model = _graftkit_model(self)
+        if model is not None and resume_from_checkpoint not in (None, False):
+            optimizer = not (self.args.save_only_model or self.is_deepspeed_enabled or self.is_fsdp_enabled)
+            adapters = list(model.peft_config)
+            if resume_from_checkpoint is True:
+                resume_from_checkpoint = newest_complete_checkpoint(self.args.output_dir, adapters, optimizer,
+                                                                    log=_logger.warning)
+            else:
+                problem = checkpoint_problem(os.fspath(resume_from_checkpoint), adapters, optimizer)
+                if problem is not None:
+                    raise CheckpointError(f"cannot resume from {resume_from_checkpoint}: {problem}. Resume from an "
+                                          "earlier checkpoint, or with resume_from_checkpoint=True for the newest "
+                                          "complete one")
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         graftkit_model = _graftkit_model(self, model)
         if graftkit_model is None:
@@ -202,6 +281,82 @@ def load_adapters_from(model: PeftModel, checkpoint: str) -> None:
         )
     for name, folder in folders.items():
         model.load_adapter(folder, adapter_name=name)
+
+
+def _fsync_tree(folder: str) -> None:
+    """Flush every file of a finished checkpoint to disk before it is renamed into place."""
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def checkpoint_problem(folder: str, adapters: list[str] = ("default",), optimizer: bool = True) -> str | None:
+    """Why a Trainer checkpoint folder cannot be resumed from (a save cut short, files deleted), or ``None``.
+
+    Args:
+        adapters: the adapters it must hold (``default`` at the top, others in sub-folders).
+        optimizer: it must hold ``optimizer.pt`` and ``scheduler.pt`` too (resuming without them would restart the
+            optimizer silently).
+    """
+    if not os.path.isdir(folder):
+        return "it is not a folder"
+    try:
+        with open(os.path.join(folder, transformers.trainer.TRAINER_STATE_NAME), encoding="utf-8") as fh:
+            state = json.load(fh)
+        if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+            return "its trainer_state.json is damaged"
+    except FileNotFoundError:
+        return "it has no trainer_state.json (its save was cut short)"
+    except (OSError, ValueError, RecursionError):
+        return "its trainer_state.json is damaged (its save was cut short?)"
+    from ..io import JOURNAL_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
+
+    for name in adapters:
+        sub = folder if name == "default" else os.path.join(folder, name)
+        have = set(os.listdir(sub)) if os.path.isdir(sub) else set()
+        if JOURNAL_NAME not in have and ("adapter_config.json" not in have
+                                         or not have & {WEIGHTS_NAME, PICKLE_WEIGHTS_NAME}):
+            return f"it has no complete adapter '{name}' ({os.path.relpath(sub, folder)})"
+    if optimizer:
+        missing = [f for f in (transformers.trainer.OPTIMIZER_NAME, transformers.trainer.SCHEDULER_NAME)
+                   if not os.path.isfile(os.path.join(folder, f))]
+        if missing:
+            return f"it has no {' or '.join(missing)}"
+    return None
+
+
+def checkpoints_of(run_dir: str) -> list[str]:
+    """The ``checkpoint-N`` folders of a run folder, oldest step first."""
+    prefix = f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-"
+    if not os.path.isdir(run_dir):
+        return []
+    steps = [d for d in os.listdir(run_dir) if d.startswith(prefix) and d[len(prefix):].isdigit()
+             and os.path.isdir(os.path.join(run_dir, d))]
+    return [os.path.join(run_dir, d) for d in sorted(steps, key=lambda d: int(d[len(prefix):]))]
+
+
+def newest_complete_checkpoint(run_dir: str, adapters: list[str] = ("default",), optimizer: bool = True,
+                               log: Any = None) -> str:
+    """The newest checkpoint of ``run_dir`` that :func:`checkpoint_problem` finds complete; ``log`` is told of
+    every newer one skipped, and why.
+
+    Raises:
+        CheckpointError: no complete checkpoint (the incomplete ones are named).
+    """
+    skipped = []
+    for folder in reversed(checkpoints_of(run_dir)):
+        problem = checkpoint_problem(folder, adapters, optimizer)
+        if problem is None:
+            if skipped and log is not None:
+                log(f"resuming from {os.path.basename(folder)}, the newest complete checkpoint; skipped "
+                    + "; ".join(f"{os.path.basename(f)} ({p})" for f, p in skipped))
+            return folder
+        skipped.append((folder, problem))
+    if skipped:
+        raise CheckpointError(f"no complete checkpoint to resume from in {run_dir}: "
+                              + "; ".join(f"{os.path.basename(f)}: {p}" for f, p in skipped))
+    raise CheckpointError(f"no checkpoint-N folder to resume from in {run_dir}; start the run without resuming")
 
 
 class Trainer(AdapterTrainerMixin, transformers.Trainer):
