@@ -177,12 +177,49 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(works
     ({"quantization": {"bnb_4bit_quant_type": "nf4"}}, "set load_in_4bit: true or load_in_8bit: true"),
     ({"model": "nowhere"}, "model: 'nowhere' does not exist"),
     ({"output": None}, "output: expected the run's folder"),
+    ({"training": {"max_steps": -5}}, "training.max_steps: expected a positive integer (or -1"),
+    ({"training": {"learning_rate": float("nan")}}, "training.learning_rate: expected a finite number, got nan"),
+    ({"training": {"learning_rate": 0}}, "training.learning_rate: expected a number > 0"),
+    ({"training": {"per_device_train_batch_size": 0}}, "per_device_train_batch_size: expected an integer >= 1"),
+    ({"training": {"report_to": "wandb"}}, "training.report_to: wandb is not installed"),
+    ({"training": {"resume_from_checkpoint": "/etc"}}, "training.resume_from_checkpoint: set by the run"),
+    ({"training": {"fsdp_config": [1, {"a": "b"}]}}, "training.fsdp_config: expected dict[str, Any] | str | None"),
+    ({"training": {"label_names": "labels"}}, "training.label_names: expected list[str] | None"),
+    ({"data": {"train": "pairs.jsonl", "max_length": 10**12}}, "data.max_length: expected an integer from 8 to"),
+    ({"data": {"train": "pairs.jsonl", "max_length": 100_000}}, "data.max_length: 100,000 is longer than the model's"),
+    ({"adapter": {"peft_type": "LORA", "target_modules": ["nope"]}}, "adapter: target_modules"),
+    ({"data": {"train": "robot.jsonl"}}, "robot.jsonl: row 2: message 1: role 'robot' is not one of system, user"),
+    ({"data": {"train": "number.jsonl"}}, "number.jsonl: row 1: message 2: content must be text, got int 5"),
+    ({"data": {"train": "parts.jsonl"}}, "parts.jsonl: row 1: message 1: content must be text, got list"),
 ])
 def test_each_bad_key_is_one_clear_line(workspace, capsys, change, message):
+    def chat(*turns):
+        return json.dumps({"messages": [{"role": r, "content": c} for r, c in turns]}) + "\n"
+
+    (workspace / "robot.jsonl").write_text(chat(("user", "a"), ("assistant", "b")) + chat(("robot", "a"),
+                                                                                          ("assistant", "b")))
+    (workspace / "number.jsonl").write_text(chat(("user", "a"), ("assistant", 5)))
+    (workspace / "parts.jsonl").write_text(chat(("user", [{"type": "text", "text": "a"}]), ("assistant", "b")))
     config = write_run(workspace, "bad.yaml", **change)
     assert cli.main(["train", "--config", str(config), "--check"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err, err
+
+
+def test_a_row_the_chat_template_refuses_is_named(workspace):
+    from transformers import AutoTokenizer
+
+    from graftkit.runner import encode_rows
+    tokenizer = AutoTokenizer.from_pretrained(workspace / "tiny")
+    tokenizer.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' and not loop.first %}"
+                               "{{ raise_exception('system only first') }}{% endif %}{{ m['content'] }} {% endfor %}")
+    data = {"max_length": 64, "messages_field": "messages"}
+    good = {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}
+    bad = {"messages": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"},
+                        {"role": "assistant", "content": "b"}]}
+    with pytest.raises(graftkit.ConfigError, match=r"^data.train: row 2: the tokenizer cannot render this row "
+                                                   r"\(TemplateError: system only first\)"):
+        encode_rows(tokenizer, [good, bad], "messages", data, "data.train")
 
 
 def test_overrides_and_data_errors(workspace, tmp_path, capsys):

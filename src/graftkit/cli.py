@@ -71,8 +71,9 @@ def _train_from_file(args: argparse.Namespace) -> int:
     checked = recipe.check(raw, args.config, os.path.dirname(os.path.abspath(args.config)))
     if args.check:
         runner.check_output(checked.output, create=False)
-        train, evaluation, fmt = runner.split_rows(checked)  # the data too: every row in the format it needs
-        print(f"{args.config}: OK ({len(train)} training rows, {len(evaluation or [])} eval rows, {fmt})")
+        ready = runner.prepare(checked)  # the data rendered, the adapter attached to the model on the meta device
+        print(f"{args.config}: OK ({len(ready.train_set)} training rows, {len(ready.eval_set or [])} eval rows, "
+              f"{ready.fmt})")
         print(recipe.dump(checked), end="")
         return 0
     final = runner.run(checked, resume=args.resume, overwrite=args.overwrite, merge=args.merge)

@@ -37,6 +37,7 @@ from typing import Any
 from .errors import ConfigError, MissingPackageError
 
 FORMATS = ("auto", "prompt_response", "messages", "text")
+MAX_LENGTH = 1 << 20  # tokens per row; the model's own context is checked against it before any weight loads
 _TOP = ("model", "output", "data", "adapter", "quantization", "training")
 _DATA = {"train": None, "eval": None, "eval_fraction": None, "format": "auto", "max_length": 512,
          "prompt_field": "prompt", "response_field": "response", "messages_field": "messages", "text_field": "text"}
@@ -45,7 +46,9 @@ _TRAINING_DEFAULTS = {"max_steps": 100, "per_device_train_batch_size": 8, "learn
                       "lr_scheduler_type": "cosine", "warmup_steps": 0.1, "logging_steps": 5, "save_steps": 50,
                       "save_total_limit": 2, "report_to": "none", "remove_unused_columns": False, "seed": 0}
 # Set by the run itself: naming them in the file is refused.
-_TRAINING_OWNED = {"output_dir": "use the top-level 'output' key"}
+_TRAINING_OWNED = {"output_dir": "use the top-level 'output' key",
+                   "resume_from_checkpoint": "continue a run with graftkit train --resume",
+                   "overwrite_output_dir": "pass --overwrite to graftkit train"}
 
 
 @dataclass
@@ -188,8 +191,10 @@ def check(raw: dict[str, Any], source: str, base_dir: str = ".") -> Recipe:
             raise ConfigError(f"{source}: data.eval_fraction: expected a number between 0 and 1, got {fraction!r}")
         if data["eval"] is not None:
             raise ConfigError(f"{source}: data: give eval or eval_fraction, not both")
-    if isinstance(data["max_length"], bool) or not isinstance(data["max_length"], int) or data["max_length"] < 8:
-        raise ConfigError(f"{source}: data.max_length: expected an integer >= 8, got {data['max_length']!r}")
+    if (isinstance(data["max_length"], bool) or not isinstance(data["max_length"], int)
+            or not 8 <= data["max_length"] <= MAX_LENGTH):
+        raise ConfigError(f"{source}: data.max_length: expected an integer from 8 to {MAX_LENGTH:,d} (and at most the "
+                          f"model's context), got {data['max_length']!r:.40}")
     for key in ("prompt_field", "response_field", "messages_field", "text_field"):
         if not isinstance(data[key], str) or not data[key]:
             raise ConfigError(f"{source}: data.{key}: expected a column name, got {data[key]!r}")
@@ -236,10 +241,90 @@ def _check_quantization(value: Any, source: str) -> dict[str, Any] | None:
     return quantization
 
 
+# Ranges of the TrainingArguments a run commonly sets: (what the value must be, the test). A value outside is an
+# error naming the key, never a silent fallback (max_steps: -5 would train num_train_epochs epochs).
+_TRAINING_RANGES: dict[str, tuple[str, Any]] = {
+    "max_steps": ("a positive integer (or -1: train num_train_epochs epochs)", lambda v: v > 0 or v == -1),
+    "num_train_epochs": ("a number > 0", lambda v: v > 0),
+    "learning_rate": ("a number > 0", lambda v: v > 0),
+    "per_device_train_batch_size": ("an integer >= 1", lambda v: v >= 1),
+    "per_device_eval_batch_size": ("an integer >= 1", lambda v: v >= 1),
+    "gradient_accumulation_steps": ("an integer >= 1", lambda v: v >= 1),
+    "eval_accumulation_steps": ("an integer >= 1", lambda v: v >= 1),
+    "logging_steps": ("a number > 0 (a fraction of the run below 1)", lambda v: v > 0),
+    "save_steps": ("a number > 0 (a fraction of the run below 1)", lambda v: v > 0),
+    "eval_steps": ("a number > 0 (a fraction of the run below 1)", lambda v: v > 0),
+    "warmup_steps": ("a number >= 0 (a fraction of the run below 1)", lambda v: v >= 0),
+    "warmup_ratio": ("a number from 0 to 1", lambda v: 0 <= v <= 1),
+    "weight_decay": ("a number >= 0", lambda v: v >= 0),
+    "max_grad_norm": ("a number >= 0", lambda v: v >= 0),
+    "adam_beta1": ("a number from 0 to below 1", lambda v: 0 <= v < 1),
+    "adam_beta2": ("a number from 0 to below 1", lambda v: 0 <= v < 1),
+    "adam_epsilon": ("a number > 0", lambda v: v > 0),
+    "label_smoothing_factor": ("a number from 0 to below 1", lambda v: 0 <= v < 1),
+    "save_total_limit": ("an integer >= 1", lambda v: v >= 1),
+    "seed": ("an integer >= 0", lambda v: v >= 0),
+    "data_seed": ("an integer >= 0", lambda v: v >= 0),
+    "dataloader_num_workers": ("an integer >= 0", lambda v: v >= 0),
+    "neftune_noise_alpha": ("a number > 0", lambda v: v > 0),
+    "torch_empty_cache_steps": ("an integer >= 1", lambda v: v >= 1),
+}
+
+
+def _describe(hint: Any) -> str:
+    text = str(hint).replace("typing.", "").replace("NoneType", "None")
+    return text.replace("<class '", "").replace("'>", "")
+
+
+def _fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` (read from YAML) is of the annotated type ``hint`` (unions, Optional, Literal, list[...],
+    dict[...], enums by value); types it does not know are accepted (TrainingArguments checks them itself)."""
+    import enum
+    import math
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, arg) for arg in typing.get_args(hint))
+    if hint is type(None) or hint is None:
+        return value is None
+    if origin is typing.Literal:
+        return value in typing.get_args(hint)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if hint is list or origin is list:
+        args = typing.get_args(hint)
+        return isinstance(value, list) and (not args or all(_fits(v, args[0]) for v in value))
+    if hint is dict or origin is dict:
+        args = typing.get_args(hint)
+        return isinstance(value, dict) and all(isinstance(k, str) for k in value) and (
+            len(args) < 2 or all(_fits(v, args[1]) for v in value.values()))
+    if isinstance(hint, type) and issubclass(hint, enum.Enum):
+        return value in [m.value for m in hint] or isinstance(value, hint)
+    if isinstance(hint, type) and hint.__module__ != "builtins":
+        return isinstance(value, hint)  # an object a YAML file cannot hold (ParallelismConfig)
+    return True
+
+
 def _check_training(training: dict[str, Any], source: str, output: str) -> dict[str, Any]:
+    import typing
+
     from transformers import TrainingArguments
 
     fields = {f.name: f for f in dataclasses.fields(TrainingArguments) if f.init}
+    try:
+        hints = typing.get_type_hints(TrainingArguments)
+    except Exception:  # noqa: BLE001 - an annotation this transformers cannot resolve: check by defaults only
+        hints = {}
     for key in training:
         if key in _TRAINING_OWNED:
             raise ConfigError(f"{source}: training.{key}: set by the run; {_TRAINING_OWNED[key]}")
@@ -249,14 +334,20 @@ def _check_training(training: dict[str, Any], source: str, output: str) -> dict[
         value = training[key]
         if isinstance(value, bool) and isinstance(default, str):  # YAML reads a bare no / off as false
             value = training[key] = "no" if value is False else "yes"
-        expected = (bool if isinstance(default, bool) else int if isinstance(default, int) else
-                    float if isinstance(default, float) else None)
-        if expected is bool and not isinstance(value, bool):
-            raise ConfigError(f"{source}: training.{key}: expected true or false, got {value!r:.60}")
-        if expected is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"{source}: training.{key}: expected an integer, got {value!r:.60}")
-        if expected is float and (isinstance(value, bool) or not isinstance(value, (int, float))):
-            raise ConfigError(f"{source}: training.{key}: expected a number, got {value!r:.60}")
+        hint = hints.get(key)
+        if hint is None:
+            hint = (bool if isinstance(default, bool) else int if isinstance(default, int) else
+                    float if isinstance(default, float) else Any)
+        if not _fits(value, hint):
+            expected = {bool: "true or false", int: "an integer", float: "a number"}.get(hint, _describe(hint))
+            if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+                expected = "a finite number"
+            raise ConfigError(f"{source}: training.{key}: expected {expected}, got {value!r:.60}")
+        if key in _TRAINING_RANGES and value is not None and not isinstance(value, str):
+            what, test = _TRAINING_RANGES[key]
+            if not test(value):
+                raise ConfigError(f"{source}: training.{key}: expected {what}, got {value!r:.60}")
+    _check_report_to(training.get("report_to"), source)
     if "num_train_epochs" in training and "max_steps" not in training:
         training = {**training, "max_steps": -1}  # epochs asked for: no step limit
     resolved = {**_TRAINING_DEFAULTS, **training}
@@ -264,9 +355,24 @@ def _check_training(training: dict[str, Any], source: str, output: str) -> dict[
         resolved["eval_steps"] = resolved["save_steps"]
     try:
         TrainingArguments(output_dir=output, **resolved)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"{source}: training: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # noqa: BLE001 - TrainingArguments raises many types for a bad combination
+        text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{source}: training: {text}") from None
     return resolved
+
+
+def _check_report_to(value: Any, source: str) -> None:
+    """``report_to`` names only trackers that are installed (transformers would fail at the first log)."""
+    if value is None:
+        return
+    from transformers.integrations import get_available_reporting_integrations
+
+    names = [value] if isinstance(value, str) else list(value)
+    available = get_available_reporting_integrations()
+    missing = [n for n in names if n not in ("none", "all") and n not in available]
+    if missing:
+        raise ConfigError(f"{source}: training.report_to: {', '.join(map(str, missing))} is not installed (available: "
+                          f"{', '.join(available) or 'none'}); install it or use report_to: none")
 
 
 def dump(recipe: Recipe) -> str:

@@ -10,6 +10,7 @@ The run folder holds ``checkpoint-N/`` (adapter-only, resumable), the final adap
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -19,7 +20,7 @@ import tempfile
 import time
 from typing import Any
 
-from .errors import ConfigError, MissingPackageError
+from .errors import ConfigError, GraftkitError, MissingPackageError
 from .recipe import Recipe
 from .sft import IGNORE_INDEX, encode_pair
 
@@ -121,18 +122,45 @@ def detect_format(rows: list[dict[str, Any]], data: dict[str, Any], where: str) 
     for number, row in enumerate(rows, 1):
         missing = [k for k in need if k not in row or row[k] is None]
         if missing:
-            raise ConfigError(f"{where}: row {number} has no {missing} (columns: {sorted(row)})")
+            columns = sorted(k for k in row if k != SOURCE)
+            raise ConfigError(f"{_row_name(where, row, number)} has no {missing} (columns: {columns})")
         if fmt == "messages":
-            _check_messages(row[need[0]], f"{where}: row {number}")
+            _check_messages(row[need[0]], _row_name(where, row, number))
     return fmt
+
+
+SOURCE = "__graftkit_source__"  # set on rows by split_rows: the file and row they came from, for messages
+
+
+def _row_name(where: str, row: dict[str, Any], number: int) -> str:
+    return f"{where}: {row[SOURCE]}" if SOURCE in row else f"{where}: row {number}"
+
+
+def _read_labelled(paths: list[str], where: str) -> list[dict[str, Any]]:
+    """:func:`read_rows`, each row labelled with its file and its number there (for error messages)."""
+    rows: list[dict[str, Any]] = []
+    for path in paths:
+        part = read_rows([path], where)
+        for number, row in enumerate(part, 1):
+            row[SOURCE] = f"{path}: row {number}"
+        rows += part
+    return rows
+
+
+ROLES = ("system", "user", "assistant", "tool", "developer", "function", "ipython")  # what chat templates know
 
 
 def _check_messages(messages: Any, where: str) -> None:
     if not isinstance(messages, list) or not messages:
         raise ConfigError(f"{where}: messages must be a non-empty list of {{role, content}} objects")
-    for turn in messages:
+    for number, turn in enumerate(messages, 1):
         if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
-            raise ConfigError(f"{where}: each message needs 'role' and 'content', got {turn!r:.80}")
+            raise ConfigError(f"{where}: message {number}: each message needs 'role' and 'content', got {turn!r:.80}")
+        if turn["role"] not in ROLES:
+            raise ConfigError(f"{where}: message {number}: role {turn['role']!r:.40} is not one of {', '.join(ROLES)}")
+        if not isinstance(turn["content"], str):
+            raise ConfigError(f"{where}: message {number}: content must be text, got {type(turn['content']).__name__} "
+                              f"{turn['content']!r:.40}")
     if not any(turn["role"] == "assistant" for turn in messages):
         raise ConfigError(f"{where}: no assistant turn to learn from")
 
@@ -156,26 +184,39 @@ def encode_messages(tokenizer: Any, messages: list[dict[str, Any]], max_length: 
     return ids[:max_length], labels[:max_length]
 
 
-def encode_rows(tokenizer: Any, rows: list[dict[str, Any]], fmt: str, data: dict[str, Any]) -> list[dict]:
+def encode_rows(tokenizer: Any, rows: list[dict[str, Any]], fmt: str, data: dict[str, Any],
+                where: str = "data") -> list[dict]:
+    """Every row as ``input_ids``/``labels`` (only the answers learned); a row the chat template or the tokenizer
+    cannot render is a :class:`ConfigError` naming it, before any weight loads."""
     if fmt == "messages" and not getattr(tokenizer, "chat_template", None):
         raise ConfigError("data.format is messages but the tokenizer has no chat template; use prompt/response or "
                           "text rows, or a model with a chat template")
     out = []
-    for row in rows:
-        if fmt == "messages":
-            ids, labels = encode_messages(tokenizer, row[data["messages_field"]], data["max_length"])
-        elif fmt == "prompt_response":
-            ids, labels = encode_pair(tokenizer, str(row[data["prompt_field"]]), str(row[data["response_field"]]),
-                                      data["max_length"])
-        else:
-            ids = tokenizer(str(row[data["text_field"]]) + (tokenizer.eos_token or ""),
-                            add_special_tokens=True)["input_ids"][: data["max_length"]]
-            labels = list(ids)
+    for number, row in enumerate(rows, 1):
+        try:
+            ids, labels = _encode_row(tokenizer, row, fmt, data)
+        except GraftkitError:
+            raise
+        except Exception as err:  # noqa: BLE001 - chat templates (jinja2) and tokenizers raise many types
+            text = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+            raise ConfigError(f"{_row_name(where, row, number)}: the tokenizer cannot render this row "
+                              f"({type(err).__name__}: {text})") from None
         if any(label != IGNORE_INDEX for label in labels):
             out.append({"input_ids": ids, "labels": labels})
     if not out:
         raise ConfigError(f"no row keeps a token to learn within data.max_length={data['max_length']}; raise it")
     return out
+
+
+def _encode_row(tokenizer: Any, row: dict[str, Any], fmt: str, data: dict[str, Any]) -> tuple[list[int], list[int]]:
+    if fmt == "messages":
+        return encode_messages(tokenizer, row[data["messages_field"]], data["max_length"])
+    if fmt == "prompt_response":
+        return encode_pair(tokenizer, str(row[data["prompt_field"]]), str(row[data["response_field"]]),
+                           data["max_length"])
+    ids = tokenizer(str(row[data["text_field"]]) + (tokenizer.eos_token or ""),
+                    add_special_tokens=True)["input_ids"][: data["max_length"]]
+    return ids, list(ids)
 
 
 class PadCollator:
@@ -202,11 +243,11 @@ class PadCollator:
 def split_rows(recipe: Recipe) -> tuple[list[dict], list[dict] | None, str]:
     """(train rows, eval rows or None, format), all checked; nothing is loaded but the data files."""
     data = recipe.data
-    train = read_rows(data["train"], f"{recipe.source}: data.train")
+    train = _read_labelled(data["train"], f"{recipe.source}: data.train")
     fmt = detect_format(train, data, f"{recipe.source}: data.train")
     evaluation = None
     if data["eval"] is not None:
-        evaluation = read_rows(data["eval"], f"{recipe.source}: data.eval")
+        evaluation = _read_labelled(data["eval"], f"{recipe.source}: data.eval")
         detect_format(evaluation, {**data, "format": fmt}, f"{recipe.source}: data.eval")
     elif data["eval_fraction"]:
         order = list(range(len(train)))
@@ -252,6 +293,90 @@ def _callbacks(output: str, stop: dict[str, bool]) -> list[Any]:
             return control
 
     return [Metrics(), Interrupt()]
+
+
+@dataclasses.dataclass
+class Prepared:
+    """What a run needs before its weights load, all checked."""
+
+    model_dir: str
+    tokenizer: Any
+    fmt: str
+    train_set: list[dict]
+    eval_set: list[dict] | None
+
+
+def prepare(recipe: Recipe, log: Any = print) -> Prepared:
+    """Everything that can be checked before the weights load (``graftkit train`` and ``--check`` both run it):
+    every row read and rendered through the tokenizer (and chat template), ``data.max_length`` against the model's
+    context, and the adapter attached to a copy of the model built on the meta device (targets, ranks, prompt
+    sizes), so that a bad value fails in one line in seconds, not after minutes of loading.
+
+    Raises:
+        ConfigError / TargetError / UnsupportedError: the first problem, naming the key, file and row.
+    """
+    from .demo import default_model_dir
+
+    train_rows, eval_rows, fmt = split_rows(recipe)
+    model_dir = recipe.model or default_model_dir(log=log)
+    config = _model_config(model_dir, recipe)
+    tokenizer = _load_tokenizer(model_dir)
+    train_set = encode_rows(tokenizer, train_rows, fmt, recipe.data, f"{recipe.source}: data.train")
+    eval_set = (encode_rows(tokenizer, eval_rows, fmt, recipe.data, f"{recipe.source}: data.eval")
+                if eval_rows else None)
+    _attach_on_meta(config, recipe)
+    return Prepared(model_dir, tokenizer, fmt, train_set, eval_set)
+
+
+def _model_config(model_dir: str, recipe: Recipe) -> Any:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as err:
+        text = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"{recipe.source}: model: cannot read the model's config in {model_dir} ({text})") from None
+    context = getattr(config, "max_position_embeddings", None)
+    if isinstance(context, int) and recipe.data["max_length"] > context:
+        raise ConfigError(f"{recipe.source}: data.max_length: {recipe.data['max_length']:,d} is longer than the "
+                          f"model's context ({context:,d} tokens); use at most {context}")
+    return config
+
+
+def _load_tokenizer(model_dir: str) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        text = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise ConfigError(f"model: cannot read the tokenizer in {model_dir} ({text})") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _attach_on_meta(config: Any, recipe: Recipe) -> None:
+    """Attach the run's adapter to the model built on the meta device (no memory, no weights read): what
+    ``get_peft_model`` would refuse after loading is refused now."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from . import PeftConfig, get_peft_model
+
+    adapter = PeftConfig.from_dict(recipe.adapter, source=f"{recipe.source}: adapter")
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"{recipe.source}: model: not a causal language model transformers can build "
+                          f"({str(err).strip()[:200]})") from None
+    try:
+        get_peft_model(model, adapter)
+    except GraftkitError as err:
+        raise type(err)(f"{recipe.source}: adapter: {err}") from None
+    except (NotImplementedError, RuntimeError):
+        pass  # a data-driven start (PiSSA's SVD, ...) cannot run on meta tensors; the real attach checks it
 
 
 def check_output(output: str, create: bool = True) -> None:
@@ -315,13 +440,12 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, merge: bo
     import shutil
 
     from . import PeftConfig, Trainer, get_peft_model
-    from .demo import default_model_dir
     from .integrations.trainer import STAGING_DIR, checkpoints_of
 
     output = recipe.output
     check_output(output, create=False)
     checkpoint = _check_run_folder(output, resume, overwrite, log)
-    train_rows, eval_rows, fmt = split_rows(recipe)
+    ready = prepare(recipe, log)
     check_output(output)
     if checkpoint is not None:  # logs past the checkpoint (a crash after it) are logged again by the resumed run
         log(f"graftkit train: resuming from {os.path.basename(checkpoint)}")
@@ -334,14 +458,10 @@ def run(recipe: Recipe, resume: bool = False, overwrite: bool = False, merge: bo
                 os.remove(os.path.join(output, name))
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+    from transformers import AutoModelForCausalLM, TrainingArguments
 
-    model_dir = recipe.model or default_model_dir(log=log)
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    train_set = encode_rows(tokenizer, train_rows, fmt, recipe.data)
-    eval_set = encode_rows(tokenizer, eval_rows, fmt, recipe.data) if eval_rows else None
+    model_dir, tokenizer, fmt = ready.model_dir, ready.tokenizer, ready.fmt
+    train_set, eval_set = ready.train_set, ready.eval_set
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if recipe.quantization:
         from transformers import BitsAndBytesConfig
