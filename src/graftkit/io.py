@@ -603,6 +603,11 @@ def resolve_adapter_file(
     if not isinstance(model_id, (str, os.PathLike)):
         raise CheckpointError(f"an adapter location must be a path or a Hub id, got {type(model_id).__name__}")
     model_id = os.fspath(model_id)
+    if subfolder:
+        parts = os.path.normpath(subfolder).split(os.sep)
+        if os.path.isabs(subfolder) or ".." in parts or (os.altsep and os.altsep in subfolder):
+            raise CheckpointError(f"subfolder={subfolder!r} leaves the adapter's folder; give a path inside it "
+                                  "(e.g. 'adapters/first')")
     if os.path.isfile(model_id):
         raise CheckpointError(f"'{model_id}' is a file; pass the adapter's folder (the one holding {filename})")
     folder = os.path.join(model_id, subfolder or "")

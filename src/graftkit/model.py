@@ -316,6 +316,12 @@ class PeftModel(nn.Module):
             raise TargetError(
                 f"modules_to_save {missing} match no module of {type(self.model).__name__}; check the names"
             )
+        if self.default_modules_to_save and not find_modules_to_save(self.model, config.modules_to_save or []):
+            heads = " or ".join(repr(m) for m in self.default_modules_to_save)
+            raise UsageError(
+                f"task_type {config.task_type} trains the model's task head ({heads}), but {type(self.model).__name__} "
+                "has none: is the task_type right for this model? (Name a custom head in modules_to_save)"
+            )
         try:
             module = method_for(config).attach(self.model, config, adapter_name)
             if module is not None:
@@ -342,6 +348,9 @@ class PeftModel(nn.Module):
         if not names:
             raise UsageError("set_adapter() needs at least one adapter name; to run the base model alone use "
                              "disable_adapter() (a context manager) or disable_adapter_layers()")
+        if self.__dict__.get("_unloaded"):
+            raise UsageError("set_adapter() after unload() / merge_and_unload(): the adapters' layers are gone from "
+                             "the model. Wrap the base model again (get_peft_model / PeftModel.from_pretrained)")
         for name in names:
             if not isinstance(name, str) or name not in self.peft_config:
                 raise AdapterNameError(f"no adapter named '{name}'; adapters: {sorted(self.peft_config)}")
@@ -782,6 +791,7 @@ class PeftModel(nn.Module):
         return self._unwrap(merge=False)
 
     def _unwrap(self, merge: bool) -> nn.Module:
+        self.__dict__["_unloaded"] = True
         for module in self.model_adapters.values():
             module.detach()
         for path, module in list(wrappers(self.model)):
@@ -837,6 +847,9 @@ class PeftModel(nn.Module):
         save_directory = os.fspath(save_directory)
         names = list(self.peft_config) if selected_adapters is None else name_list(selected_adapters,
                                                                                    "selected_adapters")
+        if not names and not allow_empty:
+            raise UsageError("the model holds no adapters (delete_adapter() removed the last one), so save_pretrained "
+                             f"would write nothing to '{save_directory}'; add or load an adapter first")
         for name in names:
             if name not in self.peft_config:
                 raise AdapterNameError(f"no adapter named '{name}' to save; adapters: {sorted(self.peft_config)}")

@@ -89,6 +89,9 @@ class AdaLoraConfig(LoraConfig):
         for field in ("init_r", "target_r", "deltaT"):
             if getattr(self, field) <= 0:
                 raise ConfigError(f"AdaLoraConfig.{field} must be a positive integer, got {getattr(self, field)!r}")
+        if self.target_r > self.init_r:
+            raise ConfigError(f"AdaLoraConfig.target_r={self.target_r} is above init_r={self.init_r}: pruning only "
+                              "lowers ranks; raise init_r or lower target_r")
         for field in ("tinit", "tfinal"):
             if getattr(self, field) < 0:
                 raise ConfigError(f"AdaLoraConfig.{field} must be >= 0, got {getattr(self, field)!r}")
@@ -284,6 +287,19 @@ class AdaLora(Method):
     @classmethod
     def supported_layers(cls) -> str:
         return "nn.Linear, transformers Conv1D, bitsandbytes 4/8-bit linears"
+
+    @classmethod
+    def attach(cls, model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> None:
+        if config.rank_pattern:  # a key naming no target would leave that layer at full rank, silently
+            from ..inject import find_targets
+
+            targets = set(find_targets(model, config))
+            unknown = sorted(k for k in config.rank_pattern if not (k.endswith(".lora_E") and k[:-7] in targets))
+            if unknown:
+                raise ConfigError(f"AdaLoraConfig.rank_pattern names {len(unknown)} layer(s) the adapter does not "
+                                  f"target, e.g. {unknown[:3]}; keys are '<module path>.lora_E' of targeted modules "
+                                  f"(such as {sorted(targets)[:1]})")
+        return super().attach(model, config, adapter_name)
 
     @classmethod
     def _rank(cls, config: AdaLoraConfig, module_name: str) -> int:

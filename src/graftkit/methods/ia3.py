@@ -227,6 +227,33 @@ _DEFAULTS: dict[str, tuple[list[str], list[str]]] = {
 }
 
 
+def _check_feedforward_targeted(model: nn.Module, config: IA3Config) -> None:
+    """With a regex on either side (which the config cannot compare by name), every layer ``feedforward_modules``
+    selects must be a target: a feed-forward layer left out of the targets would silently lose its scaling.
+
+    Raises:
+        ConfigError: a selected layer is not targeted, or the feed-forward pattern selects no target at all.
+    """
+    from ..inject import find_targets
+    from ..layer import AdaptedLayer
+
+    if not config.feedforward_modules:
+        return
+    targets = set(find_targets(model, config))
+    wrapped = [name for name, m in model.named_modules() if isinstance(m, AdaptedLayer)]
+    selected = [name for name, module in model.named_modules()
+                if name and config.is_feedforward(name) and not any(name.startswith(w + ".") for w in wrapped)
+                and (isinstance(module, (nn.Conv2d, AdaptedLayer)) or linear_features(module) is not None)]
+    left_out = [name for name in selected if name not in targets]
+    if left_out:
+        raise ConfigError(f"IA3Config.feedforward_modules selects {len(left_out)} layer(s) target_modules does not, "
+                          f"e.g. {left_out[:3]}; feed-forward modules must also be targets (add them to "
+                          "target_modules, or narrow feedforward_modules)")
+    if not selected:
+        raise ConfigError(f"IA3Config.feedforward_modules={config.feedforward_modules!r} selects no layer of "
+                          f"{type(model).__name__}; check the names (targets: {sorted(targets)[:3]} ...)")
+
+
 @register
 class IA3(Method):
     peft_type = PeftType.IA3.value
@@ -239,6 +266,9 @@ class IA3(Method):
 
     @classmethod
     def attach(cls, model: nn.Module, config: IA3Config, adapter_name: str) -> None:
+        regex = isinstance(config.feedforward_modules, str) or isinstance(config.target_modules, str)
+        if regex and config.feedforward_modules is not None:  # lists are compared by name in the config itself
+            _check_feedforward_targeted(model, config)
         if config.feedforward_modules is None:  # the saved config names them, as the ecosystem's files do
             model_type = getattr(getattr(model, "config", None), "model_type", None)
             if model_type not in _DEFAULTS:

@@ -215,6 +215,34 @@ class PrefixEncoder(ModelAdapter):
         return model.generate(**inputs)
 
 
+def _check_fit(config: PrefixTuningConfig, model_side: PrefixTuningConfig, model_config: Any, name: str) -> None:
+    """The prefix must have the shape of the model's KV cache: one key and one value per attention layer, each
+    ``num_key_value_heads × head_dim`` wide. ``token_dim`` / ``num_attention_heads`` may be given in the
+    key/value heads' terms (what is saved) or in all heads' terms (``hidden_size`` / ``num_attention_heads``, which
+    is then converted to the former); anything else (a value typed by hand, a file saved on another model) is an
+    error here instead of a shape error from transformers at every forward.
+
+    Raises:
+        ConfigError: ``num_layers``, ``token_dim`` or ``num_attention_heads`` does not fit the model.
+    """
+    if config.num_layers != model_side.num_layers:
+        raise ConfigError(f"PrefixTuningConfig.num_layers={config.num_layers}, but {name} has {model_side.num_layers} "
+                          "attention layers; leave num_layers unset (an adapter saved on another model does not fit)")
+    heads, hidden = model_side.num_attention_heads, model_side.token_dim
+    kv_heads = getattr(model_config, "text_config", None) or model_config
+    kv_heads = getattr(kv_heads, "num_key_value_heads", None)
+    kv_heads = kv_heads if isinstance(kv_heads, int) and kv_heads > 0 else heads
+    head_dim = getattr(model_config, "head_dim", None) or hidden // heads
+    cache_form = (head_dim * kv_heads, kv_heads)  # what the KV cache holds, and what is saved
+    if (config.token_dim, config.num_attention_heads) not in (cache_form, (head_dim * heads, heads)):
+        raise ConfigError(
+            f"PrefixTuningConfig.token_dim={config.token_dim} with num_attention_heads={config.num_attention_heads} "
+            f"does not fit {name}'s KV cache ({kv_heads} key/value heads of {head_dim}: token_dim={cache_form[0]}, "
+            f"num_attention_heads={kv_heads}); leave both unset (an adapter saved on another model does not fit)"
+        )
+    config.token_dim, config.num_attention_heads = cache_form
+
+
 def _compute_dtype(model: nn.Module) -> torch.dtype:
     weight = model.get_input_embeddings().weight
     return weight.dtype if weight.dtype.is_floating_point else torch.float32
@@ -232,18 +260,14 @@ class PrefixTuning(Method):
         if not (_takes(model, "cache") or _takes(model, "past_key_values")):
             raise UnsupportedError(f"{name} takes no KV cache (past_key_values), so it cannot take a prefix; use "
                                    "prompt tuning or LoRA")
+        model_side = dataclasses.replace(config, token_dim=None, num_attention_heads=None, num_layers=None)
+        model_side.fill_from_model(model)  # what the model's own config says
         config.fill_from_model(model)
         if getattr(model_config, "is_encoder_decoder", False) and config.num_transformer_submodules != 2:
             raise ConfigError(f"prefix tuning on an encoder-decoder model ({name}) uses num_transformer_submodules=2 "
                               f"(the ecosystem's layout there), got {config.num_transformer_submodules}; leave it "
                               "unset")
-        kv_heads = getattr(model_config, "num_key_value_heads", None)
-        if isinstance(kv_heads, int):  # grouped-query attention: the cache holds the key/value heads only
-            head_dim = getattr(model_config, "head_dim", None) or config.token_dim // config.num_attention_heads
-            config.token_dim, config.num_attention_heads = head_dim * kv_heads, kv_heads
-        if config.token_dim % config.num_attention_heads:
-            raise ConfigError(f"PrefixTuningConfig.token_dim={config.token_dim} is not a multiple of "
-                              f"num_attention_heads={config.num_attention_heads}")
+        _check_fit(config, model_side, model_config, name)
         if config.encoder_hidden_size is None:
             config.encoder_hidden_size = config.token_dim
         add_modules_to_save(model, config.modules_to_save, adapter_name)
