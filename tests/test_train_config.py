@@ -419,3 +419,63 @@ def test_resume_takes_the_newest_complete_checkpoint_and_says_so(workspace, tmp_
     assert sorted(again) == list(range(1, 9))
     for step, value in expected.items():
         assert again[step] == pytest.approx(value, rel=1e-5, abs=1e-6), step
+
+
+def test_bad_files_and_inputs_end_in_one_line_without_hanging(workspace, tmp_path, capsys):
+    import threading
+
+    fifo = tmp_path / "rows.jsonl"
+    os.mkfifo(fifo)
+
+    def unblock() -> None:  # only if graftkit wrongly opened the FIFO: let it read an end instead of hanging
+        time.sleep(60)
+        try:
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+
+    threading.Thread(target=unblock, daemon=True).start()
+    config = write_run(workspace, "fifo.yaml", data={"train": str(fifo)})
+    assert cli.main(["train", "--config", str(config), "--check"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "not a regular file (a FIFO" in err, err
+
+    bomb = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]\n"
+        for i in range(8))
+    (tmp_path / "bomb.yaml").write_text(bomb)
+    assert cli.main(["train", "--config", str(tmp_path / "bomb.yaml"), "--check"]) == 2
+    assert "expands to more than 100,000 values" in capsys.readouterr().err
+
+    (tmp_path / "latin1.yaml").write_bytes("model: tiny\noutput: caf\xe9\n".encode("latin-1"))
+    assert cli.main(["train", "--config", str(tmp_path / "latin1.yaml"), "--check"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'latin1.yaml'}:2: the run file is not UTF-8 text (byte 0xe9)" in err, err
+
+    (workspace / "latin1.jsonl").write_bytes('{"prompt": "caf\xe9", "response": "x"}\n'.encode("latin-1"))
+    config = write_run(workspace, "latin1data.yaml", data={"train": "latin1.jsonl"})
+    assert cli.main(["train", "--config", str(config), "--check"]) == 2
+    assert "latin1.jsonl:1: the data file is not UTF-8 text" in capsys.readouterr().err
+
+    config = write_run(workspace, "ds.yaml", training={"deepspeed": "ds.json"})
+    if importlib.util.find_spec("deepspeed") is None:
+        assert cli.main(["train", "--config", str(config), "--check"]) == 2
+        assert "training.deepspeed needs the deepspeed package: pip install deepspeed" in capsys.readouterr().err
+
+
+def test_chat_refuses_huge_lines_long_conversations_and_binary_input(workspace, monkeypatch, capsys):
+    import io
+
+    huge = "seven " * 200_000  # 1.2 MB on one line
+    long = " ".join(["what comes after 3 ?"] * 500)  # under the line limit, over the tiny model's 2048 tokens
+    monkeypatch.setattr("sys.stdin", io.StringIO(f"{huge}\n{long}\nwhat comes after 3 ?\n/quit\n"))
+    assert cli.main(["chat", "--model", str(workspace / "tiny"), "--max-new-tokens", "3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1] == "(that message is 65,537+ characters; at most 65,536 fit in a turn)"
+    assert lines[2].startswith("(the conversation no longer fits the model's context of 2,048 tokens")
+    assert lines[3].startswith("[base] ") and len(lines) == 4  # the short question is answered
+    monkeypatch.setattr("sys.stdin", io.TextIOWrapper(io.BytesIO(b"hello\n\xff\xfe\x00binary\n"), encoding="utf-8"))
+    assert cli.main(["chat", "--model", str(workspace / "tiny"), "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
+    assert err.startswith("graftkit chat: error: standard input is not UTF-8 text"), err

@@ -87,9 +87,12 @@ def reply(model: Any, tokenizer: Any, messages: list[dict[str, str]], adapter: s
     return tokenizer.decode(generated[0, ids.shape[1]:], skip_special_tokens=True).strip()
 
 
-def chat(model: Any, tokenizer: Any, adapters: list[str], lines: TextIO = sys.stdin, out: TextIO = sys.stdout,
+def chat(model: Any, tokenizer: Any, adapters: list[str], lines: TextIO | None = None, out: TextIO | None = None,
          max_new_tokens: int = 256, temperature: float = 0.0, system: str | None = None) -> int:
-    """The conversation loop: one user turn per line; commands start with '/'."""
+    """The conversation loop: one user turn per line (``lines``: standard input by default); commands start
+    with '/'."""
+    lines = sys.stdin if lines is None else lines  # read at call time: the process's stdin may be replaced
+    out = sys.stdout if out is None else out
     active: str | None = adapters[0] if adapters else None
     start = [{"role": "system", "content": system}] if system else []
     messages = list(start)
@@ -99,9 +102,12 @@ def chat(model: Any, tokenizer: Any, adapters: list[str], lines: TextIO = sys.st
         if interactive:
             out.write(f"[{active or 'base'}] you> ")
             out.flush()
-        line = lines.readline()
-        if not line:
+        line = _read_line(lines)
+        if line is None:
             return 0
+        if len(line) > MAX_LINE:
+            out.write(f"(that message is {len(line):,d}+ characters; at most {MAX_LINE:,d} fit in a turn)\n")
+            continue
         text = line.strip()
         if not text:
             continue
@@ -127,9 +133,47 @@ def chat(model: Any, tokenizer: Any, adapters: list[str], lines: TextIO = sys.st
                 out.write("".join(f"  {k:<14} {v}\n" for k, v in COMMANDS.items()))
             continue
         messages.append({"role": "user", "content": text})
+        room = _context(model) - len(_prompt_ids(tokenizer, messages))
+        if room < 1:
+            messages.pop()
+            out.write(f"(the conversation no longer fits the model's context of {_context(model):,d} tokens; "
+                      "/reset to start again, or send a shorter message)\n")
+            continue
         out.write(f"[{active or 'base'}] ")
-        answer = reply(model, tokenizer, messages, active, out, max_new_tokens, temperature)
+        answer = reply(model, tokenizer, messages, active, out, min(max_new_tokens, room), temperature)
         messages.append({"role": "assistant", "content": answer})
+
+
+MAX_LINE = 65_536  # characters in one user turn; a longer line is refused (its rest is read and dropped)
+
+
+def _read_line(lines: TextIO) -> str | None:
+    """The next line (``None`` at the end), read in bounded pieces: a line of megabytes is cut at
+    :data:`MAX_LINE` + 1 characters (the caller refuses it) and its rest is discarded as it arrives.
+
+    Raises:
+        ConfigError: the input is not UTF-8 text (binary data piped in).
+    """
+    try:
+        line = lines.readline(MAX_LINE + 1)
+        if not line:
+            return None
+        if len(line) > MAX_LINE and not line.endswith("\n"):
+            while True:  # drop the rest of this line
+                rest = lines.readline(MAX_LINE)
+                if not rest or rest.endswith("\n"):
+                    break
+        return line
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"standard input is not UTF-8 text ({err.reason} at byte {err.start}); type or pipe text "
+                          "lines") from None
+
+
+def _context(model: Any) -> int:
+    """The model's context length in tokens (a large bound where its config does not say)."""
+    config = getattr(model, "config", None)
+    value = getattr(getattr(config, "text_config", None) or config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else 1 << 20
 
 
 def evaluate(model: Any, tokenizer: Any, rows: list[dict], batch_size: int = 8) -> tuple[float, int]:

@@ -112,19 +112,68 @@ def set_key(raw: dict[str, Any], assignment: str) -> None:
     node[keys[-1]] = value
 
 
+MAX_FILE_BYTES = 10_000_000  # a run file is a page of YAML; anything this size is a mistake
+MAX_VALUES = 100_000  # values in a run file once YAML aliases are expanded (an alias "bomb" expands to billions)
+
+
+def read_text(path: str, what: str, limit: int | None = None) -> str:
+    """The UTF-8 text of a regular file (a FIFO would block the reader; a device could be endless).
+
+    Raises:
+        ConfigError: not a regular file, larger than ``limit`` bytes, or not UTF-8 (the message names the file).
+    """
+    from .config import check_regular_file
+
+    check_regular_file(path, what, ConfigError)
+    if limit is not None and os.path.getsize(path) > limit:
+        raise ConfigError(f"{path}: {what} is {os.path.getsize(path):,d} bytes, more than {limit:,d}; is it the "
+                          "right file?")
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as err:
+        raise ConfigError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: {what} is not UTF-8 text (byte 0x{data[err.start]:02x}); save it as "
+                          "UTF-8") from None
+
+
+def _check_size(value: Any, where: str) -> None:
+    """Refuse a loaded YAML document that expands to more than :data:`MAX_VALUES` values (aliases count each
+    time they are used), before anything walks it in full."""
+    count, stack = 0, [value]
+    while stack:
+        item = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise ConfigError(f"{where}: the file expands to more than {MAX_VALUES:,d} values (YAML aliases used "
+                              "over and over?); write the values out")
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+
+
 def read_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     try:
         import yaml
     except ImportError as err:
         raise MissingPackageError("reading a run file needs PyYAML: pip install 'graftkit[train]'") from err
     path = os.fspath(path)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise ConfigError(f"--config {path}: no such file")
+    text = read_text(path, "the run file", MAX_FILE_BYTES)
     try:
-        with open(path, encoding="utf-8") as handle:
-            raw = yaml.safe_load(handle)
+        raw = yaml.safe_load(text)
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {str(err).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: nested too deeply to be a run file") from None
+    _check_size(raw, path)
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -348,6 +397,12 @@ def _check_training(training: dict[str, Any], source: str, output: str) -> dict[
             if not test(value):
                 raise ConfigError(f"{source}: training.{key}: expected {what}, got {value!r:.60}")
     _check_report_to(training.get("report_to"), source)
+    if training.get("deepspeed") is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("deepspeed") is None:
+            raise MissingPackageError(f"{source}: training.deepspeed needs the deepspeed package: pip install "
+                                      "deepspeed (or remove the key)")
     if "num_train_epochs" in training and "max_steps" not in training:
         training = {**training, "max_steps": -1}  # epochs asked for: no step limit
     resolved = {**_TRAINING_DEFAULTS, **training}

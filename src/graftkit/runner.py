@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 import math
 import os
@@ -30,17 +31,20 @@ from .sft import IGNORE_INDEX, encode_pair
 def read_rows(paths: list[str], where: str) -> list[dict[str, Any]]:
     """Rows of JSONL/JSON/CSV/Parquet/text files or ``datasets.save_to_disk`` folders (text files: one row per
     non-empty line, as ``{"text": line}``)."""
+    from .config import check_regular_file
+    from .recipe import read_text
+
     rows: list[dict[str, Any]] = []
     for path in paths:
         if os.path.isdir(path):
             rows += _from_disk(path, where)
             continue
+        check_regular_file(path, f"{where}", ConfigError)  # a FIFO would block the run forever
         ext = os.path.splitext(path)[1].lower()
         if ext in (".jsonl", ".json"):
-            rows += _json_rows(path)
+            rows += _json_rows(path, read_text(path, "the data file"))
         elif ext == ".csv":
-            with open(path, encoding="utf-8", newline="") as handle:
-                rows += [dict(r) for r in csv.DictReader(handle)]
+            rows += [dict(r) for r in csv.DictReader(io.StringIO(read_text(path, "the data file"), newline=""))]
         elif ext == ".parquet":
             try:
                 import pyarrow.parquet as pq
@@ -49,8 +53,7 @@ def read_rows(paths: list[str], where: str) -> list[dict[str, Any]]:
                     from err
             rows += pq.read_table(path).to_pylist()
         elif ext in (".txt", ".text", ".md"):
-            with open(path, encoding="utf-8") as handle:
-                rows += [{"text": line.rstrip("\n")} for line in handle if line.strip()]
+            rows += [{"text": line} for line in read_text(path, "the data file").split("\n") if line.strip()]
         else:
             raise ConfigError(f"{where}: {path}: unknown file kind '{ext}'; use .jsonl, .json, .csv, .parquet, .txt "
                               "or a datasets.save_to_disk folder")
@@ -59,14 +62,14 @@ def read_rows(paths: list[str], where: str) -> list[dict[str, Any]]:
     return rows
 
 
-def _json_rows(path: str) -> list[dict[str, Any]]:
-    with open(path, encoding="utf-8") as handle:
-        text = handle.read()
+def _json_rows(path: str, text: str) -> list[dict[str, Any]]:
     if text.lstrip().startswith("["):
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
             raise ConfigError(f"{path}: not valid JSON ({err})") from None
+        except RecursionError:
+            raise ConfigError(f"{path}: nested too deeply to read") from None
         rows = data
     else:
         rows = []
@@ -77,6 +80,8 @@ def _json_rows(path: str) -> list[dict[str, Any]]:
                 rows.append(json.loads(line))
             except json.JSONDecodeError as err:
                 raise ConfigError(f"{path}:{number}: not a JSON object ({err.msg})") from None
+            except RecursionError:
+                raise ConfigError(f"{path}:{number}: nested too deeply to read") from None
     for number, row in enumerate(rows, 1):
         if not isinstance(row, dict):
             raise ConfigError(f"{path}: row {number} is a {type(row).__name__}, expected an object")
