@@ -93,3 +93,38 @@ def test_merge_unmerge_and_merge_and_unload(method):
         torch.testing.assert_close(last_logits(model, x), last_logits(llama(), x), rtol=1e-5, atol=1e-6)
     merged = model.merge_and_unload()
     torch.testing.assert_close(last_logits(merged, x), out, rtol=1e-5, atol=1e-5)
+
+
+MOVES = {  # name: (how to move the model, the dtype its floating tensors then have, tolerance against float32)
+    "to(float64)": (lambda m: m.to(torch.float64), torch.float64, 1e-5),
+    "double().float()": (lambda m: m.double().float(), torch.float32, 1e-6),
+    "half()": (lambda m: m.half(), torch.float16, 5e-2),
+    "to(bfloat16)": (lambda m: m.to(torch.bfloat16), torch.bfloat16, 2e-1),
+}
+if torch.cuda.is_available():
+    MOVES["to(cuda)"] = (lambda m: m.to("cuda"), torch.float32, 1e-4)
+
+
+@pytest.mark.parametrize("move", MOVES)
+@pytest.mark.parametrize("method", METHODS)
+def test_every_method_moves_between_dtypes_and_devices(tmp_path, method, move):
+    """``.to(dtype)``, ``.float()``, ``.half()`` and ``.to(device)`` move base and adapter alike; the moved model
+    runs, computes what it did (to the dtype's precision), and saves an adapter that loads onto a moved base."""
+    how, dtype, tol = MOVES[move]
+    x = token_batch()
+    model = adapted(method, seed=1)
+    expected = last_logits(model, x)
+    moved = how(model)
+    assert moved is model
+    tensors = [t for t in (*model.parameters(), *model.buffers()) if t.is_floating_point()]
+    assert {t.dtype for t in tensors} == {dtype}, move
+    device = torch.device("cuda") if move == "to(cuda)" else x["input_ids"].device
+    assert {t.device.type for t in tensors} == {device.type}
+    inputs = {k: v.to(device) for k, v in x.items()}
+    got = last_logits(model, inputs)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float().cpu(), expected, rtol=0, atol=tol * expected.abs().max().item())
+    model.save_pretrained(tmp_path)
+    loaded = graftkit.PeftModel.from_pretrained(how(llama()), tmp_path).eval()
+    torch.testing.assert_close(last_logits(loaded, inputs).float().cpu(), got.float().cpu(), rtol=0,
+                               atol=tol * expected.abs().max().item())

@@ -140,17 +140,28 @@ def test_resume_continues_the_uninterrupted_loss_curve(tmp_path, how):
         torch.testing.assert_close(resumed.model.get_adapter_state_dict()[key], value, atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("config", [graftkit.PromptTuningConfig, graftkit.PrefixTuningConfig])
-def test_prompt_methods_train_checkpoint_and_resume(tmp_path, config):
+PROMPT_METHODS = {
+    "prompt_tuning": lambda: graftkit.PromptTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+    "prefix_tuning": lambda: graftkit.PrefixTuningConfig(num_virtual_tokens=4, task_type="CAUSAL_LM"),
+    "adaption_prompt": lambda: graftkit.AdaptionPromptConfig(adapter_len=4, adapter_layers=2, task_type="CAUSAL_LM"),
+}
+
+
+@pytest.mark.parametrize("method", PROMPT_METHODS)
+def test_prompt_methods_train_checkpoint_and_resume(tmp_path, method):
     def trainer(path, max_steps):
-        model = graftkit.get_peft_model(tied_llama(), config(num_virtual_tokens=4, task_type="CAUSAL_LM"))
-        args = arguments(path, max_steps=max_steps, save_steps=3, learning_rate=5e-2)
+        model = graftkit.get_peft_model(tied_llama(), PROMPT_METHODS[method]())
+        rate = 0.3 if method == "adaption_prompt" else 5e-2  # its gates start at zero
+        args = arguments(path, max_steps=max_steps, save_steps=3, learning_rate=rate)
         return graftkit.Trainer(model=model, args=args, train_dataset=rows())
 
     full = trainer(tmp_path / "full", 6)
     full.train()
     saved = load_file(tmp_path / "full" / "checkpoint-3" / "adapter_model.safetensors")
-    assert list(saved) == ["prompt_embeddings"]
+    if method != "adaption_prompt":
+        assert list(saved) == ["prompt_embeddings"]
+    else:
+        assert sorted(saved)[0].endswith("self_attn.adaption_gate") and len(saved) == 4
     interrupted = trainer(tmp_path / "run", 6)
     interrupted.add_callback(StopAfter(3))
     interrupted.train()

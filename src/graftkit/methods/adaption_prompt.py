@@ -102,8 +102,9 @@ class AdaptionPrompts(ModelAdapter):
 
             def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any, i: int = i) -> Any:
                 adapter = this()
-                return output if adapter is None or not adapter.live else adapter._apply(i, module, args, kwargs,
-                                                                                        output)
+                if adapter is None or not adapter.live:
+                    return output
+                return adapter._add_prompt(i, module, args, kwargs, output)
 
             self._handles.append(attn.register_forward_hook(hook, with_kwargs=True))
 
@@ -146,7 +147,7 @@ class AdaptionPrompts(ModelAdapter):
             self._cache[i] = (key, k, v)
         return k, v
 
-    def _apply(self, i: int, attn: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def _add_prompt(self, i: int, attn: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (B, T, hidden)
         cos, sin = kwargs["position_embeddings"]  # (B, T, d)
         out = output[0] if isinstance(output, tuple) else output  # (B, T, hidden)
