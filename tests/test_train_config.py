@@ -479,3 +479,25 @@ def test_chat_refuses_huge_lines_long_conversations_and_binary_input(workspace, 
     assert cli.main(["chat", "--model", str(workspace / "tiny"), "--max-new-tokens", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # after transformers' loading bar
     assert err.startswith("graftkit chat: error: standard input is not UTF-8 text"), err
+
+
+def test_a_full_disk_during_a_run_is_one_line_and_leaves_no_partial_checkpoint(workspace, tmp_path):
+    """A file-size limit (what a full disk does to a writer) that the optimizer state exceeds: the run stops
+    with one line naming the checkpoint, and no checkpoint-N folder is left half written."""
+    import resource
+
+    config = write_run(workspace, "full.yaml", output=str(tmp_path / "out"),
+                       training={"max_steps": 8, "save_steps": 4, "eval_strategy": "no"})
+
+    def limit() -> None:  # in the child: the adapter (about 20 KB) fits, the optimizer state (about 56 KB) not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (40_000, 40_000))
+
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-m", "graftkit.cli", "train", "--config", str(config)], env=env,
+                         preexec_fn=limit, capture_output=True, text=True, timeout=HUNG_AFTER_S)
+    assert out.returncode == 2, out.stderr[-3000:]
+    errors = [line for line in out.stderr.splitlines() if "error" in line.lower()]  # besides the progress bar
+    assert len(errors) == 1, out.stderr[-3000:]
+    assert errors[0].startswith(f"graftkit train: error: cannot write checkpoint-4 in {tmp_path / 'out'}"), errors
+    assert "Traceback" not in out.stderr
+    assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(("checkpoint-", ".graftkit"))]

@@ -237,6 +237,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _end_progress_bars() -> None:
+    """Close the progress bars a failed run left open, so the error starts on a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command. Bad input ends with one ``graftkit <command>: error: ...`` line and exit status 2 (set
     ``GRAFTKIT_DEBUG=1`` to see the traceback of errors raised by other libraries)."""
@@ -244,11 +251,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except GraftkitError as exc:
+        _end_progress_bars()
         print(f"graftkit {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except (OSError, ValueError, ImportError) as exc:  # e.g. transformers cannot read the --model folder
         if os.environ.get("GRAFTKIT_DEBUG") == "1":
             raise
+        _end_progress_bars()
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         print(f"graftkit {args.command}: error: {type(exc).__name__}: {first} (GRAFTKIT_DEBUG=1 shows the traceback)",
               file=sys.stderr)

@@ -29,6 +29,7 @@ import json
 import os
 import shutil
 import sys
+import traceback
 from collections.abc import Iterator
 from typing import Any
 
@@ -210,7 +211,7 @@ class AdapterTrainerMixin:
                 shutil.rmtree(staging, ignore_errors=True)
             if isinstance(exc, SaveError):
                 raise
-            if isinstance(exc, OSError) or (isinstance(exc, RuntimeError) and "write" in str(exc).lower()):
+            if _write_failure(exc):
                 raise SaveError(f"cannot write {name} in {run_dir}: {str(exc).strip()[:200]}. The run's earlier "
                                 "checkpoints are unchanged; free disk space and resume from the last one") from exc
             raise
@@ -281,6 +282,20 @@ def load_adapters_from(model: PeftModel, checkpoint: str) -> None:
         )
     for name, folder in folders.items():
         model.load_adapter(folder, adapter_name=name)
+
+
+def _write_failure(exc: BaseException) -> bool:
+    """Whether a checkpoint write failed for the disk's sake (full, a file-size limit, permissions): an
+    ``OSError``, safetensors' error, or a ``RuntimeError`` out of ``torch.save`` (whose file writer reports a short
+    write as "iostream error" or "unexpected pos")."""
+    from safetensors import SafetensorError
+
+    if isinstance(exc, (OSError, SafetensorError)):
+        return True
+    if isinstance(exc, RuntimeError):
+        frames = traceback.extract_tb(exc.__traceback__)
+        return any(frame.filename.endswith(os.path.join("torch", "serialization.py")) for frame in frames)
+    return False
 
 
 def _fsync_tree(folder: str) -> None:
