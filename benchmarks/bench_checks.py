@@ -89,7 +89,7 @@ def main() -> None:
         f"preflight: render {len(rows)} rows ({fmt})": lambda: encode_rows(tokenizer, rows, fmt, recipe.data),
     }
     times: dict[str, list[float]] = {name: [] for name in variants}
-    for name, fn in variants.items():
+    for fn in variants.values():
         fn()  # warm-up
     for _ in range(args.repeats):
         for name, fn in variants.items():
