@@ -130,8 +130,10 @@ def test_unsupported_models_and_bad_configs():
         graftkit.get_peft_model(tiny_gpt2(), config(graftkit))
     with pytest.raises(graftkit.ConfigError, match="adapter_layers=9"):
         graftkit.get_peft_model(tiny("llama"), graftkit.AdaptionPromptConfig(adapter_len=3, adapter_layers=9))
-    with pytest.raises(graftkit.ConfigError, match="adapter_len"):
-        graftkit.AdaptionPromptConfig(adapter_layers=2)
+    with pytest.raises(graftkit.ConfigError, match="adapter_len is required to add the adapter"):
+        graftkit.get_peft_model(tiny("llama"), graftkit.AdaptionPromptConfig(adapter_layers=2))
+    with pytest.raises(graftkit.ConfigError, match="adapter_len must be a positive integer"):
+        graftkit.AdaptionPromptConfig(adapter_len=0, adapter_layers=2)
     model = tiny("llama")
     with pytest.raises(graftkit.UnsupportedError, match="not a Llama-family"):
         graftkit.get_peft_model(model, config(graftkit, target_modules="mlp"))

@@ -25,6 +25,7 @@ from tests.conftest import HUNG_AFTER_S, randomize_adapters, run, tiny_llama, to
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+README = "README.md"  # the model card every save writes, as HF peft does
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -76,7 +77,7 @@ def test_a_crafted_journal_never_moves_another_folders_files(tmp_path, target, c
     # saving over it removes the link, not what it points to
     trained(5).save_pretrained(folder)
     assert snapshot(victim) == victim_before
-    assert sorted(os.listdir(folder)) == [CONFIG, WEIGHTS]
+    assert sorted(os.listdir(folder)) == [README, CONFIG, WEIGHTS]
 
 
 def test_a_journal_staging_links_or_missing_folders_is_refused(tmp_path):
@@ -173,7 +174,7 @@ def test_a_replay_cut_short_never_shows_other_readers_a_mixed_pair(tmp_path, mon
     assert _foreign_view(tmp_path) != "mixed"
     loaded = graftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
     assert torch.equal(run(loaded, x), run(new, x))
-    assert _foreign_view(tmp_path) == "new" and sorted(os.listdir(tmp_path)) == [CONFIG, WEIGHTS]
+    assert _foreign_view(tmp_path) == "new" and sorted(os.listdir(tmp_path)) == [README, CONFIG, WEIGHTS]
 
 
 # ---------------------------------------------------------------------------------------------- full disks
@@ -191,7 +192,7 @@ def test_a_full_disk_is_a_save_error_naming_the_folder(tmp_path, monkeypatch):
     assert isinstance(err.value, OSError)
     monkeypatch.undo()
     x = token_batch()
-    assert sorted(os.listdir(tmp_path)) == [CONFIG, WEIGHTS]
+    assert sorted(os.listdir(tmp_path)) == [README, CONFIG, WEIGHTS]
     assert torch.equal(run(graftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval(), x), run(old, x))
 
 
@@ -244,7 +245,7 @@ def test_two_processes_saving_into_one_folder_take_turns(tmp_path):
     for proc in procs:
         out, err = proc.communicate(timeout=HUNG_AFTER_S)
         assert proc.returncode == 0 and out.strip() == "saved", err
-    assert sorted(os.listdir(folder)) == [CONFIG, WEIGHTS]
+    assert sorted(os.listdir(folder)) == [README, CONFIG, WEIGHTS]
     loaded = graftkit.PeftModel.from_pretrained(tiny_llama(), folder)
     assert loaded.peft_config["default"].r in (3, 4)
 

@@ -53,7 +53,7 @@ def _launcher(mode: str) -> list[str]:
 @pytest.mark.parametrize("mode", ["ddp", "fsdp", "accelerate"])
 def test_two_process_training_matches_single_process(single, tmp_path, mode):
     _run([*_launcher(mode), SCRIPT, mode, str(tmp_path / "adapter"), STEPS], tmp_path)
-    assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path / "adapter")) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
     ours, reference = load_file(tmp_path / "adapter" / "adapter_model.safetensors"), load_file(
         single / "adapter_model.safetensors")
     assert set(ours) == set(reference)

@@ -113,7 +113,7 @@ def test_failed_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
         model.save_pretrained(tmp_path)
     after = {p: (tmp_path / p).read_bytes() for p in before}
     assert after == before
-    assert sorted(os.listdir(tmp_path)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
 
 
 def test_malformed_config_names_file(tmp_path):

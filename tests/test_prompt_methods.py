@@ -339,7 +339,7 @@ def test_text_init_equals_hf_peft_and_loading_needs_no_tokenizer(tmp_path):
 
 def test_clear_errors():
     with pytest.raises(graftkit.ConfigError, match="num_virtual_tokens is required"):
-        graftkit.PromptTuningConfig()
+        graftkit.get_peft_model(tiny_llama(), graftkit.PromptTuningConfig(task_type="CAUSAL_LM"))
     with pytest.raises(graftkit.ConfigError, match="num_virtual_tokens must be a positive integer"):
         graftkit.PromptTuningConfig(num_virtual_tokens=0)
     with pytest.raises(graftkit.ConfigError, match="needs prompt_tuning_init_text and tokenizer_name_or_path"):

@@ -21,6 +21,7 @@ from tests.conftest import randomize_adapters, run, tiny_llama, token_batch
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
+README = "README.md"  # the model card every save writes, as HF peft does
 
 
 def lora(**kwargs) -> graftkit.LoraConfig:
@@ -134,12 +135,12 @@ def test_switching_format_removes_the_stale_weights(tmp_path):
     first, second = trained(seed=3), trained(seed=4)
     first.save_pretrained(tmp_path)
     second.save_pretrained(tmp_path, safe_serialization=False)
-    assert sorted(os.listdir(tmp_path)) == [CONFIG, "adapter_model.bin"]
+    assert sorted(os.listdir(tmp_path)) == [README, CONFIG, "adapter_model.bin"]
     x = token_batch()
     loaded = graftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path, allow_pickle=True).eval()
     assert torch.equal(run(loaded, x), run(second, x))
     first.save_pretrained(tmp_path)
-    assert sorted(os.listdir(tmp_path)) == [CONFIG, WEIGHTS]
+    assert sorted(os.listdir(tmp_path)) == [README, CONFIG, WEIGHTS]
 
 
 def _outputs_of(folder, x) -> torch.Tensor:
@@ -150,7 +151,7 @@ class Stop(BaseException):
     """Stands for the process dying at this point (no except-clause of graftkit's handles it)."""
 
 
-@pytest.mark.parametrize("step", range(9))
+@pytest.mark.parametrize("step", range(11))
 def test_a_save_stopped_at_any_step_leaves_the_old_or_the_new_checkpoint(tmp_path, monkeypatch, step):
     old, new = trained(seed=3), trained(seed=4, r=4)
     x = token_batch()
@@ -167,8 +168,8 @@ def test_a_save_stopped_at_any_step_leaves_the_old_or_the_new_checkpoint(tmp_pat
             return fn(*args, **kwargs)
         return wrapper
 
-    # The steps of a save, in order: fsync weights, config and staging folder, fsync journal, commit rename,
-    # two renames, two folder fsyncs
+    # The steps of a save, in order: fsync weights, config, card (README.md) and staging folder, fsync journal,
+    # commit rename, three renames, two folder fsyncs
     monkeypatch.setattr(gio.os, "replace", counting(real_replace))
     monkeypatch.setattr(gio.os, "fsync", counting(real_fsync))
     with pytest.raises(Stop):
@@ -177,7 +178,7 @@ def test_a_save_stopped_at_any_step_leaves_the_old_or_the_new_checkpoint(tmp_pat
     got = _outputs_of(tmp_path, x)
     assert torch.equal(got, want_old) or torch.equal(got, want_new)
     new.save_pretrained(tmp_path)  # the next save cleans up whatever the stopped one left
-    assert sorted(os.listdir(tmp_path)) == [CONFIG, WEIGHTS]
+    assert sorted(os.listdir(tmp_path)) == [README, CONFIG, WEIGHTS]
     assert torch.equal(_outputs_of(tmp_path, x), want_new)
 
 
@@ -194,7 +195,7 @@ def test_a_failing_writer_keeps_the_old_checkpoint_and_leaves_no_temp_files(tmp_
         new.save_pretrained(tmp_path)
     assert isinstance(err.value, OSError)
     monkeypatch.undo()
-    assert sorted(os.listdir(tmp_path)) == [CONFIG, WEIGHTS]
+    assert sorted(os.listdir(tmp_path)) == [README, CONFIG, WEIGHTS]
     assert torch.equal(_outputs_of(tmp_path, x), run(old, x))
 
 
@@ -222,7 +223,7 @@ def test_a_committed_save_in_a_read_only_folder_is_read_through_its_journal(tmp_
     assert torch.equal(_outputs_of(tmp_path, x), run(new, x))
     monkeypatch.undo()
     assert torch.equal(_outputs_of(tmp_path, x), run(new, x))  # a writable folder is finished by the load
-    assert sorted(os.listdir(tmp_path)) == [CONFIG, WEIGHTS]
+    assert sorted(os.listdir(tmp_path)) == [README, CONFIG, WEIGHTS]
 
 
 def test_saving_into_a_read_only_folder_keeps_its_checkpoint(tmp_path, monkeypatch):
@@ -243,7 +244,7 @@ def test_saving_into_a_read_only_folder_keeps_its_checkpoint(tmp_path, monkeypat
         os.chmod(tmp_path, 0o755)
         monkeypatch.undo()
     x = token_batch()
-    assert sorted(os.listdir(tmp_path)) == [CONFIG, WEIGHTS]
+    assert sorted(os.listdir(tmp_path)) == [README, CONFIG, WEIGHTS]
     assert torch.equal(_outputs_of(tmp_path, x), run(old, x))
 
 

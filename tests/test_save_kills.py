@@ -79,4 +79,4 @@ def test_kill_9_during_save_leaves_a_loadable_old_or_new_checkpoint(tmp_path):
         assert any(matches), f"after a kill the folder ({sorted(entries)}) loads neither checkpoint"
         seen["old or new"][matches.index(True)] += 1
     models[1].save_pretrained(folder)  # the next save removes what killed saves left behind
-    assert sorted(os.listdir(folder)) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert sorted(os.listdir(folder)) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]

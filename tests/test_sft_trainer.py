@@ -119,7 +119,7 @@ def test_peft_config_path_with_a_model_id_trains_and_saves_adapters(setup, tmp_p
     trainer.train()
     expected, got = losses(reference), losses(trainer)
     assert max(abs(a - b) for a, b in zip(got, expected)) <= 1e-5, (got, expected)
-    assert sorted(os.listdir(tmp_path / "g" / "checkpoint-2"))[:2] == ["adapter_config.json",
+    assert sorted(os.listdir(tmp_path / "g" / "checkpoint-2"))[:3] == ["README.md", "adapter_config.json",
                                                                         "adapter_model.safetensors"]
     assert not any(name.startswith("model") for name in os.listdir(tmp_path / "g" / "checkpoint-4"))
 

@@ -438,7 +438,7 @@ class PromptLearningConfig(PeftConfig):
     """Fields shared by methods that add virtual tokens instead of wrapping layers (prompt, prefix, p-tuning).
 
     Args:
-        num_virtual_tokens: how many virtual tokens the adapter adds (required, > 0).
+        num_virtual_tokens: how many virtual tokens the adapter adds (> 0; required when the adapter is added).
         token_dim: the model's hidden size; read from the model when ``None``.
         num_transformer_submodules: 1 for decoder-only and encoder-only models, 2 when an encoder-decoder model
             gets virtual tokens on both sides; filled in when the adapter is added.
@@ -457,9 +457,7 @@ class PromptLearningConfig(PeftConfig):
         if isinstance(self.modules_to_save, str):
             self.modules_to_save = [self.modules_to_save]
         super().__post_init__()
-        name = type(self).__name__
-        if self.num_virtual_tokens is None:
-            raise ConfigError(f"{name}.num_virtual_tokens is required: how many virtual tokens to train (e.g. 20)")
+        name = type(self).__name__  # num_virtual_tokens may stay None until the config is used (fill_from_model)
         for field in ("num_virtual_tokens", "token_dim", "num_transformer_submodules", "num_attention_heads",
                       "num_layers"):
             value = getattr(self, field)
@@ -472,6 +470,9 @@ class PromptLearningConfig(PeftConfig):
         Raises:
             ConfigError: the model's config does not say (the message names the field to set).
         """
+        if self.num_virtual_tokens is None:
+            raise ConfigError(f"{type(self).__name__}.num_virtual_tokens is required to add the adapter: how many "
+                              "virtual tokens to train (e.g. 20)")
         model_config = getattr(model, "config", None)
         text = getattr(model_config, "text_config", None) or model_config  # multimodal models: the language model
         sources = {"token_dim": ("hidden_size", "n_embd", "d_model"),

@@ -36,8 +36,8 @@ class SaveError(GraftkitError, OSError):
     """A checkpoint could not be written (permissions, disk full ...); the folder keeps its previous checkpoint."""
 
 
-class AdapterNameError(GraftkitError, KeyError):
-    """An adapter name is unknown, or already taken."""
+class AdapterNameError(GraftkitError, KeyError, ValueError):
+    """An adapter name is unknown, or already taken (a ``KeyError``, and a ``ValueError`` as HF peft raises)."""
 
     def __str__(self) -> str:  # KeyError quotes its message; keep it readable
         return str(self.args[0]) if self.args else ""

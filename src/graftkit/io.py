@@ -47,7 +47,9 @@ JOURNAL_NAME = ".graftkit-save.json"
 TMP_PREFIX = ".graftkit-"
 RECORD_KEY = "graftkit.adapter_config"  # safetensors metadata key: the config the weights were saved with
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-_CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)
+COUNTER_SUFFIX = ".num_batches_tracked"  # BatchNorm's step counter: the one integer tensor a saved module holds
+README_NAME = "README.md"  # the model card HF peft writes beside an adapter (its front matter merged, never dropped)
+_CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, README_NAME)
 _WEIGHT_FILES = (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME)
 
 try:
@@ -322,9 +324,45 @@ def _unshare(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def model_card(directory: str, base_model: str | None, tags: list[str]) -> str | None:
+    """The text of ``directory``'s README.md after a save: the card there with ``library_name: peft``, the base
+    model and ``tags`` merged into its front matter (its own tags and text kept), or a short new card. ``None``
+    (with a warning) when an existing card's front matter cannot be read: it is left as it is.
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    path = os.path.join(directory, README_NAME)
+    if os.path.isfile(path):
+        try:
+            card = ModelCard.load(path)
+            data, body = card.data.to_dict(), card.text
+        except Exception as exc:  # noqa: BLE001 - a hand-written card: never lost to a save
+            warnings.warn(f"{path}: its front matter cannot be read ({str(exc)[:100]}); the card is left as it is",
+                          stacklevel=4)
+            return None
+    else:
+        import importlib.metadata
+
+        try:
+            version = f" {importlib.metadata.version('graftkit')}"
+        except importlib.metadata.PackageNotFoundError:  # run from a source tree
+            version = ""
+        data, body = {}, (f"\n# Adapter for {base_model or 'a model'}\n\nA parameter-efficient adapter in the PEFT "
+                          f"format (adapter_config.json and adapter_model.safetensors), saved with graftkit{version}. "
+                          "It loads with graftkit and with HF peft: `PeftModel.from_pretrained(base_model, path)`.\n")
+    data["library_name"] = "peft"
+    if base_model and not data.get("base_model"):
+        data["base_model"] = base_model
+    present = data.get("tags") or []
+    present = [present] if isinstance(present, str) else list(present)
+    data["tags"] = present + [t for t in tags if t not in present]
+    return f"---\n{ModelCardData(**data).to_yaml()}\n---\n{body}"
+
+
 def save_adapter_files(directory: str, config: PeftConfig, tensors: dict[str, torch.Tensor],
-                       safe_serialization: bool = True) -> None:
-    """Write one adapter folder (config + weights) as one unit, removing the other format's weights file.
+                       safe_serialization: bool = True, card: str | None = None) -> None:
+    """Write one adapter folder (config + weights, and ``card`` as README.md when given) as one unit, removing the
+    other format's weights file.
 
     Raises:
         SaveError / CheckpointError: see :func:`save_checkpoint`.
@@ -337,7 +375,10 @@ def save_adapter_files(directory: str, config: PeftConfig, tensors: dict[str, to
     else:
         weights, stale = (PICKLE_WEIGHTS_NAME, lambda tmp: torch.save(tensors, tmp)), WEIGHTS_NAME
 
-    save_checkpoint(directory, {weights[0]: weights[1], CONFIG_NAME: text_writer(config_json)}, stale=[stale])
+    files = {weights[0]: weights[1], CONFIG_NAME: text_writer(config_json)}
+    if card is not None:
+        files[README_NAME] = text_writer(card)
+    save_checkpoint(directory, files, stale=[stale])
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -478,7 +519,8 @@ def _weight_path(directory: str, paths: dict[str, str], allow_pickle: bool) -> t
 
 
 def _check_dtypes(tensors: dict[str, torch.Tensor], source: str) -> None:
-    wrong = [f"{k} ({str(t.dtype).replace('torch.', '')})" for k, t in tensors.items() if t.dtype not in FLOAT_DTYPES]
+    wrong = [f"{k} ({str(t.dtype).replace('torch.', '')})" for k, t in tensors.items() if t.dtype not in FLOAT_DTYPES
+             and not (k.endswith(COUNTER_SUFFIX) and t.dtype == torch.int64 and t.dim() == 0)]
     if wrong:
         raise CheckpointError(
             f"{source}: adapter tensors must be float16, bfloat16, float32 or float64; {len(wrong)} are not, "
@@ -489,7 +531,7 @@ def _check_dtypes(tensors: dict[str, torch.Tensor], source: str) -> None:
 def check_tensors(tensors: dict[str, torch.Tensor], source: str) -> None:
     """Refuse non-floating tensors; warn, naming them, about tensors holding NaN or Inf."""
     _check_dtypes(tensors, source)
-    bad = [k for k, t in tensors.items() if not bool(torch.isfinite(t).all())]
+    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
     if bad:
         warnings.warn(f"{source}: {len(bad)} adapter tensor(s) hold NaN or Inf values, e.g. {bad[:5]}; the model's "
                       "outputs will not be finite where they are used, and merging them is refused", stacklevel=4)

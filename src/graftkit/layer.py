@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import AdapterNameError, GraftkitError, UsageError
+from .errors import AdapterNameError, GraftkitError, UnsupportedError, UsageError
 from .weights import get_weight, set_weight
 
 BASE = "__base__"  # the adapter name that means "no adapter" in a mixed batch
@@ -138,9 +138,10 @@ class AdaptedLayer(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_layer":
+            modules = self.__dict__.get("_modules")  # absent before __init__
+            if name == "base_layer" or modules is None or "base_layer" not in modules:
                 raise
-            return getattr(self._modules["base_layer"], name)
+            return getattr(modules["base_layer"], name)
 
     # ------------------------------------------------------------------ adapters
     def add(self, name: str, adapter: nn.Module) -> None:
@@ -412,9 +413,10 @@ class ModulesToSave(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("original_module", "modules_to_save"):
+            modules = self.__dict__.get("_modules")
+            if name in ("original_module", "modules_to_save") or modules is None or "original_module" not in modules:
                 raise
-            return getattr(self._modules["original_module"], name)
+            return getattr(modules["original_module"], name)
 
     def add(self, name: str) -> None:
         if name in self.modules_to_save:
@@ -451,6 +453,12 @@ class ModulesToSave(nn.Module):
         out = None
         for name, rows in routing.groups:
             part = module(name)(x.index_select(0, rows), *rest)
+            if not isinstance(part, torch.Tensor):  # which dimension of each output holds the rows is unknown
+                raise UnsupportedError(
+                    f"mixed-adapter batches through a saved module ({type(self.original_module).__name__}) that "
+                    f"returns a {type(part).__name__} are not supported (its rows cannot be put back in order); "
+                    "call without adapter_names, or route the rows to one adapter each call"
+                )
             if out is None:
                 out = part.new_empty((x.shape[0], *part.shape[1:]))
             out = out.index_copy(0, rows, part)

@@ -39,8 +39,16 @@ from .errors import (
     UnsupportedError,
     UsageError,
 )
-from .inject import find_modules_to_save, find_targets, inject, iter_modules, set_submodule
-from .io import read_checkpoint, resolve_adapter_dir, save_adapter_files
+from .inject import find_modules_to_save, inject, iter_modules, set_submodule
+from .io import (
+    README_NAME,
+    model_card,
+    read_checkpoint,
+    resolve_adapter_dir,
+    save_adapter_files,
+    save_checkpoint,
+    text_writer,
+)
 from .layer import BASE, AdaptedLayer, ModelAdapter, ModulesToSave, Routing, check_adapter_name
 from .registry import loading, method_for
 from .weights import dense_linear, is_quantized
@@ -78,19 +86,24 @@ def mark_trainable(model: nn.Module, configs: dict[str, PeftConfig], names: list
     if not train:
         return
     for name in names:
-        config = configs[name]
-        if model_adapters is not None and name in model_adapters:
-            model_adapters[name].requires_grad_(True)
-        for _, module in wrappers(model):
-            if isinstance(module, AdaptedLayer) and name in module.adapters:
-                adapter = module.adapters[name]
-                adapter.requires_grad_(True)
-                for frozen in getattr(adapter, "frozen_parameters", ()):  # tensors the method keeps fixed (MiCA's B)
-                    adapter.get_parameter(frozen).requires_grad_(False)
-            elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
-                module.modules_to_save[name].requires_grad_(True)
-        for _, param in method_for(config).extra_trainable(model, config):
-            param.requires_grad_(True)
+        unfreeze_adapter(model, configs[name], name, model_adapters)
+
+
+def unfreeze_adapter(model: nn.Module, config: PeftConfig, name: str,
+                     model_adapters: nn.ModuleDict | None = None) -> None:
+    """Make what adapter ``name`` owns require grad (its fixed tensors excepted); nothing else changes."""
+    if model_adapters is not None and name in model_adapters:
+        model_adapters[name].requires_grad_(True)
+    for _, module in wrappers(model):
+        if isinstance(module, AdaptedLayer) and name in module.adapters:
+            adapter = module.adapters[name]
+            adapter.requires_grad_(True)
+            for frozen in getattr(adapter, "frozen_parameters", ()):  # tensors the method keeps fixed (MiCA's B)
+                adapter.get_parameter(frozen).requires_grad_(False)
+        elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
+            module.modules_to_save[name].requires_grad_(True)
+    for _, param in method_for(config).extra_trainable(model, config):
+        param.requires_grad_(True)
 
 
 def adapter_tensors(model: nn.Module, name: str, config: PeftConfig,
@@ -220,9 +233,10 @@ class AdapterModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "model":
+            modules = self.__dict__.get("_modules")  # absent before __init__ (DeepSpeed's zero.Init looks early)
+            if name == "model" or modules is None or "model" not in modules:
                 raise
-            return getattr(self._modules["model"], name)
+            return getattr(modules["model"], name)
 
 
 class PeftModel(nn.Module):
@@ -264,9 +278,10 @@ class PeftModel(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name == "base_model":
+            modules = self.__dict__.get("_modules")  # absent before __init__ (DeepSpeed's zero.Init looks early)
+            if name == "base_model" or modules is None or "base_model" not in modules:
                 raise
-            return getattr(self._modules["base_model"], name)
+            return getattr(modules["base_model"], name)
 
     @property
     def model(self) -> nn.Module:  # the adapted model (the name peft users reach through base_model)
@@ -322,6 +337,7 @@ class PeftModel(nn.Module):
                 f"task_type {config.task_type} trains the model's task head ({heads}), but {type(self.model).__name__} "
                 "has none: is the task_type right for this model? (Name a custom head in modules_to_save)"
             )
+        method_for(config).check_new_adapter(config, list(self.peft_config.values()))
         try:
             module = method_for(config).attach(self.model, config, adapter_name)
             if module is not None:
@@ -701,6 +717,11 @@ class PeftModel(nn.Module):
         Raises:
             UsageError: a merged weight would hold NaN or Inf.
         """
+        names = self._merge_names(adapter_names)
+        holders = [m for _, m in wrappers(self.model) if isinstance(m, AdaptedLayer) and set(names) & set(m.adapters)]
+        if holders and all(n in m.merged for m in holders for n in names if n in m.adapters):
+            warnings.warn(f"adapters {names} are merged already; nothing to merge", UserWarning, stacklevel=2)
+            return
         self._merge_all(adapter_names, allow_non_finite)
 
     def unmerge_adapter(self) -> None:
@@ -884,7 +905,22 @@ class PeftModel(nn.Module):
             if not is_main_process:
                 continue
             out_dir = save_directory if name == "default" else os.path.join(save_directory, name)
-            save_adapter_files(out_dir, config, tensors, safe_serialization)
+            card = self._card(save_directory, names) if name == "default" else None
+            save_adapter_files(out_dir, config, tensors, safe_serialization, card=card)
+        if is_main_process and "default" not in names:  # the card still goes to the top folder, as HF peft's does
+            card = self._card(save_directory, names)
+            if card is not None:
+                os.makedirs(save_directory, exist_ok=True)
+                save_checkpoint(save_directory, {README_NAME: text_writer(card)})
+
+    def _card(self, directory: str, names: list[str]) -> str | None:
+        """README.md for a save of adapters ``names`` into ``directory`` (see :func:`graftkit.io.model_card`)."""
+        configs = [self.peft_config[n] for n in names]
+        base = next((c.base_model_name_or_path for c in configs if c.base_model_name_or_path), None)
+        tags = ([f"base_model:adapter:{base}"] if base else []) + sorted({str(c.peft_type).lower() for c in configs})
+        if type(self.model).__module__.startswith("transformers."):
+            tags.append("transformers")
+        return model_card(directory, base, tags + ["graftkit"])
 
     @classmethod
     def from_pretrained(
@@ -949,6 +985,8 @@ class PeftModel(nn.Module):
             for param in model.parameters():
                 param.requires_grad_(grads.get(id(param), param.requires_grad))
             raise
+        if not is_trainable:
+            peft_model.eval()  # for inference, as HF peft: dropout off whatever mode the base was in
         return peft_model
 
     def load_adapter(
@@ -1013,6 +1051,10 @@ class PeftModel(nn.Module):
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
+        if is_trainable:  # trainable even while another adapter is active, as HF peft loads it
+            unfreeze_adapter(self.model, self.peft_config[adapter_name], adapter_name, self.model_adapters)
+        else:
+            self.eval()
 
     def _check_same_adapter(self, adapter_name: str, saved: PeftConfig, source: str) -> None:
         def normal(config: PeftConfig) -> dict[str, Any]:  # lists of names compare as sets (files keep no order)
@@ -1120,7 +1162,7 @@ def _check_shapes_before_building(model: nn.Module, config: PeftConfig, tensors:
         return
     method = method_for(config)
     implied: list[str] = []
-    for path in find_targets(model, config):
+    for path in method.module_targets(model, config):
         module = model.get_submodule(path)
         base = module.base_layer if isinstance(module, AdaptedLayer) else module
         for key, shape in (method.adapter_shapes(base, config, path) or {}).items():

@@ -48,6 +48,19 @@ class Method:
         return None
 
     @classmethod
+    def check_new_adapter(cls, config: PeftConfig, others: list[PeftConfig]) -> None:
+        """Refuse an adapter that cannot live beside the model's other adapters ``others`` (raise a
+        ``ConfigError``); most methods allow any."""
+
+    @classmethod
+    def module_targets(cls, model: nn.Module, config: TunerConfig) -> list[str]:
+        """The module paths the adapter wraps (what :meth:`attach` injects into); most methods take
+        ``target_modules`` (or its default for the architecture) as ``inject.py`` matches it."""
+        from .inject import find_targets
+
+        return find_targets(model, config)
+
+    @classmethod
     def create_adapter(cls, base_layer: nn.Module, config: TunerConfig, module_name: str) -> nn.Module | None:
         """Build the adapter for one base layer, or ``None`` if this layer kind is not supported.
 

@@ -104,7 +104,7 @@ def test_trainability_follows_peft(tmp_path):
 
 
 def test_save_all_adapters_and_reload_each(tmp_path):
-    ours, _ = twins(tmp_path / "first")
+    ours, peft_model = twins(tmp_path / "first")
     x = token_batch()
     expected = {}
     for name in ("a", "b"):
@@ -119,7 +119,9 @@ def test_save_all_adapters_and_reload_each(tmp_path):
         loaded.set_adapter(name)
         torch.testing.assert_close(run(loaded, x), expected[name], atol=1e-6, rtol=0)
     ours.save_pretrained(tmp_path / "only", selected_adapters=["b"])
-    assert sorted(p.name for p in (tmp_path / "only").iterdir()) == ["b"]
+    peft_model.save_pretrained(tmp_path / "peft-only", selected_adapters=["b"])  # the card goes to the top, as peft's
+    assert sorted(p.name for p in (tmp_path / "only").iterdir()) == ["README.md", "b"]
+    assert sorted(p.name for p in (tmp_path / "peft-only").iterdir()) == ["README.md", "b"]
 
 
 def test_merge_unmerge_round_trip_and_merge_several(tmp_path):

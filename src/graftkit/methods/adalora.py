@@ -41,7 +41,7 @@ from ..kernels.lora import FusedLoraLinear, LoraUpdate, can_fuse, can_seed_dropo
 from ..layer import AdaptedLayer
 from ..registry import Method, register
 from ..weights import get_weight, linear_features
-from .lora import Lora, LoraConfig, _adapter_dtype
+from .lora import Lora, LoraConfig, _adapter_dtype, check_one_bias
 
 _EPS = 1e-5  # keeps s / (r₀ + ε) finite for an adapter built with no ranks
 
@@ -287,6 +287,10 @@ class AdaLora(Method):
     @classmethod
     def supported_layers(cls) -> str:
         return "nn.Linear, transformers Conv1D, bitsandbytes 4/8-bit linears"
+
+    @classmethod
+    def check_new_adapter(cls, config: AdaLoraConfig, others: list) -> None:
+        check_one_bias(config, others)
 
     @classmethod
     def attach(cls, model: nn.Module, config: AdaLoraConfig, adapter_name: str) -> None:

@@ -57,9 +57,9 @@ class AdaptionPromptConfig(PeftConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         self.peft_type = PeftType.ADAPTION_PROMPT
-        for field in ("adapter_len", "adapter_layers"):
+        for field in ("adapter_len", "adapter_layers"):  # None until the config is used (checked at attach)
             value = getattr(self, field)
-            if value is None or value <= 0:
+            if value is not None and value <= 0:
                 raise ConfigError(f"AdaptionPromptConfig.{field} must be a positive integer, got {value!r} "
                                   "(e.g. adapter_len=10, adapter_layers=30)")
         if self.target_modules is not None and not self.target_modules:
@@ -180,6 +180,10 @@ class AdaptionPrompt(Method):
                 f"Llama-Adapter (adaption prompts) supports the Llama-family attention of {list(SUPPORTED)}; "
                 f"{type(model).__name__} has model_type={model_type!r}. Use LoRA or prompt tuning for this model"
             )
+        missing = [f for f in ("adapter_len", "adapter_layers") if getattr(config, f) is None]
+        if missing:
+            raise ConfigError(f"AdaptionPromptConfig.{missing[0]} is required to add the adapter: a positive integer "
+                              "(e.g. adapter_len=10, adapter_layers=30)")
         if config.target_modules is None:
             config.target_modules = "self_attn"
         name = config.target_modules

@@ -1293,6 +1293,21 @@ def _as_matrix(adapter: nn.Module, delta: torch.Tensor) -> torch.Tensor:
 _QKV = ["q_proj", "v_proj"]
 
 
+def check_one_bias(config: Any, others: list[Any]) -> None:
+    """``bias`` other than ``"none"`` trains the base layers' own bias tensors, which every adapter shares: two
+    adapters doing so would train one tensor for both (HF peft allows one such adapter too).
+
+    Raises:
+        ConfigError: ``config`` and another adapter both train biases.
+    """
+    if getattr(config, "bias", "none") == "none":
+        return
+    if any(getattr(other, "bias", "none") != "none" for other in others):
+        raise ConfigError(f"{type(config).__name__}.bias={config.bias!r}: another adapter of this model trains the "
+                          "base layers' biases already, and they are one tensor each for all adapters; only one "
+                          "adapter may set bias (use bias='none' here)")
+
+
 @register
 class Lora(Method):
     peft_type = PeftType.LORA.value
@@ -1326,6 +1341,10 @@ class Lora(Method):
     }
 
     @classmethod
+    def check_new_adapter(cls, config: LoraConfig, others: list[PeftConfig]) -> None:
+        check_one_bias(config, others)
+
+    @classmethod
     def attach(cls, model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
         """Wrap the targets; then (PiSSA, OLoRA) take each new adapter's s·B₀A₀ out of its base weight, so the model
         starts from the same function. Only after every adapter was built: a failed attach leaves the base as it was
@@ -1357,6 +1376,12 @@ class Lora(Method):
                 adapter.pending_base = None
             for prepared in _PREPARED.values():  # what preprocess_loraga / preprocess_corda left there, used
                 layer.base_layer.__dict__.pop(prepared, None)
+
+    @classmethod
+    def module_targets(cls, model: nn.Module, config: LoraConfig) -> list[str]:
+        if config.target_parameters and config.target_modules in (None, []):  # parameters only: no module wrapped
+            return []
+        return super().module_targets(model, config)
 
     @classmethod
     def supported_layers(cls) -> str:

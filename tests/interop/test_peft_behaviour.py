@@ -1,0 +1,204 @@
+"""Behaviour code written for HF peft relies on, side by side with peft on the same files: modes and trainability
+after loading, errors users catch, and layer kinds both adapt."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import graftkit
+from tests.conftest import randomize_adapters, tiny_llama
+
+peft = pytest.importorskip("peft")
+LIBRARIES = {"graftkit": graftkit, "peft": peft}
+
+
+@pytest.fixture
+def saved(tmp_path):
+    model = graftkit.get_peft_model(tiny_llama(), graftkit.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                      lora_dropout=0.5))
+    randomize_adapters(model, seed=3)
+    model.save_pretrained(tmp_path)
+    return tmp_path
+
+
+def lora_a_grads(model) -> dict[str, bool]:
+    return {name: param.requires_grad for name, param in model.named_parameters()
+            if "layers.0.self_attn.q_proj" in name and "lora_A" in name}
+
+
+def adapter_of(name: str) -> str:
+    return next(part for part in ("default", "other", "third") if f".{part}." in name)
+
+
+@pytest.mark.parametrize("trainable", [False, True])
+def test_modes_and_trainability_after_loading_match_peft(saved, trainable):
+    seen = {}
+    for label, lib in LIBRARIES.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.PeftModel.from_pretrained(tiny_llama().train(), saved, is_trainable=trainable)
+            after_load = model.training
+            model.train()
+            model.load_adapter(saved, adapter_name="other", is_trainable=trainable)
+            grads = {adapter_of(k): v for k, v in lora_a_grads(model).items()}
+        seen[label] = (after_load, model.training, grads)
+    assert seen["graftkit"] == seen["peft"]
+    assert seen["graftkit"][0] is trainable and seen["graftkit"][2]["other"] is trainable
+
+
+def test_a_loaded_model_gives_the_same_output_every_time(saved):
+    """Dropout is off after loading for inference, whatever mode the base model was in."""
+    model = graftkit.PeftModel.from_pretrained(tiny_llama().train(), saved)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+class ParamsOnly(torch.nn.Module):
+    """No transformers config: default targets cannot be looked up, only the named parameter is adapted."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x)
+
+
+@pytest.mark.parametrize("writer", ["graftkit", "peft"])
+def test_an_adapter_of_target_parameters_only_reloads(tmp_path, writer):
+    lib = LIBRARIES[writer]
+    torch.manual_seed(0)
+    model = lib.get_peft_model(ParamsOnly(), lib.LoraConfig(r=2, target_parameters=["lin.weight"],
+                                                            init_lora_weights=False))
+    model.save_pretrained(tmp_path)
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    expected = model(x)
+    torch.manual_seed(0)
+    loaded = graftkit.PeftModel.from_pretrained(ParamsOnly(), tmp_path)
+    torch.testing.assert_close(loaded(x), expected, rtol=0, atol=1e-6)
+    with loaded.disable_adapter():
+        assert not torch.allclose(loaded(x), expected)  # the adapter is what makes the difference
+
+
+class WithNorm(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.norm = torch.nn.BatchNorm1d(4)
+
+    def forward(self, x):
+        return self.norm(self.lin(x))
+
+
+def test_a_batchnorm_in_modules_to_save_round_trips_in_both_libraries(tmp_path):
+    torch.manual_seed(0)
+    model = graftkit.get_peft_model(WithNorm(), graftkit.LoraConfig(r=2, target_modules=["lin"],
+                                                                    modules_to_save=["norm"], init_lora_weights=False))
+    model.train()
+    for _ in range(3):  # running statistics and the step counter move
+        model(torch.randn(8, 4, generator=torch.Generator().manual_seed(2)))
+    model.eval()
+    model.save_pretrained(tmp_path)
+    x = torch.randn(5, 4, generator=torch.Generator().manual_seed(3))
+    expected = model(x)
+    for lib in LIBRARIES.values():
+        torch.manual_seed(0)
+        loaded = lib.PeftModel.from_pretrained(WithNorm(), tmp_path).eval()
+        torch.testing.assert_close(loaded(x), expected, rtol=0, atol=1e-6)
+        counter = [b for n, b in loaded.named_buffers() if n.endswith("num_batches_tracked") and "default" in n]
+        assert counter and int(counter[0]) == 3
+
+
+def test_attribute_access_before_init_does_not_recurse():
+    """DeepSpeed's zero.Init reads attributes of modules while their __init__ runs."""
+    for cls in (graftkit.PeftModel, graftkit.PeftModelForCausalLM):
+        empty = cls.__new__(cls)
+        assert not hasattr(empty, "peft_config")
+        assert getattr(empty, "_parameters", "missing") == "missing"
+
+
+def test_mixed_batches_through_a_saved_module_returning_a_tuple_are_refused_clearly():
+    class Recurrent(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.gru = torch.nn.GRU(4, 4, batch_first=True)
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head(self.gru(x)[0])
+
+    model = graftkit.get_peft_model(Recurrent(), graftkit.LoraConfig(r=2, target_modules=["head"],
+                                                                     modules_to_save=["gru"]))
+    model.add_adapter("other", graftkit.LoraConfig(r=2, target_modules=["head"], modules_to_save=["gru"]))
+    x = torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(graftkit.UnsupportedError, match="GRU.*returns a tuple"):
+        model(x, adapter_names=["default", "other"])
+    assert model(x, adapter_names=["other", "other"]).shape == (2, 3, 2)  # one adapter for all rows still works
+
+
+def test_the_model_card_is_written_and_merged_as_peft_does(tmp_path):
+    for label, lib in LIBRARIES.items():
+        folder = tmp_path / label
+        folder.mkdir()
+        (folder / "README.md").write_text("---\nlicense: mit\n---\n\n# My notes\n\nkeep me\n")
+        base = tiny_llama()
+        base.config._name_or_path = "org/base-model"
+        model = lib.get_peft_model(base, lib.LoraConfig(r=2, target_modules=["q_proj"]))
+        model.save_pretrained(folder)
+        model.save_pretrained(tmp_path / f"{label}-new")
+    from huggingface_hub import ModelCard
+
+    for label in LIBRARIES:
+        kept = ModelCard.load(tmp_path / label / "README.md")
+        fresh = ModelCard.load(tmp_path / f"{label}-new" / "README.md")
+        for card in (kept, fresh):
+            assert card.data.library_name == "peft" and card.data.base_model == "org/base-model", label
+            assert "lora" in card.data.tags, label
+        assert kept.data.license == "mit" and "keep me" in kept.text, label
+    assert "base_model:adapter:org/base-model" in ModelCard.load(tmp_path / "graftkit-new" / "README.md").data.tags
+
+
+def test_merging_what_is_merged_warns_and_changes_nothing():
+    model = graftkit.get_peft_model(tiny_llama(), graftkit.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                      init_lora_weights=False))
+    model.merge_adapter()
+    weight = model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight.clone()
+    with pytest.warns(UserWarning, match="merged already"):
+        model.merge_adapter()
+    assert torch.equal(model.get_base_model().model.layers[0].self_attn.q_proj.base_layer.weight, weight)
+
+
+@pytest.mark.parametrize("label", list(LIBRARIES))
+def test_only_one_adapter_may_train_the_shared_biases(label):
+    lib = LIBRARIES[label]
+    model = lib.get_peft_model(tiny_llama(attention_bias=True), lib.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                             bias="all"))
+    with pytest.raises(ValueError, match="bias"):
+        model.add_adapter("other", lib.LoraConfig(r=2, target_modules=["q_proj"], bias="lora_only"))
+    model.add_adapter("third", lib.LoraConfig(r=2, target_modules=["q_proj"]))  # bias="none" is fine
+
+
+@pytest.mark.parametrize("label", list(LIBRARIES))
+def test_unknown_and_taken_adapter_names_are_value_errors(label):
+    lib = LIBRARIES[label]
+    model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError):
+        model.set_adapter("nope")
+    with pytest.raises(ValueError):
+        model.delete_adapter("nope")
+    if label == "graftkit":  # graftkit's is a KeyError too, for code that catches that
+        with pytest.raises(KeyError):
+            model.set_adapter("nope")
+
+
+@pytest.mark.parametrize("name", ["PromptTuningConfig", "PrefixTuningConfig", "PromptEncoderConfig",
+                                  "AdaptionPromptConfig"])
+def test_bare_prompt_configs_build_and_are_checked_when_used(name):
+    for lib in LIBRARIES.values():
+        getattr(lib, name)()  # both build a bare config
+    with pytest.raises(graftkit.ConfigError, match="is required to add the adapter"):
+        graftkit.get_peft_model(tiny_llama(), getattr(graftkit, name)(task_type="CAUSAL_LM"))
