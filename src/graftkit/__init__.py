@@ -19,11 +19,13 @@ from .errors import (
     ConfigError,
     GraftkitError,
     MissingPackageError,
+    PeftWarning,
     SaveError,
     TargetError,
     UnsupportedError,
     UsageError,
 )
+from .helpers import check_if_peft_model, disable_input_dtype_casting, load_peft_weights, rescale_adapter_scale
 from .integrations import prepare_model_for_kbit_training
 from .methods import (
     AdaLoraConfig,
@@ -76,9 +78,9 @@ def __getattr__(name: str):
 
 __all__ = [
     "AdaLoraConfig",
-    "AdaptionPromptConfig",
     "AdapterNameError",
     "AdapterTrainerMixin",
+    "AdaptionPromptConfig",
     "AutoPeftModel",
     "AutoPeftModelForCausalLM",
     "AutoPeftModelForFeatureExtraction",
@@ -105,6 +107,7 @@ __all__ = [
     "PeftModelForSequenceClassification",
     "PeftModelForTokenClassification",
     "PeftType",
+    "PeftWarning",
     "PrefixTuningConfig",
     "PromptEncoderConfig",
     "PromptEncoderReparameterizationType",
@@ -117,15 +120,19 @@ __all__ = [
     "Trainer",
     "UnsupportedError",
     "UsageError",
+    "check_if_peft_model",
+    "disable_input_dtype_casting",
     "get_eva_state_dict",
     "get_peft_model",
     "hotswap_adapter",
     "initialize_lora_eva_weights",
     "inject_adapter_in_model",
+    "load_peft_weights",
     "prepare_model_for_compiled_hotswap",
     "prepare_model_for_kbit_training",
     "preprocess_corda",
     "preprocess_loraga",
     "replace_lora_weights_loftq",
+    "rescale_adapter_scale",
     "__version__",
 ]

@@ -49,3 +49,8 @@ class UnsupportedError(GraftkitError, NotImplementedError):
 
 class MissingPackageError(GraftkitError, ImportError):
     """An optional package is needed for this path; the message says the install command."""
+
+
+class PeftWarning(UserWarning):
+    """The warning category of HF peft's warnings, for code that filters on it (``warnings.filterwarnings(...,
+    category=PeftWarning)``)."""

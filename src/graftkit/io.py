@@ -600,6 +600,21 @@ def read_checkpoint(directory: str, allow_pickle: bool = False, config: PeftConf
     return config, tensors
 
 
+def read_weights(directory: str, allow_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors of an adapter folder's weights file alone (no config needed), checked as in
+    :func:`read_checkpoint`."""
+    checkpoint_paths(directory)
+    with folder_lock(directory, exclusive=False):
+        weights, pickled = _weight_path(directory, checkpoint_paths(directory, write=False), allow_pickle)
+        if pickled:
+            tensors = _read_pickle(weights)
+        else:
+            _header(weights)  # names, dtypes and offsets checked before any data is read
+            tensors = _read_tensors(weights)
+    check_tensors(tensors, weights)
+    return tensors
+
+
 def read_header(directory: str, allow_pickle: bool = False) -> tuple[PeftConfig, dict[str, torch.Tensor]]:
     """The config and the tensors' names, shapes and dtypes (meta tensors) of an adapter folder, without reading
     any tensor data and without writing anything (a committed but unfinished save is read from its staging

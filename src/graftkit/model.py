@@ -269,8 +269,7 @@ class PeftModel(nn.Module):
         self._train_active = True  # whether the active adapters require grad
         self._disabled = False  # inside disable_adapter(): model adapters (prompt methods) step aside too
         self.model_adapters = nn.ModuleDict()  # adapters that act on the model's inputs (see layer.ModelAdapter)
-        self._autocast_adapter_dtype = autocast_adapter_dtype
-        self.add_adapter(adapter_name, peft_config)
+        self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
         self.set_adapter(adapter_name, inference_mode=peft_config.inference_mode)
         _OWNERS[model] = weakref.ref(self)
 
@@ -313,8 +312,15 @@ class PeftModel(nn.Module):
             config.base_model_name_or_path = name or None
         return config
 
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig) -> None:
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False,
+                    autocast_adapter_dtype: bool = True) -> None:
         """Add a new adapter (not activated: use :meth:`set_adapter`).
+
+        Args:
+            low_cpu_mem_usage: accepted for HF peft's signature; graftkit builds the (small) adapter weights
+                directly, which loading replaces anyway.
+            autocast_adapter_dtype: keep this adapter's weights in float32 over a float16/bfloat16 base (compute
+                still runs in the activation dtype); ``False`` creates them in the base weight dtype.
 
         Raises:
             AdapterNameError: the name is taken.
@@ -345,7 +351,7 @@ class PeftModel(nn.Module):
         except BaseException:
             self._remove_modules(adapter_name)
             raise
-        if not self._autocast_adapter_dtype:  # adapters in the base weight dtype instead of fp32 masters
+        if not autocast_adapter_dtype:  # adapters in the base weight dtype instead of fp32 masters
             for _, module in wrappers(self.model):
                 if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
                     dtype = next(module.base_layer.parameters()).dtype

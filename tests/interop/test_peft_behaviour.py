@@ -202,3 +202,52 @@ def test_bare_prompt_configs_build_and_are_checked_when_used(name):
         getattr(lib, name)()  # both build a bare config
     with pytest.raises(graftkit.ConfigError, match="is required to add the adapter"):
         graftkit.get_peft_model(tiny_llama(), getattr(graftkit, name)(task_type="CAUSAL_LM"))
+
+
+def test_add_adapter_takes_peft_arguments_and_autocast_matches(tmp_path):
+    dtypes = {}
+    for label, lib in LIBRARIES.items():
+        model = lib.get_peft_model(tiny_llama().to(torch.bfloat16), lib.LoraConfig(r=2, target_modules=["q_proj"]))
+        model.add_adapter("kept", lib.LoraConfig(r=2, target_modules=["q_proj"]), autocast_adapter_dtype=False)
+        model.add_adapter("cast", lib.LoraConfig(r=2, target_modules=["q_proj"]), low_cpu_mem_usage=False)
+        dtypes[label] = {name: {p.dtype for n, p in model.named_parameters() if f".{name}." in n and "lora_A" in n}
+                         for name in ("default", "kept", "cast")}
+    assert dtypes["graftkit"] == dtypes["peft"] == {"default": {torch.float32}, "kept": {torch.bfloat16},
+                                                    "cast": {torch.float32}}
+
+
+def test_load_peft_weights_and_check_if_peft_model_match_peft(saved, tmp_path):
+    from peft.helpers import check_if_peft_model as peft_check
+
+    mapping = {r"model\.layers\.(\d+)\.self_attn": r"model.blocks.\1.attention"}
+    for key_mapping in (None, mapping):
+        ours = graftkit.load_peft_weights(saved, device="cpu", key_mapping=key_mapping)
+        theirs = peft.load_peft_weights(str(saved), device="cpu", key_mapping=key_mapping)
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert any(".blocks.0.attention." in k for k in ours)
+    (tmp_path / "plain").mkdir()
+    for folder in (saved, tmp_path / "plain", tmp_path / "missing"):
+        assert graftkit.check_if_peft_model(folder) == peft_check(str(folder)), folder
+
+
+def test_rescale_adapter_scale_matches_peft_and_restores(saved):
+    from peft.helpers import rescale_adapter_scale as peft_rescale
+
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(4))
+    ours = graftkit.PeftModel.from_pretrained(tiny_llama(), saved)
+    theirs = peft.PeftModel.from_pretrained(tiny_llama(), saved).eval()
+    with torch.no_grad():
+        before = ours(input_ids=ids).logits
+        with graftkit.rescale_adapter_scale(ours, 0.5), peft_rescale(theirs, 0.5):
+            half = ours(input_ids=ids).logits
+            torch.testing.assert_close(half, theirs(input_ids=ids).logits, rtol=0, atol=1e-5)
+            mixed = ours(input_ids=ids, adapter_names=["default", "__base__"]).logits
+            torch.testing.assert_close(mixed[0], half[0], rtol=0, atol=1e-5)  # mixed batches rescale too
+        assert not torch.allclose(half, before)
+        torch.testing.assert_close(ours(input_ids=ids).logits, before, rtol=0, atol=0)
+        with graftkit.disable_input_dtype_casting(ours):
+            torch.testing.assert_close(ours(input_ids=ids).logits, before, rtol=0, atol=0)
+    with pytest.raises(graftkit.UsageError, match="finite number"):
+        with graftkit.rescale_adapter_scale(ours, float("nan")):
+            pass
+    assert issubclass(graftkit.PeftWarning, UserWarning)
