@@ -345,3 +345,38 @@ def test_adalora_dropout_uses_seeded_masks_and_trains_every_part():
     reference = graftkit.get_peft_model(tiny_llama(), graftkit.AdaLoraConfig(**dict(config, lora_dropout=0.0)))
     reference.load_state_dict(model.state_dict())
     torch.testing.assert_close(run(model, x), run(reference.eval(), x))
+
+
+class Volumes(torch.nn.Module):
+    """3-D convolutions (video, medical volumes): output scaling on the first, input scaling on the second."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv3d(2, 4, 3, padding=1)
+        self.mix = torch.nn.Conv3d(4, 4, 1)
+
+    def forward(self, x):
+        return self.mix(torch.relu(self.conv(x)))
+
+
+def test_ia3_on_conv3d_matches_peft_forward_merge_and_files(tmp_path):
+    x = torch.randn(2, 2, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    models = {}
+    for label, lib in (("ours", graftkit), ("peft", peft)):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(Volumes(), lib.IA3Config(target_modules=["conv", "mix"], feedforward_modules=["mix"],
+                                                            init_ia3_weights=False))
+        set_seeded(model, seed=3)
+        models[label] = model.eval()
+    expected = models["peft"](x)
+    torch.testing.assert_close(models["ours"](x), expected, rtol=0, atol=1e-5)
+    torch.manual_seed(0)
+    assert not torch.allclose(expected, Volumes()(x), atol=1e-3)  # the same base without the scales
+    models["ours"].save_pretrained(tmp_path / "ours")
+    torch.manual_seed(0)
+    theirs = peft.PeftModel.from_pretrained(Volumes(), tmp_path / "ours").eval()
+    torch.testing.assert_close(theirs(x), expected, rtol=0, atol=1e-5)
+    models["ours"].merge_adapter()
+    torch.testing.assert_close(models["ours"](x), expected, rtol=0, atol=1e-5)
+    models["ours"].unmerge_adapter()
+    torch.testing.assert_close(models["ours"](x), expected, rtol=0, atol=1e-5)

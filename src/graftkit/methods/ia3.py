@@ -77,22 +77,28 @@ class IA3Config(TunerConfig):
         return any(module_name.endswith(p) for p in patterns)  # the ecosystem's rule: a plain suffix
 
 
+_CONVS = (nn.Conv2d, nn.Conv3d)
+
+
 class IA3Vector(nn.Module):
-    """(IA)³ output scaling on a linear layer (``nn.Linear``, ``Conv1D``, quantized linears) or ``nn.Conv2d``;
-    :class:`IA3InputVector` scales the input instead.
+    """(IA)³ output scaling on a linear layer (``nn.Linear``, ``Conv1D``, quantized linears) or ``nn.Conv2d`` /
+    ``nn.Conv3d``; :class:`IA3InputVector` scales the input instead.
 
     Attributes:
-        ia3_l: (out, 1) for output scaling, (1, in) for input scaling; (1, C, 1, 1) on convolutions.
+        ia3_l: (out, 1) for output scaling, (1, in) for input scaling; (1, C, 1, 1) on a Conv2d, (1, C, 1, 1, 1) on
+            a Conv3d.
     """
 
     def __init__(self, base_layer: nn.Module, feedforward: bool, fan_in_fan_out: bool, init: bool) -> None:
         super().__init__()
         weight = get_weight(base_layer)
-        self.conv = isinstance(base_layer, nn.Conv2d)
+        self.conv = isinstance(base_layer, _CONVS)
+        self.spatial = weight.dim() - 2 if self.conv else 0  # the convolution's spatial dims (2 or 3)
         self.fan_in_fan_out = fan_in_fan_out
         self.feedforward = feedforward
         if self.conv:
-            shape: tuple[int, ...] = (1, base_layer.in_channels if feedforward else base_layer.out_channels, 1, 1)
+            channels = base_layer.in_channels if feedforward else base_layer.out_channels
+            shape: tuple[int, ...] = (1, channels, *([1] * self.spatial))
         else:
             out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
             shape = (1, in_features) if feedforward else (out_features, 1)
@@ -111,7 +117,7 @@ class IA3Vector(nn.Module):
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         scale = self._vector(y.dtype)  # (out,)
-        return y * (scale.view(-1, 1, 1) if self.conv else scale)
+        return y * (scale.view(-1, *([1] * self.spatial)) if self.conv else scale)
 
     @staticmethod
     def mixed_forward(
@@ -132,7 +138,8 @@ class IA3Vector(nn.Module):
         """The scales shaped to multiply the base weight in its own layout."""
         scale = self.ia3_l.detach().to(dtype)
         if self.conv:
-            return scale.reshape(1, -1, 1, 1) if self.feedforward else scale.reshape(-1, 1, 1, 1)
+            ones = [1] * self.spatial
+            return scale.reshape(1, -1, *ones) if self.feedforward else scale.reshape(-1, 1, *ones)
         return scale.T if self.fan_in_fan_out else scale  # Conv1D stores (in, out)
 
     def _zero_index(self) -> tuple[int, torch.Tensor]:
@@ -181,7 +188,7 @@ class IA3InputVector(IA3Vector):
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         scale = self._vector(x.dtype)  # (in,)
-        return x * (scale.view(-1, 1, 1) if self.conv else scale)
+        return x * (scale.view(-1, *([1] * self.spatial)) if self.conv else scale)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return y
@@ -243,7 +250,7 @@ def _check_feedforward_targeted(model: nn.Module, config: IA3Config) -> None:
     wrapped = [name for name, m in model.named_modules() if isinstance(m, AdaptedLayer)]
     selected = [name for name, module in model.named_modules()
                 if name and config.is_feedforward(name) and not any(name.startswith(w + ".") for w in wrapped)
-                and (isinstance(module, (nn.Conv2d, AdaptedLayer)) or linear_features(module) is not None)]
+                and (isinstance(module, (*_CONVS, AdaptedLayer)) or linear_features(module) is not None)]
     left_out = [name for name in selected if name not in targets]
     if left_out:
         raise ConfigError(f"IA3Config.feedforward_modules selects {len(left_out)} layer(s) target_modules does not, "
@@ -262,7 +269,7 @@ class IA3(Method):
 
     @classmethod
     def supported_layers(cls) -> str:
-        return "nn.Linear, transformers Conv1D, bitsandbytes 4/8-bit linears, nn.Conv2d"
+        return "nn.Linear, transformers Conv1D, bitsandbytes 4/8-bit linears, nn.Conv2d, nn.Conv3d"
 
     @classmethod
     def attach(cls, model: nn.Module, config: IA3Config, adapter_name: str) -> None:
@@ -284,8 +291,9 @@ class IA3(Method):
         if config.feedforward_modules is None:
             return None
         feedforward = config.is_feedforward(module_name)
-        if isinstance(base_layer, nn.Conv2d):
-            return {"ia3_l": (1, base_layer.in_channels if feedforward else base_layer.out_channels, 1, 1)}
+        if isinstance(base_layer, _CONVS):
+            channels = base_layer.in_channels if feedforward else base_layer.out_channels
+            return {"ia3_l": (1, channels, *([1] * (base_layer.weight.dim() - 2)))}
         features = linear_features(base_layer)
         if features is None:
             return None
@@ -296,10 +304,10 @@ class IA3(Method):
     def create_adapter(cls, base_layer: nn.Module, config: IA3Config, module_name: str) -> nn.Module | None:
         feedforward = config.is_feedforward(module_name)
         kind = type(base_layer).__name__
-        if isinstance(base_layer, nn.Conv2d):
+        if isinstance(base_layer, _CONVS):
             if base_layer.groups != 1 and feedforward:
                 raise UnsupportedError(
-                    f"IA3 input scaling on grouped Conv2d ('{module_name}', groups={base_layer.groups}) is not "
+                    f"IA3 input scaling on grouped {kind} ('{module_name}', groups={base_layer.groups}) is not "
                     "implemented in graftkit; leave it out of feedforward_modules or target_modules"
                 )
             kind_class = IA3InputVector if feedforward else IA3Vector
