@@ -380,3 +380,42 @@ def test_ia3_on_conv3d_matches_peft_forward_merge_and_files(tmp_path):
     torch.testing.assert_close(models["ours"](x), expected, rtol=0, atol=1e-5)
     models["ours"].unmerge_adapter()
     torch.testing.assert_close(models["ours"](x), expected, rtol=0, atol=1e-5)
+
+
+def test_adalora_on_conv2d_matches_peft_forward_merge_files_and_prunes(tmp_path):
+    from tests.conftest import tiny_convnet
+
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+
+    def config(lib):
+        return lib.AdaLoraConfig(target_modules=["conv", "conv1x1", "head"], init_r=4, target_r=2, total_step=20,
+                                 tinit=2, tfinal=2, deltaT=1, init_lora_weights=False)
+
+    torch.manual_seed(0)
+    ours = graftkit.get_peft_model(tiny_convnet(), config(graftkit))
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in ours.named_parameters():
+            if "lora_" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.3)
+    ours.eval()
+    expected = ours(x)
+    assert not torch.allclose(expected, tiny_convnet()(x), atol=1e-4)
+    ours.save_pretrained(tmp_path)
+    theirs = peft.PeftModel.from_pretrained(tiny_convnet(), tmp_path).eval()
+    torch.testing.assert_close(theirs(x), expected, rtol=0, atol=1e-5)
+    reloaded = graftkit.PeftModel.from_pretrained(tiny_convnet(), tmp_path).eval()
+    torch.testing.assert_close(reloaded(x), expected, rtol=0, atol=1e-6)
+    ours.merge_adapter()
+    torch.testing.assert_close(ours(x), expected, rtol=0, atol=1e-5)
+    ours.unmerge_adapter()
+    ours.train()
+    opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.01)
+    for step in range(20):  # pruning runs through the conv layers' ranks as through the linear one's
+        ours(x).square().mean().backward()
+        opt.step()
+        ours.update_and_allocate(step)
+        opt.zero_grad()
+    ranks = ours.peft_config["default"].rank_pattern
+    assert set(ranks) == {"conv.lora_E", "conv1x1.lora_E", "head.lora_E"}
+    assert sum(sum(kept) for kept in ranks.values()) == 2 * 3  # the final budget: target_r per layer

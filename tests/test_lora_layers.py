@@ -46,6 +46,7 @@ IDS = torch.randint(0, 20, (3, 6), generator=torch.Generator().manual_seed(0)).t
 VARIANTS = {
     "lora": dict(target_modules=["emb", "c1", "c2", "c3", "fc"]),
     "dora": dict(target_modules=["emb", "c1", "c3", "fc"], use_dora=True),
+    "dora_grouped": dict(target_modules=["c2"], use_dora=True),  # the grouped Conv2d
     "lora_bias": dict(target_modules=["c1", "c2", "c3", "fc"], lora_bias=True),
 }
 
@@ -141,8 +142,6 @@ def test_lora_bias_on_a_transformers_model_merges_into_the_base_bias(tmp_path):
 def test_refusals():
     with pytest.raises(graftkit.UnsupportedError, match="lora_bias on nn.Embedding"):
         graftkit.get_peft_model(net(), graftkit.LoraConfig(target_modules=["emb"], lora_bias=True))
-    with pytest.raises(graftkit.UnsupportedError, match="DoRA on a grouped"):
-        graftkit.get_peft_model(net(), graftkit.LoraConfig(r=4, target_modules=["c2"], use_dora=True))
     with pytest.raises(graftkit.UnsupportedError, match="divisible by the groups"):
         graftkit.get_peft_model(net(), graftkit.LoraConfig(r=3, target_modules=["c2"]))
     with pytest.raises(graftkit.UnsupportedError, match="lora_bias with use_dora"):

@@ -251,6 +251,46 @@ class AdaLoraLinear(nn.Module):
         return torch.linalg.matrix_norm(a @ a.T - eye), torch.linalg.matrix_norm(b.T @ b - eye)
 
 
+class AdaLoraConv2d(AdaLoraLinear):
+    """AdaLoRA on an ``nn.Conv2d``: Q is (r, in/groups · kh · kw), P is (out, r), and the update
+    s/(r₀+ε) · P (Λ ⊙ Q), reshaped to the kernel's shape, is convolved with the input the way the base layer
+    convolves (stride, padding and its mode, dilation, groups). Pruning, saving and the penalty are AdaLoRA's."""
+
+    def __init__(self, base_layer: nn.Conv2d, r: int, init_r: int, alpha: float, dropout: float, init: bool) -> None:
+        nn.Module.__init__(self)
+        weight = base_layer.weight  # (out, in/groups, kh, kw)
+        kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
+        self.lora_A = nn.Parameter(torch.empty(r, weight[0].numel(), **kw))
+        self.lora_E = nn.Parameter(torch.empty(r, 1, **kw))
+        self.lora_B = nn.Parameter(torch.empty(weight.shape[0], r, **kw))
+        with torch.no_grad():
+            if init:
+                nn.init.normal_(self.lora_A, std=0.02)
+                nn.init.zeros_(self.lora_E)
+                nn.init.normal_(self.lora_B, std=0.02)
+            else:
+                for param in (self.lora_A, self.lora_E, self.lora_B):
+                    nn.init.normal_(param)
+        self.scale = (alpha if alpha > 0 else float(init_r)) / (init_r + _EPS)
+        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fan_in_fan_out = False
+        self.kept: torch.Tensor | None = None
+        self.importance: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        delta = self.delta_weight().to(x.dtype).reshape(base_layer.weight.shape)  # (out, in/groups, kh, kw)
+        return y + base_layer._conv_forward(self.dropout(x), delta, None)
+
+    def merge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return weight.add_(self.delta_weight().detach().reshape(weight.shape).to(weight.dtype))
+
+    def unmerge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        return weight.sub_(self.delta_weight().detach().reshape(weight.shape).to(weight.dtype))
+
+
 def _layers(model: nn.Module, adapter_name: str) -> list[tuple[str, AdaLoraLinear]]:
     """(module path, AdaLoRA adapter) of every layer adapter ``adapter_name`` adapts, in model order."""
     from ..model import wrappers  # the model module imports the registry, which imports the methods
@@ -286,7 +326,7 @@ class AdaLora(Method):
 
     @classmethod
     def supported_layers(cls) -> str:
-        return "nn.Linear, transformers Conv1D, bitsandbytes 4/8-bit linears"
+        return "nn.Linear, transformers Conv1D, bitsandbytes 4/8-bit linears, nn.Conv2d"
 
     @classmethod
     def check_new_adapter(cls, config: AdaLoraConfig, others: list) -> None:
@@ -312,6 +352,10 @@ class AdaLora(Method):
 
     @classmethod
     def adapter_shapes(cls, base_layer: nn.Module, config: AdaLoraConfig, module_name: str) -> dict[str, tuple] | None:
+        if isinstance(base_layer, nn.Conv2d):
+            r = cls._rank(config, module_name)
+            return {"lora_A": (r, base_layer.weight[0].numel()), "lora_E": (r, 1),
+                    "lora_B": (base_layer.out_channels, r)}
         features = linear_features(base_layer)
         if features is None:
             return None
@@ -322,7 +366,10 @@ class AdaLora(Method):
     @classmethod
     def create_adapter(cls, base_layer: nn.Module, config: AdaLoraConfig, module_name: str) -> nn.Module | None:
         kind = type(base_layer).__name__
-        if isinstance(base_layer, (nn.Embedding, nn.Conv2d)):
+        if isinstance(base_layer, nn.Conv2d):
+            return AdaLoraConv2d(base_layer, cls._rank(config, module_name), config.init_r, config.lora_alpha,
+                                 config.lora_dropout, bool(config.init_lora_weights))
+        if isinstance(base_layer, nn.Embedding):
             return None
         if isinstance(base_layer, nn.Linear) or kind == "Conv1D" or hasattr(base_layer, "in_features"):
             return AdaLoraLinear(base_layer, cls._rank(config, module_name), config.init_r, config.lora_alpha,

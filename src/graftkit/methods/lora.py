@@ -1166,13 +1166,21 @@ class LoraConv(_BiasMerge, nn.Module):
         self._dora_merge_scale: torch.Tensor | None = None
         if use_dora:
             with torch.no_grad():
-                norm = self._channel_norm(weight.to(kw["dtype"]) + self.delta_weight())
+                w = weight.to(kw["dtype"])
+                norm = self._channel_norm(w + self.scaling * self._norm_delta(w.shape))
             self.lora_magnitude_vector = nn.Parameter(norm)  # (1, out, 1, ...)
 
     @staticmethod
     def _channel_norm(weight: torch.Tensor) -> torch.Tensor:
         """‖W‖ per output channel as (1, out, 1, ...)."""
         return torch.linalg.vector_norm(weight, dim=tuple(range(1, weight.dim())), keepdim=True).transpose(0, 1)
+
+    def _norm_delta(self, shape: torch.Size) -> torch.Tensor:
+        """B A (unscaled) laid out in the base kernel's ``shape``: the update DoRA's weight norm is taken over. With
+        groups = 1 it is the dense update; on a grouped convolution, which has no dense update, it is the
+        (out/groups, in·kernel) product read in the kernel's shape, the ecosystem's definition there."""
+        r = self.lora_A.weight.shape[0]
+        return (self.lora_B.weight.reshape(-1, r) @ self.lora_A.weight.reshape(r, -1)).reshape(shape)
 
     def delta_weight(self) -> torch.Tensor:
         """s · B∘A as a conv weight (out, in, *kernel); grouped convolutions have none (see ``merge``)."""
@@ -1193,9 +1201,7 @@ class LoraConv(_BiasMerge, nn.Module):
             return y + self._lora(x)
         w = base_layer.weight.to(x.dtype)
         with torch.no_grad():  # DoRA §4.3: the norm is a constant in backward
-            r = self.lora_A.weight.shape[0]
-            delta = (self.lora_B.weight.reshape(-1, r) @ self.lora_A.weight.reshape(r, -1)).reshape(w.shape)
-            norm = self._channel_norm(w + self.scaling * delta.to(x.dtype))
+            norm = self._channel_norm(w + self.scaling * self._norm_delta(w.shape).to(x.dtype))
         scale = (self.lora_magnitude_vector.to(x.dtype) / norm).view(1, -1, *([1] * self.dims))
         if isinstance(self.dropout, nn.Identity) or not self.training:
             bias = base_layer.bias
@@ -1444,10 +1450,6 @@ class Lora(Method):
                     f"LoRA on '{module_name}' ({kind}, groups={base_layer.groups}) needs a rank divisible by the "
                     f"groups, got r={r}; pick r as a multiple of {base_layer.groups} (rank_pattern can set it)"
                 )
-            if config.use_dora and base_layer.groups != 1:
-                raise UnsupportedError(f"DoRA on a grouped {kind} ('{module_name}', groups={base_layer.groups}) is not "
-                                       "defined in graftkit (its weight norm needs the dense update, which grouped "
-                                       "convolutions have none of); exclude it or set use_dora=False")
             if isinstance(init, str) and init not in ("gaussian", "eva"):
                 raise UnsupportedError(f"init_lora_weights={init!r} on {kind} ('{module_name}') is not defined (HF "
                                        "peft refuses it too); use True or 'gaussian' for convolutions")
