@@ -59,6 +59,7 @@ from .model import (
     get_peft_model,
     inject_adapter_in_model,
 )
+from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 __version__ = "0.1.0"
 
@@ -117,12 +118,16 @@ __all__ = [
     "SaveError",
     "TargetError",
     "TaskType",
+    "TunerLayerStatus",
+    "TunerModelStatus",
     "Trainer",
     "UnsupportedError",
     "UsageError",
     "check_if_peft_model",
     "disable_input_dtype_casting",
     "get_eva_state_dict",
+    "get_layer_status",
+    "get_model_status",
     "get_peft_model",
     "hotswap_adapter",
     "initialize_lora_eva_weights",

@@ -425,14 +425,23 @@ class PeftModel(nn.Module):
             self.enable_adapter_layers()
 
     def disable_adapter_layers(self) -> None:
+        """Run the base model alone; the adapters' weights are frozen meanwhile, as HF peft freezes them."""
         self._disabled = True
         for _, module in wrappers(self.model):
             module.disabled = True
+            held = module.adapters if isinstance(module, AdaptedLayer) else module.modules_to_save
+            held.requires_grad_(False)
+        for adapter in self.model_adapters.values():
+            adapter.requires_grad_(False)
 
     def enable_adapter_layers(self) -> None:
+        """Undo :meth:`disable_adapter_layers`: the active adapters run, and train again unless loaded frozen."""
         self._disabled = False
         for _, module in wrappers(self.model):
             module.disabled = False
+        if self._train_active:
+            for name in self._active:
+                unfreeze_adapter(self.model, self.peft_config[name], name, self.model_adapters)
 
     # ------------------------------------------------------------------ trainers that do not know graftkit
     def train(self, mode: bool = True) -> PeftModel:
@@ -918,6 +927,18 @@ class PeftModel(nn.Module):
             if card is not None:
                 os.makedirs(save_directory, exist_ok=True)
                 save_checkpoint(save_directory, {README_NAME: text_writer(card)})
+
+    def get_layer_status(self) -> list[Any]:
+        """Every adapted layer's adapters and state (see :func:`graftkit.get_layer_status`)."""
+        from .status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self) -> Any:
+        """The model-wide summary of the adapted layers (see :func:`graftkit.get_model_status`)."""
+        from .status import get_model_status
+
+        return get_model_status(self)
 
     def _card(self, directory: str, names: list[str]) -> str | None:
         """README.md for a save of adapters ``names`` into ``directory`` (see :func:`graftkit.io.model_card`)."""

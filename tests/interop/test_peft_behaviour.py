@@ -3,6 +3,7 @@ after loading, errors users catch, and layer kinds both adapt."""
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 
 import pytest
@@ -251,3 +252,59 @@ def test_rescale_adapter_scale_matches_peft_and_restores(saved):
         with graftkit.rescale_adapter_scale(ours, float("nan")):
             pass
     assert issubclass(graftkit.PeftWarning, UserWarning)
+
+
+def _status_twins(config_kwargs: dict, second: dict | None = None):
+    """A graftkit and a peft model built alike (same adapters, same order)."""
+    pair = {}
+    for label, lib in LIBRARIES.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = lib.get_peft_model(tiny_llama(), lib.LoraConfig(**config_kwargs))
+            if second is not None:
+                model.add_adapter("other", lib.LoraConfig(**second))
+        pair[label] = model
+    return pair
+
+
+def _compare(pair) -> None:
+    ours, theirs = pair["graftkit"], pair["peft"]
+    layers = [dataclasses.asdict(s) for s in ours.get_layer_status()]
+    expected = [dataclasses.asdict(s) for s in theirs.get_layer_status()]
+    for status in layers + expected:
+        status.pop("module_type")  # each library's own class names
+    assert layers == expected
+    model, reference = dataclasses.asdict(ours.get_model_status()), dataclasses.asdict(theirs.get_model_status())
+    assert model == reference
+
+
+def test_layer_and_model_status_match_peft_through_a_session():
+    pair = _status_twins(dict(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+                         dict(r=2, target_modules=["q_proj", "v_proj"]))
+    _compare(pair)
+    for model in pair.values():
+        model.set_adapter("other")
+    _compare(pair)
+    for model in pair.values():
+        model.merge_adapter()
+    _compare(pair)
+    for model in pair.values():
+        model.unmerge_adapter()
+        for name, param in model.named_parameters():  # freeze one layer's weights of "other" by hand
+            if "layers.0.self_attn.v_proj" in name and "other" in name:
+                param.requires_grad_(False)
+    _compare(pair)
+    assert pair["graftkit"].get_model_status().requires_grad["other"] == "irregular"
+    with pair["graftkit"].disable_adapter(), pair["peft"].disable_adapter():
+        _compare(pair)
+        assert pair["graftkit"].get_model_status().enabled is False
+    assert [s.module_type for s in pair["graftkit"].get_layer_status()][:2] == ["lora.Linear", "lora.Linear"]
+
+
+def test_status_of_a_model_without_layers_is_an_error():
+    with pytest.raises(graftkit.UsageError, match="holds no adapter layers"):
+        graftkit.get_model_status(tiny_llama())
+    prompt = graftkit.get_peft_model(tiny_llama(), graftkit.PromptTuningConfig(num_virtual_tokens=2,
+                                                                             task_type="CAUSAL_LM"))
+    with pytest.raises(graftkit.UsageError, match="act on its inputs"):
+        prompt.get_model_status()
