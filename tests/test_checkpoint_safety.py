@@ -22,6 +22,7 @@ import graftkit
 from graftkit import io as gio
 from graftkit.cli import main
 from tests.conftest import HUNG_AFTER_S, randomize_adapters, run, tiny_llama, token_batch
+from tests.test_reliability import Stop, save_stopped_after_commit
 
 CONFIG = "adapter_config.json"
 WEIGHTS = "adapter_model.safetensors"
@@ -104,24 +105,10 @@ def test_a_journal_staging_links_or_missing_folders_is_refused(tmp_path):
     assert snapshot(victim) == before
 
 
-class Stop(BaseException):
-    """The process dying at this point."""
-
-
 def test_inspect_reads_a_committed_save_without_writing(tmp_path, monkeypatch, capsys):
     old, new = trained(3), trained(4, r=4)
     old.save_pretrained(tmp_path)
-    real_replace = os.replace
-
-    def stop_after_commit(src, dst):
-        real_replace(src, dst)
-        if os.path.basename(dst) == gio.JOURNAL_NAME:
-            raise Stop()
-
-    monkeypatch.setattr(gio.os, "replace", stop_after_commit)
-    with pytest.raises(Stop):
-        new.save_pretrained(tmp_path)
-    monkeypatch.undo()
+    save_stopped_after_commit(new, tmp_path, monkeypatch)
     listing = sorted(os.listdir(tmp_path))
     before = snapshot(tmp_path)
     assert main(["inspect", str(tmp_path)]) == 0

@@ -199,10 +199,8 @@ def test_a_failing_writer_keeps_the_old_checkpoint_and_leaves_no_temp_files(tmp_
     assert torch.equal(_outputs_of(tmp_path, x), run(old, x))
 
 
-def test_a_committed_save_in_a_read_only_folder_is_read_through_its_journal(tmp_path, monkeypatch):
-    old, new = trained(seed=3), trained(seed=4, lora_alpha=8)
-    x = token_batch()
-    old.save_pretrained(tmp_path)
+def save_stopped_after_commit(model: graftkit.PeftModel, folder, monkeypatch) -> None:
+    """Save ``model`` into ``folder`` and stop the process (as if killed) right after the commit point."""
     real_replace = os.replace
 
     def stop_after_commit(src, dst):
@@ -212,9 +210,16 @@ def test_a_committed_save_in_a_read_only_folder_is_read_through_its_journal(tmp_
 
     monkeypatch.setattr(gio.os, "replace", stop_after_commit)
     with pytest.raises(Stop):
-        new.save_pretrained(tmp_path)
+        model.save_pretrained(folder)
     monkeypatch.undo()
-    assert gio.JOURNAL_NAME in os.listdir(tmp_path)
+    assert gio.JOURNAL_NAME in os.listdir(folder)
+
+
+def test_a_committed_save_in_a_read_only_folder_is_read_through_its_journal(tmp_path, monkeypatch):
+    old, new = trained(seed=3), trained(seed=4, lora_alpha=8)
+    x = token_batch()
+    old.save_pretrained(tmp_path)
+    save_stopped_after_commit(new, tmp_path, monkeypatch)
 
     def read_only(*_args, **_kwargs):
         raise PermissionError(13, "Permission denied")

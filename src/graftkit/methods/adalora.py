@@ -137,6 +137,12 @@ class AdaLoraLinear(nn.Module):
         super().__init__()
         weight = get_weight(base_layer)
         out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        self._build(weight, r, in_features, out_features, init_r, alpha, dropout, init)
+        self.fan_in_fan_out = fan_in_fan_out
+
+    def _build(self, weight: torch.Tensor, r: int, in_features: int, out_features: int, init_r: int, alpha: float,
+               dropout: float, init: bool) -> None:
+        """Q (r, in), Λ (r, 1), P (out, r), the scale, dropout and the pruning state."""
         kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **kw))
         self.lora_E = nn.Parameter(torch.empty(r, 1, **kw))
@@ -151,7 +157,6 @@ class AdaLoraLinear(nn.Module):
                     nn.init.normal_(param)
         self.scale = (alpha if alpha > 0 else float(init_r)) / (init_r + _EPS)
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self.fan_in_fan_out = fan_in_fan_out
         self.kept: torch.Tensor | None = None
         self.importance: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (Ī, Ū), not saved
 
@@ -259,23 +264,8 @@ class AdaLoraConv2d(AdaLoraLinear):
     def __init__(self, base_layer: nn.Conv2d, r: int, init_r: int, alpha: float, dropout: float, init: bool) -> None:
         nn.Module.__init__(self)
         weight = base_layer.weight  # (out, in/groups, kh, kw)
-        kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
-        self.lora_A = nn.Parameter(torch.empty(r, weight[0].numel(), **kw))
-        self.lora_E = nn.Parameter(torch.empty(r, 1, **kw))
-        self.lora_B = nn.Parameter(torch.empty(weight.shape[0], r, **kw))
-        with torch.no_grad():
-            if init:
-                nn.init.normal_(self.lora_A, std=0.02)
-                nn.init.zeros_(self.lora_E)
-                nn.init.normal_(self.lora_B, std=0.02)
-            else:
-                for param in (self.lora_A, self.lora_E, self.lora_B):
-                    nn.init.normal_(param)
-        self.scale = (alpha if alpha > 0 else float(init_r)) / (init_r + _EPS)
-        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._build(weight, r, weight[0].numel(), weight.shape[0], init_r, alpha, dropout, init)
         self.fan_in_fan_out = False
-        self.kept: torch.Tensor | None = None
-        self.importance: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
         return None
