@@ -138,3 +138,17 @@ def test_killed_during_checkpointing_the_run_always_resumes(tmp_path):
     resumed = trainer(tmp_path, max_steps=step + 1, save_steps=1)
     resumed.train(resume_from_checkpoint=True)
     assert resumed.state.global_step == step + 1
+
+
+def test_a_checkpoint_moved_aside_by_a_killed_save_comes_back(tmp_path):
+    """Killed between moving the old copy of a step aside and moving the new one in: the next save restores it."""
+    run = trainer(tmp_path, max_steps=4)
+    run.train()
+    staging = tmp_path / STAGING_DIR
+    staging.mkdir()
+    os.replace(tmp_path / "checkpoint-4", staging / "replaced-checkpoint-4")
+    again = trainer(tmp_path, max_steps=3, save_steps=3)  # its one save (step 3) clears the staging first
+    again.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
+    assert checkpoint_problem(str(tmp_path / "checkpoint-4")) is None
+    assert json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4

@@ -186,7 +186,7 @@ class AdapterTrainerMixin:
         name = f"{transformers.trainer_utils.PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
         final = os.path.join(run_dir, name)
         if self.args.should_save:
-            shutil.rmtree(staging, ignore_errors=True)  # what a killed save left
+            _clear_staging(staging, run_dir)  # what a killed save left
         self._barrier()
         self._get_output_dir = lambda trial=None: staging  # type: ignore[method-assign]  # where super() writes
         try:
@@ -282,6 +282,17 @@ def load_adapters_from(model: PeftModel, checkpoint: str) -> None:
         )
     for name, folder in folders.items():
         model.load_adapter(folder, adapter_name=name)
+
+
+def _clear_staging(staging: str, run_dir: str) -> None:
+    """Remove what a killed checkpoint save left in ``staging``; a checkpoint it had moved aside to replace
+    (killed between the two renames) goes back first."""
+    if os.path.isdir(staging):
+        for entry in os.listdir(staging):
+            final = os.path.join(run_dir, entry.removeprefix("replaced-"))
+            if entry.startswith("replaced-") and not os.path.exists(final):
+                os.replace(os.path.join(staging, entry), final)
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _write_failure(exc: BaseException) -> bool:
