@@ -39,7 +39,7 @@ def test_quickstart_runs(tmp_path, monkeypatch, capsys):
     exec(compile(blocks[1], "README.md:many-adapters", "exec"), namespace)
     model = namespace["model"]
     assert sorted(model.peft_config) == ["blend", "mine", "other"]
-    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["blend", "mine", "other"]
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == ["README.md", "blend", "mine", "other"]
     with torch.no_grad():
         with model.disable_adapter():
             base_row = model(**{k: v[1:] for k, v in namespace["rows"].items()}).logits
