@@ -24,7 +24,7 @@ def test_only_adapter_and_modules_to_save_train():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable, "something must train"
     for name in trainable:
-        assert ".adapters.default.lora_" in name or ".modules_to_save.default." in name, name
+        assert ".lora_A.default." in name or ".lora_B.default." in name or ".modules_to_save.default." in name, name
     assert any("lm_head.modules_to_save.default.weight" in n for n in trainable)
     assert not model.base_model.model.lm_head.original_module.weight.requires_grad
 
@@ -147,7 +147,7 @@ def test_inject_adapter_in_model():
     assert out is model
     assert isinstance(model.model.layers[0].self_attn.q_proj, AdaptedLayer)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
-        f"model.layers.{i}.self_attn.q_proj.adapters.default.{ab}.weight"
+        f"model.layers.{i}.self_attn.q_proj.{ab}.default.weight"
         for i in range(2)
         for ab in ("lora_A", "lora_B")
     }

@@ -219,9 +219,9 @@ def test_adalora_orthogonality_penalty_written_out():
     plain = model.get_base_model()(**x, labels=x["input_ids"]).loss  # the same adapters, no penalty
     norms = []
     for name, param in model.named_parameters():
-        if name.endswith("lora_A"):
+        if name.endswith("lora_A.default"):
             norms.append(torch.linalg.matrix_norm(param @ param.T - torch.eye(param.shape[0], device=param.device)))
-        elif name.endswith("lora_B"):
+        elif name.endswith("lora_B.default"):
             norms.append(torch.linalg.matrix_norm(param.T @ param - torch.eye(param.shape[1], device=param.device)))
     assert len(norms) == 12
     torch.testing.assert_close(loss, plain + 0.5 * torch.stack(norms).mean())

@@ -24,9 +24,8 @@ def config(library, init, **kwargs):
 def same_tensors(ours, theirs, rtol=0.0, atol=0.0, only_lora=False):
     """graftkit's and HF peft's state dicts hold the same tensors under the same names (adapter and base); returns
     graftkit's, keyed by HF peft's names."""
-    mine = {k.replace("adapters.default.", ""): v for k, v in ours.state_dict().items()
-            if not only_lora or "lora_" in k}
-    peers = {k.replace(".default", ""): v for k, v in theirs.state_dict().items() if not only_lora or "lora_" in k}
+    mine = {k: v for k, v in ours.state_dict().items() if not only_lora or "lora_" in k}
+    peers = {k: v for k, v in theirs.state_dict().items() if not only_lora or "lora_" in k}
     assert mine.keys() == peers.keys()
     for key, value in mine.items():
         torch.testing.assert_close(value, peers[key], rtol=rtol, atol=atol, msg=key)
@@ -45,9 +44,7 @@ def both(init, **kwargs):
 @pytest.mark.parametrize("init", INITS)
 def test_same_adapter_and_residual_as_peft_and_the_base_function(init, use_dora):
     ours, theirs = both(init, use_dora=use_dora)
-    mine = {k.replace("adapters.default.", ""): v for k, v in ours.state_dict().items()}
-    peers = {k.replace(".default", "").replace("magnitude_vector.weight", "magnitude_vector"): v
-             for k, v in theirs.state_dict().items()}
+    mine, peers = ours.state_dict(), theirs.state_dict()
     assert mine.keys() == peers.keys()
     for key, value in mine.items():  # adapter tensors and the (residual) base weights
         torch.testing.assert_close(value, peers[key], rtol=1e-5, atol=1e-6, msg=key)
@@ -150,7 +147,8 @@ def test_mica_matches_peft_and_trains_a_only(tmp_path):
     mine = same_tensors(ours, theirs, only_lora=True)
     w = tiny_llama().model.layers[0].self_attn.q_proj.weight.detach()
     u = torch.linalg.svd(w, full_matrices=False)[0]
-    torch.testing.assert_close(mine["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"], u[:, -4:])
+    b = mine["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"]
+    torch.testing.assert_close(b, u[:, -4:])
     torch.testing.assert_close(run(ours, x), run(tiny_llama(), x), rtol=0, atol=0)
     trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
     assert trainable and all("lora_A" in n for n in trainable)
@@ -183,11 +181,11 @@ def test_mica_on_an_embedding_matches_peft_and_trains_a_only(tmp_path):
     ours = graftkit.get_peft_model(tiny_llama(), graftkit.LoraConfig(**settings))
     mine = same_tensors(ours, theirs, only_lora=True)
     u = torch.linalg.svd(tiny_llama().model.embed_tokens.weight.detach().T, full_matrices=False)[0]
-    torch.testing.assert_close(mine["base_model.model.model.embed_tokens.lora_embedding_B"], u[:, -4:])
+    torch.testing.assert_close(mine["base_model.model.model.embed_tokens.lora_embedding_B.default"], u[:, -4:])
     torch.testing.assert_close(run(ours, x), run(tiny_llama(), x), rtol=0, atol=0)
-    trainable = {n.replace("adapters.default.", "") for n, p in ours.named_parameters() if p.requires_grad}
-    assert trainable == {n.replace(".default", "") for n, p in theirs.named_parameters() if p.requires_grad}
-    assert "base_model.model.model.embed_tokens.lora_embedding_A" in trainable
+    trainable = {n for n, p in ours.named_parameters() if p.requires_grad}
+    assert trainable == {n for n, p in theirs.named_parameters() if p.requires_grad}
+    assert "base_model.model.model.embed_tokens.lora_embedding_A.default" in trainable
     assert not any("lora_B" in n or "lora_embedding_B" in n for n in trainable)
     frozen = {n: p.detach().clone() for n, p in ours.named_parameters() if not p.requires_grad}
     opt = torch.optim.SGD([p for p in ours.parameters() if p.requires_grad], lr=0.5)
@@ -199,7 +197,7 @@ def test_mica_on_an_embedding_matches_peft_and_trains_a_only(tmp_path):
     ours.save_pretrained(tmp_path)
     expected = run(ours.eval(), x)
     back = graftkit.PeftModel.from_pretrained(tiny_llama(), tmp_path, is_trainable=True)
-    assert {n.replace("adapters.default.", "") for n, p in back.named_parameters() if p.requires_grad} == trainable
+    assert {n for n, p in back.named_parameters() if p.requires_grad} == trainable
     torch.testing.assert_close(run(back.eval(), x), expected)
     torch.testing.assert_close(run(peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval(), x), expected,
                                rtol=1e-5, atol=1e-6)
@@ -280,7 +278,7 @@ def test_lora_ga_matches_peft(tmp_path, direction, scale):
         made[library.__name__] = library.get_peft_model(model, cfg)
     ours, theirs = made["graftkit"], made["peft"]
     mine = same_tensors(ours, theirs)
-    b = mine["base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"]
+    b = mine["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"]
     assert torch.count_nonzero(b) == b.numel()  # B from the gradient, not the zero default
     torch.testing.assert_close(run(ours, x), run(tiny_llama(), x), rtol=1e-5, atol=1e-6)
     assert not any(hasattr(m, "_graftkit_loraga_grad") for m in ours.modules())

@@ -113,7 +113,7 @@ def test_dora_reads_4bit_weights_as_bitsandbytes_dequantizes_them(base_dir, quan
         with torch.no_grad():
             got = layer(x)
             a, b, s = adapter.lora_A.weight, adapter.lora_B.weight, adapter.scaling
-            scale = adapter.lora_magnitude_vector / torch.linalg.vector_norm(w_ref + s * b @ a, dim=1)
+            scale = adapter.lora_magnitude_vector.weight / torch.linalg.vector_norm(w_ref + s * b @ a, dim=1)
             want = scale * (layer.base_layer(x) + s * (x @ a.T) @ b.T)
         assert (got - want).abs().max() <= 5e-3 * want.abs().max(), (got - want).abs().max()
 

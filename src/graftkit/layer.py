@@ -24,12 +24,25 @@ The adapter protocol (every method meets the first line; the rest is optional):
 * ``substitute(base_layer, params) -> params`` / ``merge_params(base_layer, sign)``: the adapter replaces some of the
   base's parameters for its forward (run with ``torch.func.functional_call``) and merges into them itself
   (``nn.MultiheadAttention``, whose projections have no forward of their own).
+
+Names in memory: an adapter is written as a plain module (``self.lora_A = nn.Linear(...)``), but the layer registers
+what it holds under the attribute first and the adapter name second, as the ecosystem names it::
+
+    q_proj.base_layer.weight
+    q_proj.lora_A.default.weight       (adapter "default", its child module lora_A)
+    q_proj.ia3_l.default               (an adapter's own parameter ia3_l)
+
+``layer.lora_A["default"]`` is the adapter's ``lora_A``. The adapter objects themselves are not submodules (they are
+in ``layer.adapters``); their parameter, buffer and child tables are twinned with the layer's slots (``Slot``), so a
+tensor replaced on either side (``.to()``, ``load_state_dict(assign=True)``, FSDP swapping in its own parameters) is
+replaced on both.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -109,24 +122,177 @@ def grouped_forward(routing: Routing, x: torch.Tensor, y: torch.Tensor, run) -> 
     return out
 
 
+_TABLES = ("_parameters", "_buffers", "_modules")  # a module's tensor and child tables, in registration order
+
+
+def _raw_put(table: dict, key: str, value: Any) -> None:
+    """Write into a twinned table without repeating the write (the twin already has it)."""
+    if dict.get(table, key, _MISSING) is not value:
+        dict.__setitem__(table, key, value)
+
+
+_MISSING = object()
+
+
+def _rebuild(cls: type, items: dict, state: dict) -> dict:
+    """Unpickle/deepcopy a twinned table: fill it without repeating writes (the twin is copied on its own)."""
+    table = cls()
+    dict.update(table, items)
+    table.__dict__.update(state)
+    return table
+
+
+class _Twinned(dict):
+    """A module table (parameters, buffers or children) whose writes are repeated in its twin table.
+
+    Subclasses say where the twin is: ``_twin()`` returns (table, key) or None.
+    """
+
+    kind: str
+
+    def _twin(self, key: str) -> tuple[dict, str] | None:
+        raise NotImplementedError
+
+    def __setitem__(self, key: str, value: Any) -> None:
+        dict.__setitem__(self, key, value)
+        twin = self._twin(key)
+        if twin is not None:
+            _raw_put(twin[0], twin[1], value)
+
+    def __delitem__(self, key: str) -> None:
+        dict.__delitem__(self, key)
+        twin = self._twin(key)
+        if twin is not None:
+            dict.pop(twin[0], twin[1], None)
+
+    def pop(self, key: str, *default: Any) -> Any:
+        if key not in self:
+            return dict.pop(self, key, *default)
+        value = self[key]
+        del self[key]
+        return value
+
+    def __reduce__(self) -> tuple:
+        return _rebuild, (type(self), dict(self), self.__dict__)
+
+
+class _AdapterTable(_Twinned):
+    """An adapter's table once its layer holds it: a write also lands in the layer's slot of that attribute."""
+
+    def __init__(self, layer: AdaptedLayer | None = None, name: str = "", kind: str = "") -> None:
+        super().__init__()
+        self.layer, self.name, self.kind = layer, name, kind
+
+    def _twin(self, key: str) -> tuple[dict, str] | None:
+        layer = self.layer
+        if layer is None or "_modules" not in layer.__dict__:
+            return None
+        return layer._slot(key).__dict__[self.kind], self.name
+
+
+class _SlotTable(_Twinned):
+    """A slot's table: a write to entry ``name`` also lands in adapter ``name``'s own table."""
+
+    def __init__(self, slot: Slot | None = None, kind: str = "") -> None:
+        super().__init__()
+        self.slot, self.kind = slot, kind
+
+    def _twin(self, key: str) -> tuple[dict, str] | None:
+        slot = self.slot
+        layer = None if slot is None else slot.__dict__.get("layer")
+        adapter = None if layer is None else layer.__dict__.get("_adapters", {}).get(key)
+        if adapter is None or self.kind not in adapter.__dict__:
+            return None
+        return adapter.__dict__[self.kind], slot.attr
+
+
+class _SlotNonPersistent(set):
+    """A slot's non-persistent buffers are the entries whose adapter registered that buffer as non-persistent."""
+
+    def __init__(self, slot: Slot | None = None) -> None:
+        super().__init__()
+        self.slot = slot
+
+    def __contains__(self, name: object) -> bool:
+        slot = self.slot
+        layer = None if slot is None else slot.__dict__.get("layer")
+        adapter = None if layer is None else layer.__dict__.get("_adapters", {}).get(name)
+        return adapter is not None and slot.attr in adapter._non_persistent_buffers_set
+
+    def __reduce__(self) -> tuple:
+        return _SlotNonPersistent, (self.slot,)
+
+
+class Slot(nn.Module):
+    """One attribute of every adapter on a layer, by adapter name: ``layer.lora_A["default"]``.
+
+    An entry is whatever the adapter holds under that attribute: a child module (``lora_A.default.weight``), a
+    parameter (``ia3_l.default``) or a buffer. Reads go through the usual module tables; writes reach the adapter.
+    """
+
+    def __init__(self, layer: AdaptedLayer, attr: str) -> None:
+        super().__init__()
+        object.__setattr__(self, "layer", layer)  # not a submodule: the layer owns this slot
+        self.attr = attr
+        for kind in _TABLES:
+            self.__dict__[kind] = _SlotTable(self, kind)
+        self.__dict__["_non_persistent_buffers_set"] = _SlotNonPersistent(self)
+
+    def __getitem__(self, name: str) -> Any:
+        for kind in _TABLES:
+            table = self.__dict__[kind]
+            if name in table:
+                return table[name]
+        raise AdapterNameError(f"adapter '{name}' holds no '{self.attr}' on this layer; it holds {self.keys()}")
+
+    def __setitem__(self, name: str, value: Any) -> None:
+        setattr(self, name, value)
+
+    def __contains__(self, name: object) -> bool:
+        return any(name in self.__dict__[kind] for kind in _TABLES)
+
+    def keys(self) -> list[str]:
+        return [k for kind in _TABLES for k, v in self.__dict__[kind].items() if v is not None]
+
+    def __iter__(self) -> Iterator[str]:  # type: ignore[override]
+        return iter(self.keys())
+
+    def __len__(self) -> int:
+        return len(self.keys())
+
+    def items(self) -> list[tuple[str, Any]]:
+        return [(k, self[k]) for k in self.keys()]
+
+    def values(self) -> list[Any]:
+        return [self[k] for k in self.keys()]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        raise UsageError(f"'{self.attr}' holds one entry per adapter and is not called; call layer.{self.attr}[name]")
+
+    def extra_repr(self) -> str:
+        return f"attribute {self.attr!r} of adapters {self.keys()}"
+
+
 class AdaptedLayer(nn.Module):
     """Wraps ``base_layer`` and holds its adapters by name.
 
     Attributes:
         base_layer: the original module, called unchanged.
         adapters: adapter name -> adapter module (``adapter(x, y, base_layer) -> y'``; ``merge(w, base_layer)`` and
-            ``unmerge(w, base_layer)`` may update the dense weight ``w`` in place and return it).
+            ``unmerge(w, base_layer)`` may update the dense weight ``w`` in place and return it). Read-only; the
+            adapters' tensors are registered on the layer as ``<attribute>.<adapter name>`` (see :class:`Slot`).
         active: names of the adapters applied in forward, in order.
-        merged: names of the adapters currently folded into the base weight, in merge order.
+        merged_adapters: names of the adapters currently folded into the base weight, in merge order (``merged``:
+            whether there is any).
         disabled: when set, forward is the base layer alone.
     """
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.adapters = nn.ModuleDict()
+        self._adapters: dict[str, nn.Module] = {}
         self.active: list[str] = []
-        self.merged: list[str] = []
+        self.merged_adapters: list[str] = []
         self.disabled = False
         self.routing: Routing | None = None  # set by PeftModel for the duration of a mixed-batch call
         self._stacks: dict[Any, Any] = {}  # cache of stacked adapter weights for mixed batches
@@ -143,11 +309,75 @@ class AdaptedLayer(nn.Module):
                 raise
             return getattr(modules["base_layer"], name)
 
+    @property
+    def adapters(self) -> MappingProxyType[str, nn.Module]:
+        return MappingProxyType(self._adapters)
+
+    # ------------------------------------------------------------------ the ecosystem's layer attributes
+    def get_base_layer(self) -> nn.Module:
+        """The innermost original module (through nested wrappers)."""
+        base = self.base_layer
+        while isinstance(base, AdaptedLayer):
+            base = base.base_layer
+        return base
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self.active)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.active[0] if len(self.active) == 1 else list(self.active)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self.disabled
+
+    @property
+    def merged(self) -> bool:
+        """Whether any adapter is folded into the base weight (``merged_adapters`` says which)."""
+        return bool(self.merged_adapters)
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Make ``adapter_names`` this layer's active adapters (those it holds); they train, the others freeze."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self.active = [n for n in names if n in self._adapters]
+        for name, adapter in self._adapters.items():
+            adapter.requires_grad_(name in self.active)
+            for frozen in getattr(adapter, "frozen_parameters", ()):
+                adapter.get_parameter(frozen).requires_grad_(False)
+
     # ------------------------------------------------------------------ adapters
+    def _slot(self, attr: str) -> Slot:
+        slot = self._modules.get(attr)
+        if slot is None:
+            if attr in self.__dict__ or attr in self._parameters or attr in self._buffers or \
+                    hasattr(type(self), attr):
+                raise UnsupportedError(f"an adapter attribute cannot be named {attr!r}: AdaptedLayer uses that name")
+            slot = Slot(self, attr)
+            self._modules[attr] = slot
+        elif not isinstance(slot, Slot):
+            raise UnsupportedError(f"an adapter attribute cannot be named {attr!r}: AdaptedLayer uses that name")
+        return slot
+
     def add(self, name: str, adapter: nn.Module) -> None:
-        if name in self.adapters:
+        if name in self._adapters:
             raise AdapterNameError(f"adapter '{name}' already exists on this layer; pick another name")
-        self.adapters[name] = adapter
+        for kind in _TABLES:  # check every attribute name before anything changes
+            for attr in adapter.__dict__[kind]:
+                if attr == "base_layer" or (attr not in self._modules and (
+                        attr in self.__dict__ or hasattr(type(self), attr))):
+                    raise UnsupportedError(f"{type(adapter).__name__} has an attribute {attr!r}, which AdaptedLayer "
+                                           "uses itself; rename it in the adapter")
+        self._adapters[name] = adapter
+        for kind in _TABLES:
+            own = adapter.__dict__[kind]
+            table = _AdapterTable(self, name, kind)
+            dict.update(table, own)
+            adapter.__dict__[kind] = table
+            for attr, value in own.items():
+                _raw_put(self._slot(attr).__dict__[kind], name, value)
+        adapter.train(self.training)
         self._stacks.clear()
         if hasattr(adapter, "transform_input"):
             self._input_adapters = self._input_adapters | {name}
@@ -155,20 +385,42 @@ class AdaptedLayer(nn.Module):
             self._param_adapters = self._param_adapters | {name}
 
     def remove(self, name: str) -> None:
-        if name in self.merged:
+        if name in self.merged_adapters:
             self.unmerge()
         self.release(name)
-        del self.adapters[name]
+        adapter = self._adapters.pop(name)
+        for kind in _TABLES:  # the adapter becomes a plain module again, with all it held
+            adapter.__dict__[kind] = dict(adapter.__dict__[kind])
+        for attr, slot in list(self._modules.items()):
+            if isinstance(slot, Slot):
+                for kind in _TABLES:
+                    dict.pop(slot.__dict__[kind], name, None)
+                if not len(slot):
+                    del self._modules[attr]
         self.active = [n for n in self.active if n != name]
         self._stacks.clear()
         self._input_adapters = self._input_adapters - {name}
         self._param_adapters = self._param_adapters - {name}
 
+    def replace(self, name: str, adapter: nn.Module) -> None:
+        """Put ``adapter`` in the place of adapter ``name`` (kept active if it was; nothing is merged)."""
+        was_active = name in self.active
+        active = list(self.active)
+        self.remove(name)
+        self.add(name, adapter)
+        self.active = active if was_active else self.active
+
+    def train(self, mode: bool = True) -> AdaptedLayer:
+        super().train(mode)
+        for adapter in self.__dict__.get("_adapters", {}).values():  # their children follow through the slots
+            adapter.training = mode
+        return self
+
     def release(self, name: str) -> None:
         """The unmerged adapter ``name`` leaves: it gives back what it took from the base weight at attach
         (``restore_base``: PiSSA/OLoRA's principal part), so the base is the original again."""
-        restore = getattr(self.adapters[name], "restore_base", None)
-        if restore is not None and name not in self.merged:
+        restore = getattr(self._adapters[name], "restore_base", None)
+        if restore is not None and name not in self.merged_adapters:
             set_weight(self.base_layer, restore(get_weight(self.base_layer), self.base_layer))
 
     # ------------------------------------------------------------------ forward
@@ -177,10 +429,10 @@ class AdaptedLayer(nn.Module):
         # attribute access on a module goes through ``__getattr__`` (twice, with the fallback above).
         base = self._modules["base_layer"]
         if self.disabled:
-            if self.merged:
+            if self.merged_adapters:
                 self.unmerge()
             return base(x, *args, **kwargs)
-        adapters = self._modules["adapters"]._modules
+        adapters = self._adapters
         if self._param_adapters:
             y = self._substituted_forward(x, args, kwargs, adapters)
             if self.routing is not None:
@@ -188,7 +440,8 @@ class AdaptedLayer(nn.Module):
         elif self._input_adapters:
             y = base(self._transform_input(x, adapters), *args, **kwargs)
         else:
-            if self.routing is None and not self.merged and len(self.active) == 1 and not args and not kwargs:
+            if self.routing is None and not self.merged_adapters and len(self.active) == 1 and not args \
+                    and not kwargs:
                 # One adapter on the layer: let it compute base + update in one fused step where it can.
                 adapter = adapters.get(self.active[0])
                 fused = getattr(adapter, "fused_forward", None) if adapter is not None else None
@@ -199,7 +452,7 @@ class AdaptedLayer(nn.Module):
         if self.routing is not None:
             return self._mixed_forward(x, y)
         for name in self.active:
-            if name in adapters and name not in self.merged:
+            if name in adapters and name not in self.merged_adapters:
                 y = adapters[name](x, y, base)
         return y
 
@@ -222,7 +475,7 @@ class AdaptedLayer(nn.Module):
                 raise UsageError(f"mixed-adapter batches (adapter_names) cannot run through {kind}, whose adapters "
                                  "replace its weights; run one adapter per call")
             return y
-        live = [n for n in self.active if n in self._param_adapters and n not in self.merged]
+        live = [n for n in self.active if n in self._param_adapters and n not in self.merged_adapters]
         if len(live) == 1:
             routed = getattr(type(adapters[live[0]]), "routed_forward", None)
             y = None if routed is None else routed([adapters[live[0]]], None, x, args, kwargs, self.base_layer)
@@ -230,7 +483,7 @@ class AdaptedLayer(nn.Module):
                 return y
         params: dict[str, torch.Tensor] = {}
         for name in self.active:
-            if name in self._param_adapters and name not in self.merged:
+            if name in self._param_adapters and name not in self.merged_adapters:
                 params = adapters[name].substitute(self.base_layer, params)
         base = self._modules["base_layer"]
         if not params:
@@ -245,14 +498,14 @@ class AdaptedLayer(nn.Module):
 
             return grouped_forward(self.routing.for_batch(x.shape[0]), x, x, run)
         for name in self.active:
-            if name in self._input_adapters and name not in self.merged:
+            if name in self._input_adapters and name not in self.merged_adapters:
                 x = adapters[name].transform_input(x)
         return x
 
     def _mixed_forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Each row gets its own adapter (``self.routing``); rows of ``"__base__"`` get none."""
         routing = self.routing.for_batch(x.shape[0])
-        per_name = [self.adapters[n] if n in self.adapters else None for n in routing.unique]
+        per_name = [self._adapters[n] if n in self._adapters else None for n in routing.unique]
         present = [a for a in per_name if a is not None]
         if not present:
             return y
@@ -264,13 +517,14 @@ class AdaptedLayer(nn.Module):
                 return out
 
         def run(name: str, xs: torch.Tensor, ys: torch.Tensor) -> torch.Tensor | None:
-            return self.adapters[name](xs, ys, self.base_layer) if name in self.adapters else None
+            return self._adapters[name](xs, ys, self.base_layer) if name in self._adapters else None
 
         return grouped_forward(routing, x, y, run)
 
     # ------------------------------------------------------------------ merge
     def _to_merge(self, names: Iterable[str] | None) -> list[str]:
-        return [n for n in (self.active if names is None else names) if n in self.adapters and n not in self.merged]
+        return [n for n in (self.active if names is None else names)
+                if n in self._adapters and n not in self.merged_adapters]
 
     def check_merge(self, names: Iterable[str] | None = None, module_name: str = "") -> None:
         """Compute the merged weight on a copy and refuse NaN/Inf in it; changes nothing.
@@ -286,7 +540,7 @@ class AdaptedLayer(nn.Module):
             params: dict[str, torch.Tensor] = {}
             with torch.no_grad():
                 for name in todo:
-                    params = self.adapters[name].substitute(self.base_layer, params)
+                    params = self._adapters[name].substitute(self.base_layer, params)
             if not all(bool(torch.isfinite(p).all()) for p in params.values()):
                 raise UsageError(f"merging adapter(s) {todo} into '{module_name or type(self.base_layer).__name__}' "
                                  "would write NaN/Inf into the base weights; nothing was merged")
@@ -295,9 +549,9 @@ class AdaptedLayer(nn.Module):
         bias = self._bias()
         bias = None if bias is None else bias.detach().clone()
         for name in todo:
-            merged = self.adapters[name].merge(merged, self.base_layer)
-            if bias is not None and hasattr(self.adapters[name], "merge_bias"):
-                bias = self.adapters[name].merge_bias(bias)
+            merged = self._adapters[name].merge(merged, self.base_layer)
+            if bias is not None and hasattr(self._adapters[name], "merge_bias"):
+                bias = self._adapters[name].merge_bias(bias)
         if not bool(torch.isfinite(merged).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
             raise UsageError(
                 f"merging adapter(s) {todo} into '{module_name or type(self.base_layer).__name__}' would write NaN/Inf "
@@ -313,42 +567,42 @@ class AdaptedLayer(nn.Module):
             return
         if self._merges_params(todo):
             for name in todo:
-                self.adapters[name].merge_params(self.base_layer, 1.0)
-            self.merged.extend(todo)
+                self._adapters[name].merge_params(self.base_layer, 1.0)
+            self.merged_adapters.extend(todo)
             return
         merged = get_weight(self.base_layer)  # plain layers: the live weight, which adapters update in place
         bias = self._bias()
         for name in todo:
-            merged = self.adapters[name].merge(merged, self.base_layer)
-            if bias is not None and hasattr(self.adapters[name], "merge_bias"):
+            merged = self._adapters[name].merge(merged, self.base_layer)
+            if bias is not None and hasattr(self._adapters[name], "merge_bias"):
                 with torch.no_grad():
-                    bias.copy_(self.adapters[name].merge_bias(bias.detach().clone()))
+                    bias.copy_(self._adapters[name].merge_bias(bias.detach().clone()))
         set_weight(self.base_layer, merged)
-        self.merged.extend(todo)
+        self.merged_adapters.extend(todo)
 
     def unmerge(self) -> None:
         """Take every merged adapter back out of the base weight (last merged first)."""
-        if not self.merged:
+        if not self.merged_adapters:
             return
-        if self._merges_params(self.merged):
-            for name in reversed(self.merged):
-                self.adapters[name].merge_params(self.base_layer, -1.0)
-            self.merged = []
+        if self._merges_params(self.merged_adapters):
+            for name in reversed(self.merged_adapters):
+                self._adapters[name].merge_params(self.base_layer, -1.0)
+            self.merged_adapters = []
             return
         weight = get_weight(self.base_layer)
         bias = self._bias()
-        for name in reversed(self.merged):
-            weight = self.adapters[name].unmerge(weight, self.base_layer)
-            if bias is not None and hasattr(self.adapters[name], "unmerge_bias"):
+        for name in reversed(self.merged_adapters):
+            weight = self._adapters[name].unmerge(weight, self.base_layer)
+            if bias is not None and hasattr(self._adapters[name], "unmerge_bias"):
                 with torch.no_grad():
-                    bias.copy_(self.adapters[name].unmerge_bias(bias.detach().clone()))
+                    bias.copy_(self._adapters[name].unmerge_bias(bias.detach().clone()))
         set_weight(self.base_layer, weight)
-        self.merged = []
+        self.merged_adapters = []
 
     def _merges_params(self, names: list[str]) -> bool:
         """Whether these adapters merge by writing the base's parameters themselves (``merge_params``), not
         through the dense-weight access of ``weights.py``; a layer's adapters do one or the other."""
-        kinds = {hasattr(self.adapters[n], "merge_params") for n in names}
+        kinds = {hasattr(self._adapters[n], "merge_params") for n in names}
         if len(kinds) > 1:
             raise UsageError(f"adapters {names} on {type(self.base_layer).__name__} merge in different ways; merge "
                              "them one at a time")

@@ -221,13 +221,17 @@ class AdapterModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
-    def update_and_allocate(self, global_step: int) -> None:
-        """The ecosystem's spelling, ``model.base_model.update_and_allocate(step)``: see
-        :meth:`PeftModel.update_and_allocate`."""
+    # What code written for the ecosystem reaches through ``model.base_model`` (its tuner object): the PeftModel's own.
+    _OWNER_API = frozenset({
+        "peft_config", "active_adapter", "active_adapters", "set_adapter", "delete_adapter", "update_and_allocate",
+        "disable_adapter_layers", "enable_adapter_layers", "merge_adapter", "unmerge_adapter", "merge_and_unload",
+        "unload", "add_weighted_adapter", "get_layer_status", "get_model_status"})
+
+    def _owner(self, what: str) -> PeftModel:
         owner = _OWNERS.get(self.model)
         if owner is None or owner() is None:
-            raise UsageError("update_and_allocate() needs the PeftModel that owns this model")
-        owner().update_and_allocate(global_step)
+            raise UsageError(f"base_model.{what} needs the PeftModel that owns this model, and it is gone")
+        return owner()
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -236,6 +240,8 @@ class AdapterModel(nn.Module):
             modules = self.__dict__.get("_modules")  # absent before __init__ (DeepSpeed's zero.Init looks early)
             if name == "model" or modules is None or "model" not in modules:
                 raise
+            if name in AdapterModel._OWNER_API:
+                return getattr(self._owner(name), name)
             return getattr(modules["model"], name)
 
 
@@ -429,8 +435,8 @@ class PeftModel(nn.Module):
         self._disabled = True
         for _, module in wrappers(self.model):
             module.disabled = True
-            held = module.adapters if isinstance(module, AdaptedLayer) else module.modules_to_save
-            held.requires_grad_(False)
+            for held in (module.adapters.values() if isinstance(module, AdaptedLayer) else (module.modules_to_save,)):
+                held.requires_grad_(False)
         for adapter in self.model_adapters.values():
             adapter.requires_grad_(False)
 
@@ -734,7 +740,7 @@ class PeftModel(nn.Module):
         """
         names = self._merge_names(adapter_names)
         holders = [m for _, m in wrappers(self.model) if isinstance(m, AdaptedLayer) and set(names) & set(m.adapters)]
-        if holders and all(n in m.merged for m in holders for n in names if n in m.adapters):
+        if holders and all(n in m.merged_adapters for m in holders for n in names if n in m.adapters):
             warnings.warn(f"adapters {names} are merged already; nothing to merge", UserWarning, stacklevel=2)
             return
         self._merge_all(adapter_names, allow_non_finite)

@@ -93,7 +93,7 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
     for name, module in root.named_modules():
         if isinstance(module, AdaptedLayer):
             adapters = dict(module.adapters.items())
-            base, active, merged = module.base_layer, list(module.active), list(module.merged)
+            base, active, merged = module.base_layer, list(module.active), list(module.merged_adapters)
             enabled = not module.disabled
         elif isinstance(module, ModulesToSave):  # active: the told adapters that have a copy here
             adapters = dict(module.modules_to_save.items())

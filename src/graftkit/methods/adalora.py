@@ -128,6 +128,7 @@ class AdaLoraLinear(nn.Module):
 
     Attributes:
         lora_A / lora_E / lora_B: Q (r, in), Λ (r, 1), P (out, r).
+        ranknum: (1,) the initial rank r₀, fixed.
         kept: (r,) bool, the ranks pruning kept (``None`` before pruning, and after a load that built only the kept
             ranks); a save writes only those.
     """
@@ -155,8 +156,11 @@ class AdaLoraLinear(nn.Module):
             else:  # every part random: the adapter changes the output from the start (for tests)
                 for param in (self.lora_A, self.lora_E, self.lora_B):
                     nn.init.normal_(param)
+        # r₀ as a fixed parameter, as the ecosystem holds it (``ranknum.<adapter>`` in memory; never saved or trained)
+        self.ranknum = nn.Parameter(torch.full((1,), float(init_r), device=kw["device"]), requires_grad=False)
+        self.frozen_parameters: tuple[str, ...] = ("ranknum",)
         self.scale = (alpha if alpha > 0 else float(init_r)) / (init_r + _EPS)
-        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.kept: torch.Tensor | None = None
         self.importance: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # name -> (Ī, Ū), not saved
 
@@ -170,7 +174,7 @@ class AdaLoraLinear(nn.Module):
         return (self.lora_A * self.lora_E).to(dtype), self.lora_B.to(dtype)  # (r, in), (out, r)
 
     def _dropout_p(self) -> float:
-        dropout = self._modules["dropout"]
+        dropout = self._modules["lora_dropout"]
         return dropout.p if (self.training and isinstance(dropout, nn.Dropout)) else 0.0
 
     def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
@@ -190,7 +194,7 @@ class AdaLoraLinear(nn.Module):
         p = self._dropout_p()
         if p > 0.0 and can_seed_dropout(x):
             return LoraUpdate.apply(x, y, a, b, self.scale, p, draw_seed())
-        h = F.linear(self.dropout(x), a)  # (..., r)
+        h = F.linear(self.lora_dropout(x), a)  # (..., r)
         out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=self.scale)
         return out.view(y.shape)
 
@@ -272,7 +276,7 @@ class AdaLoraConv2d(AdaLoraLinear):
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         delta = self.delta_weight().to(x.dtype).reshape(base_layer.weight.shape)  # (out, in/groups, kh, kw)
-        return y + base_layer._conv_forward(self.dropout(x), delta, None)
+        return y + base_layer._conv_forward(self.lora_dropout(x), delta, None)
 
     def merge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         return weight.add_(self.delta_weight().detach().reshape(weight.shape).to(weight.dtype))
@@ -287,7 +291,7 @@ def _layers(model: nn.Module, adapter_name: str) -> list[tuple[str, AdaLoraLinea
 
     found = []
     for path, module in wrappers(model):
-        if isinstance(module, AdaptedLayer) and isinstance(module.adapters._modules.get(adapter_name), AdaLoraLinear):
+        if isinstance(module, AdaptedLayer) and isinstance(module.adapters.get(adapter_name), AdaLoraLinear):
             found.append((path, module.adapters[adapter_name]))
     return found
 

@@ -319,6 +319,22 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     return weight.dtype
 
 
+class _Magnitude(nn.Module):
+    """DoRA's magnitude m: ``lora_magnitude_vector.<adapter>.weight`` in memory, as the ecosystem names it; files
+    keep the bare name ``lora_magnitude_vector`` (the owning adapter's state dict says so)."""
+
+    def __init__(self, owner: nn.Module, norm: torch.Tensor) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(norm)
+        owner._register_state_dict_hook(_magnitude_on_disk)
+
+
+def _magnitude_on_disk(module: nn.Module, state: dict[str, Any], prefix: str, _: Any) -> None:
+    key = f"{prefix}lora_magnitude_vector.weight"
+    if key in state:
+        state[f"{prefix}lora_magnitude_vector"] = state.pop(key)
+
+
 class _BiasMerge:
     """``lora_bias``: merging adds s·b_B to the base layer's bias (and unmerging takes it out)."""
 
@@ -355,7 +371,7 @@ class LoraLinear(_BiasMerge, nn.Module):
         self.lora_A = nn.Linear(in_features, r, bias=False, **kw)
         self.lora_B = nn.Linear(r, out_features, bias=lora_bias, **kw)
         self.scaling = _scaling(r, alpha, use_rslora)
-        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fan_in_fan_out = fan_in_fan_out
         # PiSSA/OLoRA: (A₀, B₀) whose s·B₀A₀ the base gives up when the adapter is attached; restored when it leaves.
         self.base_offset: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -386,7 +402,7 @@ class LoraLinear(_BiasMerge, nn.Module):
             with torch.no_grad():  # W + s·BA: the weight the adapted layer computes (the base itself under PiSSA/OLoRA)
                 w = self._oi((weight if self.pending_base is None else self.pending_base).to(kw["dtype"]))
                 norm = self._row_norm(w, torch.zeros_like(w) if self.base_offset else self.delta_weight())
-            self.lora_magnitude_vector = nn.Parameter(norm)  # (out,)
+            self.lora_magnitude_vector = _Magnitude(self, norm)  # (out,)
         self._dora_merge_scale: torch.Tensor | None = None
         self._cast: tuple | None = None  # (key, A, B) in an activation dtype, for inference (see _weights)
 
@@ -514,7 +530,7 @@ class LoraLinear(_BiasMerge, nn.Module):
 
     def _dropout_p(self) -> float:
         """The dropout probability in effect now (0 in eval mode or without dropout)."""
-        dropout = self._modules["dropout"]
+        dropout = self._modules["lora_dropout"]
         return dropout.p if (self.training and isinstance(dropout, nn.Dropout)) else 0.0
 
     def _weights(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -568,7 +584,7 @@ class LoraLinear(_BiasMerge, nn.Module):
         if self.lora_B.bias is not None:  # lora_bias: s·(B h + b_B)
             y = y + self.scaling * self.lora_B.bias.to(dtype)
         if isinstance(self.scaling, torch.Tensor) and not self.use_dora:  # prepared for compiled hot-swapping
-            xa = F.linear(self.dropout(x), a)  # (..., r)
+            xa = F.linear(self.lora_dropout(x), a)  # (..., r)
             return y + F.linear(xa, b) * self.scaling.to(dtype)
         if not self.use_dora:
             if p > 0.0 and can_seed_dropout(x):
@@ -576,16 +592,16 @@ class LoraLinear(_BiasMerge, nn.Module):
                 return LoraUpdate.apply(x, y, a, b, self.scaling, p, draw_seed())
             # y + s·(x Aᵀ) Bᵀ as one addmm: the scale and the residual add ride in the GEMM epilogue,
             # so no (..., out) temporary is made besides the result.
-            xa = F.linear(self.dropout(x), a)  # (..., r)
+            xa = F.linear(self.lora_dropout(x), a)  # (..., r)
             out = torch.addmm(y.reshape(-1, y.shape[-1]), xa.reshape(-1, xa.shape[-1]), b.t(), alpha=self.scaling)
             return out.view(y.shape)
-        h = self.dropout(x)
+        h = self.lora_dropout(x)
         lora = F.linear(F.linear(h, a) * self.scaling, b)  # (..., out)
         w = self._oi(get_weight(base_layer).to(dtype))  # (out, in)
         with torch.no_grad():  # DoRA §4.3: the norm is a constant in backward
             norm = self._row_norm(w, (b @ a) * self.scaling)
-        scale = self.lora_magnitude_vector.to(dtype) / norm  # (out,)
-        if isinstance(self.dropout, nn.Identity) or not self.training:
+        scale = self.lora_magnitude_vector.weight.to(dtype) / norm  # (out,)
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             bias = getattr(base_layer, "bias", None)
             base_out = y if bias is None else y - bias
         else:
@@ -608,7 +624,7 @@ class LoraLinear(_BiasMerge, nn.Module):
             index: (B,) position in ``adapters`` of each row's adapter.
         """
         live = [a for a in adapters if a is not None]
-        if any(a.use_dora or a.lora_B.bias is not None or (a.training and not isinstance(a.dropout, nn.Identity))
+        if any(a.use_dora or a.lora_B.bias is not None or (a.training and not isinstance(a.lora_dropout, nn.Identity))
                for a in live):
             return None
         a_stack, b_stack = _stacked(adapters, live, x.dtype, x.device, cache)
@@ -638,7 +654,7 @@ class LoraLinear(_BiasMerge, nn.Module):
             return self._add_update(weight, 1.0)
         w = self._oi(weight)
         delta = self.delta_weight().detach().to(weight.dtype)
-        scale = (self.lora_magnitude_vector.detach().to(weight.dtype) / self._row_norm(w, delta))  # (out,)
+        scale = (self.lora_magnitude_vector.weight.detach().to(weight.dtype) / self._row_norm(w, delta))  # (out,)
         self._dora_merge_scale = scale
         w.add_(delta).mul_(scale[:, None])
         return weight
@@ -722,7 +738,7 @@ class LoraEmbedding(nn.Module):
         if use_dora:
             with torch.no_grad():
                 norm = self._column_norm(weight.to(kw["dtype"]), self.delta_weight())
-            self.lora_magnitude_vector = nn.Parameter(norm)  # (dim,)
+            self.lora_magnitude_vector = _Magnitude(self, norm)  # (dim,)
 
     @staticmethod
     def _column_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -744,14 +760,14 @@ class LoraEmbedding(nn.Module):
             return y + update
         with torch.no_grad():  # DoRA §4.3: the norm is a constant in backward
             norm = self._column_norm(base_layer.weight.to(y.dtype), ((b @ a).T * self.scaling))
-        scale = self.lora_magnitude_vector.to(y.dtype) / norm  # (dim,)
+        scale = self.lora_magnitude_vector.weight.to(y.dtype) / norm  # (dim,)
         return scale * (y + update)
 
     def merge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         delta = self.delta_weight().detach().to(weight.dtype)
         if not self.use_dora:
             return weight.add_(delta)
-        scale = self.lora_magnitude_vector.detach().to(weight.dtype) / self._column_norm(weight, delta)
+        scale = self.lora_magnitude_vector.weight.detach().to(weight.dtype) / self._column_norm(weight, delta)
         self._dora_merge_scale = scale
         return weight.add_(delta).mul_(scale[None, :])
 
@@ -1005,8 +1021,14 @@ class LoraParameters(nn.Module):
         super().__init__()
         self.names = list(ranks)
         transposed = bool(getattr(base_layer, "is_transposed", False))
-        self.updates = nn.ModuleDict({n: _ParameterUpdate(getattr(base_layer, n), transposed, r, scaling, init)
-                                      for n, (r, scaling) in ranks.items()})
+        updates = {n: _ParameterUpdate(getattr(base_layer, n), transposed, r, scaling, init)
+                   for n, (r, scaling) in ranks.items()}
+        if len(updates) == 1:  # the common case, named in memory as the ecosystem does: <module>.lora_A.<adapter>
+            (only,) = updates.values()
+            self.lora_A, self.lora_B = only.lora_A, only.lora_B
+            self.__dict__["updates"] = updates  # the same modules, reached by parameter name; not registered twice
+        else:
+            self.updates = nn.ModuleDict(updates)
 
     def substitute(self, base_layer: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = dict(params)
@@ -1158,7 +1180,7 @@ class LoraConv(_BiasMerge, nn.Module):
         self.lora_B = conv(r, base_layer.out_channels, ones, ones, groups=base_layer.groups, bias=lora_bias, **kw)
         self.groups = base_layer.groups
         self.scaling = _scaling(r, alpha, use_rslora)
-        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         _init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
         if lora_bias:
             nn.init.zeros_(self.lora_B.bias)
@@ -1168,7 +1190,7 @@ class LoraConv(_BiasMerge, nn.Module):
             with torch.no_grad():
                 w = weight.to(kw["dtype"])
                 norm = self._channel_norm(w + self.scaling * self._norm_delta(w.shape))
-            self.lora_magnitude_vector = nn.Parameter(norm)  # (1, out, 1, ...)
+            self.lora_magnitude_vector = _Magnitude(self, norm)  # (1, out, 1, ...)
 
     @staticmethod
     def _channel_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -1193,7 +1215,7 @@ class LoraConv(_BiasMerge, nn.Module):
         b = self.lora_B.weight.to(x.dtype)
         bias = None if self.lora_B.bias is None else self.lora_B.bias.to(x.dtype)
         la = self.lora_A
-        h = self._conv_fn(self.dropout(x), a, None, la.stride, la.padding, la.dilation)
+        h = self._conv_fn(self.lora_dropout(x), a, None, la.stride, la.padding, la.dilation)
         return self._conv_fn(h, b, bias, groups=self.groups) * self.scaling
 
     def forward(self, x: torch.Tensor, y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
@@ -1202,12 +1224,12 @@ class LoraConv(_BiasMerge, nn.Module):
         w = base_layer.weight.to(x.dtype)
         with torch.no_grad():  # DoRA §4.3: the norm is a constant in backward
             norm = self._channel_norm(w + self.scaling * self._norm_delta(w.shape).to(x.dtype))
-        scale = (self.lora_magnitude_vector.to(x.dtype) / norm).view(1, -1, *([1] * self.dims))
-        if isinstance(self.dropout, nn.Identity) or not self.training:
+        scale = (self.lora_magnitude_vector.weight.to(x.dtype) / norm).view(1, -1, *([1] * self.dims))
+        if isinstance(self.lora_dropout, nn.Identity) or not self.training:
             bias = base_layer.bias
             base_out = y if bias is None else y - bias.view(1, -1, *([1] * self.dims))
         else:
-            base_out = self._conv_fn(self.dropout(x), w, None, base_layer.stride, base_layer.padding,
+            base_out = self._conv_fn(self.lora_dropout(x), w, None, base_layer.stride, base_layer.padding,
                                      base_layer.dilation, base_layer.groups)
         return y + (scale - 1) * base_out + scale * self._lora(x)
 
@@ -1224,7 +1246,7 @@ class LoraConv(_BiasMerge, nn.Module):
         delta = self.delta_weight().detach().to(weight.dtype)
         if not self.use_dora:
             return weight.add_(delta)
-        scale = (self.lora_magnitude_vector.detach().to(weight.dtype) / self._channel_norm(weight + delta))
+        scale = (self.lora_magnitude_vector.weight.detach().to(weight.dtype) / self._channel_norm(weight + delta))
         scale = scale.reshape(-1, *([1] * (weight.dim() - 1)))  # (out, 1, ...)
         self._dora_merge_scale = scale
         return weight.add_(delta).mul_(scale)
@@ -1623,8 +1645,9 @@ class Lora(Method):
     @classmethod
     def extra_trainable(cls, model: nn.Module, config: LoraConfig) -> Iterator[tuple[str, nn.Parameter]]:
         if config.bias == "all":
+            owned = {id(p) for _, layer in _lora_layers(model) for a in layer.adapters.values() for p in a.parameters()}
             for name, param in model.named_parameters():
-                if name.endswith("bias") and ".adapters." not in name:
+                if name.endswith("bias") and id(param) not in owned:
                     yield name, param
         elif config.bias == "lora_only":
             for name, module in model.named_modules():
@@ -1773,7 +1796,7 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike[str]
         raise CheckpointError(f"{directory}: the adapter lacks {lacking[:3]}, which '{adapter_name}' trains in full "
                               "(modules_to_save, trainable tokens); only LoRA layers may be left out")
     layers = [(p, m) for p, m in _lora_layers(peft_model.model) if adapter_name in m.adapters]
-    if any(adapter_name in m.merged for _, m in layers):
+    if any(adapter_name in m.merged_adapters for _, m in layers):
         raise UsageError(f"adapter '{adapter_name}' is merged; unmerge_adapter() before hot-swapping")
     for key, new in tensors.items():
         old = live[key]

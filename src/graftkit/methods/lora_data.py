@@ -597,8 +597,7 @@ def initialize_lora_eva_weights(model: nn.Module, dataloader: Iterable | None = 
                 fresh = Lora.create_adapter(layer.base_layer, dataclasses.replace(
                     config, r=rank, lora_alpha=alpha, rank_pattern={}, alpha_pattern={}), path)
                 fresh.requires_grad_(old.lora_A.weight.requires_grad)
-                layer.adapters[adapter_name] = fresh
-                layer._stacks.clear()
+                layer.replace(adapter_name, fresh)
             layer.adapters[adapter_name].lora_A.weight.copy_(w)
             kept.append(path)
         else:
