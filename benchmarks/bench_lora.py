@@ -181,13 +181,10 @@ def make_peft(base: nn.Module, config_kwargs: dict, autocast: bool, adapter_name
 def _copy_adapters_into_peft(ours: nn.Module, theirs: nn.Module) -> None:
     """Give the peft model graftkit's adapter weights (every adapter name), so both compute the same thing."""
     theirs_params = dict(theirs.named_parameters())
-    with torch.no_grad():
+    with torch.no_grad():  # the in-memory names are the same in both libraries
         for key, p in ours.named_parameters():
-            if ".adapters." not in key:
-                continue
-            head, rest = key.split(".adapters.", 1)
-            adapter, ab, tail = rest.split(".", 2)
-            theirs_params[f"{head}.{ab}.{adapter}.{tail}"].copy_(p)
+            if ".lora_" in key:
+                theirs_params[key].copy_(p)
 
 
 def _same_output(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
