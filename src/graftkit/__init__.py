@@ -59,6 +59,13 @@ from .model import (
     get_peft_model,
     inject_adapter_in_model,
 )
+from .state import (
+    StateDictError,
+    get_base_model_state_dict,
+    get_peft_model_state_dict,
+    set_base_model_state_dict,
+    set_peft_model_state_dict,
+)
 from .status import TunerLayerStatus, TunerModelStatus, get_layer_status, get_model_status
 
 __version__ = "0.1.0"
@@ -116,6 +123,7 @@ __all__ = [
     "PromptTuningConfig",
     "PromptTuningInit",
     "SaveError",
+    "StateDictError",
     "TargetError",
     "TaskType",
     "TunerLayerStatus",
@@ -125,10 +133,12 @@ __all__ = [
     "UsageError",
     "check_if_peft_model",
     "disable_input_dtype_casting",
+    "get_base_model_state_dict",
     "get_eva_state_dict",
     "get_layer_status",
     "get_model_status",
     "get_peft_model",
+    "get_peft_model_state_dict",
     "hotswap_adapter",
     "initialize_lora_eva_weights",
     "inject_adapter_in_model",
@@ -139,5 +149,7 @@ __all__ = [
     "preprocess_loraga",
     "replace_lora_weights_loftq",
     "rescale_adapter_scale",
+    "set_base_model_state_dict",
+    "set_peft_model_state_dict",
     "__version__",
 ]

@@ -23,6 +23,7 @@ import os
 import sys
 import warnings
 import weakref
+from collections import namedtuple
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -35,6 +36,7 @@ from .errors import (
     CheckpointError,
     ConfigError,
     GraftkitError,
+    PeftWarning,
     TargetError,
     UnsupportedError,
     UsageError,
@@ -123,6 +125,44 @@ def adapter_tensors(model: nn.Module, name: str, config: PeftConfig,
     for key, param in method_for(config).extra_trainable(model, config):
         out[PREFIX + key] = param
     return out
+
+
+IncompatibleKeys = namedtuple("IncompatibleKeys", ["missing_keys", "unexpected_keys"])
+
+
+def memory_names(model: nn.Module) -> dict[int, str]:
+    """id(tensor) -> its in-memory state-dict key (the first of a tensor held under several names)."""
+    names: dict[int, str] = {}
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        names.setdefault(id(tensor), key)
+    return names
+
+
+def saved_to_memory(model: PeftModel, adapter_name: str) -> dict[str, str]:
+    """Saved key -> in-memory key of adapter ``adapter_name``'s tensors (paired by the tensors themselves: the saved
+    tensor is the live one, so no string rewriting, and every method maps the same way)."""
+    names = memory_names(model)
+    saved = model.get_adapter_state_dict(adapter_name)
+    out = {key: names[id(t)] for key, t in saved.items() if id(t) in names}
+    for key, tensor in embedding_base_tensors(model.model).items():
+        if id(tensor) in names:
+            out[key] = names[id(tensor)]
+    return out
+
+
+def guess_memory_name(model: nn.Module, key: str, adapter_name: str) -> str:
+    """How a saved key the adapter does not hold is reported: on an adapted layer, with the adapter name after its
+    attribute (where it would have gone); elsewhere, as given."""
+    head, _, last = key.rpartition(".")
+    attr_path = head if last in ("weight", "bias") else key
+    layer_path = attr_path.rpartition(".")[0].removeprefix(PREFIX)
+    try:
+        layer = model.get_submodule(layer_path) if layer_path else None
+    except AttributeError:
+        layer = None
+    if not isinstance(layer, AdaptedLayer):
+        return key
+    return f"{head}.{adapter_name}.{last}" if attr_path == head else f"{key}.{adapter_name}"
 
 
 def embedding_base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -969,6 +1009,7 @@ class PeftModel(nn.Module):
         strict: bool = True,
         allow_pickle: bool = False,
         autocast_adapter_dtype: bool = True,
+        ignore_mismatched_sizes: bool = False,
         **hub_kwargs: Any,
     ) -> PeftModel:
         """Load a saved adapter onto ``model``.
@@ -979,6 +1020,8 @@ class PeftModel(nn.Module):
             config: use this config (a config object or dict) instead of the folder's ``adapter_config.json``.
             strict: missing or unexpected tensor names are errors; ``False`` loads the tensors that match.
             allow_pickle: accept an ``adapter_model.bin`` (read with ``torch.load(weights_only=True)``).
+            ignore_mismatched_sizes: tensors whose shape differs from the adapter's are skipped with a warning (the
+                adapter keeps its initial values there) instead of refused.
 
         Raises:
             ConfigError / CheckpointError: bad config, missing or damaged files, mismatched names, shapes or saves.
@@ -998,7 +1041,7 @@ class PeftModel(nn.Module):
             saved, meta = method_for(saved).upgrade_checkpoint(model, saved.copy(), _with_prefix(meta), directory)
             _check_header(model, meta, directory)
             prepared = task_class(saved)._prepare_config_for(model, saved)
-            _check_shapes_before_building(model, prepared, meta, strict, directory)
+            _check_shapes_before_building(model, prepared, meta, strict, directory, ignore_mismatched_sizes)
 
         given = None if config is None else as_config(config)
         config, tensors = read_checkpoint(directory, allow_pickle, given, check_shapes=fits)
@@ -1007,12 +1050,14 @@ class PeftModel(nn.Module):
         target_cls = task_class(config)
         tensors = _with_prefix(tensors)
         config, tensors = method_for(config).upgrade_checkpoint(model, config, tensors, directory)
-        _check_shapes_before_building(model, target_cls._prepare_config_for(model, config), tensors, strict, directory)
+        _check_shapes_before_building(model, target_cls._prepare_config_for(model, config), tensors, strict, directory,
+                                      ignore_mismatched_sizes)
         grads = {id(p): p.requires_grad for p in model.parameters()}
         with loading():
             peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
         try:
-            peft_model._load_tensors(adapter_name, tensors, strict=strict, source=directory)
+            peft_model._load_tensors(adapter_name, tensors, strict=strict, source=directory,
+                                     ignore_mismatched=ignore_mismatched_sizes)
         except BaseException:
             peft_model._remove_modules(adapter_name)  # only what this call built
             for param in model.parameters():
@@ -1032,13 +1077,22 @@ class PeftModel(nn.Module):
         revision: str | None = None,
         strict: bool = True,
         allow_pickle: bool = False,
+        ignore_mismatched_sizes: bool = False,
         **hub_kwargs: Any,
-    ) -> None:
+    ) -> IncompatibleKeys:
         """Load a saved adapter under ``adapter_name``.
 
         A new name adds the adapter (not activated: use :meth:`set_adapter`). An existing name replaces that
         adapter's weights in place (what resuming a training run needs): the saved config must describe the same
         adapter (method, targets, rank, scaling, ...), and the adapter keeps its activation and trainability.
+
+        Args:
+            strict: missing or unexpected tensor names are errors; ``False`` loads the tensors that match.
+            ignore_mismatched_sizes: tensors whose shape differs from the adapter's are skipped with a warning.
+
+        Returns:
+            ``(missing_keys, unexpected_keys)`` under their in-memory names (``...lora_A.<adapter_name>.weight``), as
+            HF peft returns them: the adapter's tensors the file did not hold, and the file's tensors that fit none.
 
         Raises:
             ConfigError: loading into an existing adapter whose config differs (the fields are named).
@@ -1054,7 +1108,8 @@ class PeftModel(nn.Module):
             if adapter_name in self.peft_config:  # shapes may follow the file's training state (AdaLoRA's ranks)
                 self._check_same_adapter(adapter_name, saved, directory)
             else:
-                _check_shapes_before_building(self.model, self._prepare_config(saved), meta, strict, directory)
+                _check_shapes_before_building(self.model, self._prepare_config(saved), meta, strict, directory,
+                                              ignore_mismatched_sizes)
 
         config, tensors = read_checkpoint(directory, allow_pickle, check_shapes=fits)
         config.inference_mode = not is_trainable
@@ -1069,18 +1124,21 @@ class PeftModel(nn.Module):
                 for field in before:
                     setattr(current, field, copy.deepcopy(getattr(config, field)))
                 method.restore_state(self.model, current, adapter_name)
-                self._load_tensors(adapter_name, tensors, strict=strict, source=directory)
+                missing, unexpected = self._load_tensors(adapter_name, tensors, strict=strict, source=directory,
+                                                         ignore_mismatched=ignore_mismatched_sizes)
             except BaseException:
                 for field, value in before.items():
                     setattr(current, field, value)
                 method.restore_state(self.model, current, adapter_name)
                 raise
-            return
-        _check_shapes_before_building(self.model, self._prepare_config(config), tensors, strict, directory)
+            return self._load_result(adapter_name, missing, unexpected)
+        _check_shapes_before_building(self.model, self._prepare_config(config), tensors, strict, directory,
+                                      ignore_mismatched_sizes)
         with loading():
             self.add_adapter(adapter_name, config)
         try:
-            self._load_tensors(adapter_name, tensors, strict=strict, source=directory)
+            missing, unexpected = self._load_tensors(adapter_name, tensors, strict=strict, source=directory,
+                                                     ignore_mismatched=ignore_mismatched_sizes)
         except BaseException:
             self.delete_adapter(adapter_name)
             raise
@@ -1088,6 +1146,13 @@ class PeftModel(nn.Module):
             unfreeze_adapter(self.model, self.peft_config[adapter_name], adapter_name, self.model_adapters)
         else:
             self.eval()
+        return self._load_result(adapter_name, missing, unexpected)
+
+    def _load_result(self, adapter_name: str, missing: list[str], unexpected: list[str]) -> IncompatibleKeys:
+        """Saved names of a load's missing and unexpected tensors, as the in-memory names HF peft reports."""
+        mapping = saved_to_memory(self, adapter_name)
+        return IncompatibleKeys([mapping.get(k, guess_memory_name(self.model, k, adapter_name)) for k in missing],
+                                [mapping.get(k, guess_memory_name(self.model, k, adapter_name)) for k in unexpected])
 
     def _check_same_adapter(self, adapter_name: str, saved: PeftConfig, source: str) -> None:
         def normal(config: PeftConfig) -> dict[str, Any]:  # lists of names compare as sets (files keep no order)
@@ -1104,10 +1169,27 @@ class PeftModel(nn.Module):
                 "Load it under a new adapter_name, or delete_adapter() the old one first"
             )
 
-    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], strict: bool, source: str) -> None:
+    def _load_tensors(self, adapter_name: str, tensors: dict[str, torch.Tensor], strict: bool, source: str,
+                      ignore_mismatched: bool = False) -> tuple[list[str], list[str]]:
+        """Copy saved-name ``tensors`` into adapter ``adapter_name``; returns the (missing, unexpected) saved names.
+
+        Raises:
+            CheckpointError: names (``strict``) or shapes (unless ``ignore_mismatched``) do not fit; nothing changed.
+        """
         expected = self.get_adapter_state_dict(adapter_name)
         optional = embedding_base_tensors(self.model)
         tensors = _with_prefix(tensors)
+        if ignore_mismatched:
+            skipped = {k: (tuple(v.shape), tuple(expected.get(k, optional.get(k)).shape)) for k, v in tensors.items()
+                       if (k in expected or k in optional)
+                       and tuple(v.shape) != tuple(expected.get(k, optional.get(k)).shape)}
+            if skipped:
+                warnings.warn(f"{source}: skipped tensors whose shape does not fit the model "
+                              f"(ignore_mismatched_sizes=True): " + "; ".join(
+                                  f"{k}: {a} in the file, {b} in the model" for k, (a, b) in skipped.items()),
+                              PeftWarning, stacklevel=3)
+                tensors = {k: v for k, v in tensors.items() if k not in skipped}
+                expected = {k: v for k, v in expected.items() if k not in skipped}
         missing = sorted(set(expected) - set(tensors))
         unexpected = sorted(set(tensors) - set(expected) - set(optional))
         if strict and (missing or unexpected):
@@ -1141,6 +1223,7 @@ class PeftModel(nn.Module):
                 dst = expected.get(key, optional.get(key))
                 if dst is not None and key not in taken:
                     dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
+        return missing, unexpected
 
 
 def _with_prefix(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -1184,7 +1267,7 @@ def _check_header(model: nn.Module, tensors: dict[str, torch.Tensor], source: st
 
 
 def _check_shapes_before_building(model: nn.Module, config: PeftConfig, tensors: dict[str, torch.Tensor],
-                                  strict: bool, source: str) -> None:
+                                  strict: bool, source: str, ignore_mismatched: bool = False) -> None:
     """Compare the file's tensors with the shapes ``config`` would build on ``model``, before anything sized by
     the config is allocated (a damaged ``r`` must not allocate gigabytes before the shape error).
 
@@ -1202,7 +1285,7 @@ def _check_shapes_before_building(model: nn.Module, config: PeftConfig, tensors:
             name = f"{PREFIX}{path}.{key}"
             implied.append(name)
             src = tensors.get(name)
-            if src is not None and tuple(src.shape) != tuple(shape):
+            if src is not None and tuple(src.shape) != tuple(shape) and not ignore_mismatched:
                 raise CheckpointError(
                     f"{source}: tensor '{name}' has shape {tuple(src.shape)} in the file, but the config "
                     f"(r / rank_pattern) and the base layer give {tuple(shape)}; the config and weights do not match"

@@ -146,8 +146,8 @@ class AdaLoraLinear(nn.Module):
         """Q (r, in), Λ (r, 1), P (out, r), the scale, dropout and the pruning state."""
         kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
         self.lora_A = nn.Parameter(torch.empty(r, in_features, **kw))
-        self.lora_E = nn.Parameter(torch.empty(r, 1, **kw))
         self.lora_B = nn.Parameter(torch.empty(out_features, r, **kw))
+        self.lora_E = nn.Parameter(torch.empty(r, 1, **kw))
         with torch.no_grad():
             if init:
                 nn.init.normal_(self.lora_A, std=0.02)
@@ -209,9 +209,9 @@ class AdaLoraLinear(nn.Module):
     # ------------------------------------------------------------------ save / load of the kept ranks
     def saved_tensors(self) -> dict[str, torch.Tensor]:
         if self.kept is None or bool(self.kept.all()):
-            return {"lora_A": self.lora_A, "lora_E": self.lora_E, "lora_B": self.lora_B}
+            return {"lora_A": self.lora_A, "lora_B": self.lora_B, "lora_E": self.lora_E}
         kept = self.kept.to(self.lora_A.device)
-        return {"lora_A": self.lora_A[kept], "lora_E": self.lora_E[kept], "lora_B": self.lora_B[:, kept]}
+        return {"lora_A": self.lora_A[kept], "lora_B": self.lora_B[:, kept], "lora_E": self.lora_E[kept]}
 
     def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
         """Take saved tensors: the full ranks, or (while pruned) the kept ranks, the others set to Λ = 0."""
