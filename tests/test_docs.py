@@ -49,3 +49,19 @@ def test_block_runs(name, code, tmp_path, monkeypatch):
         assert best is not None and (Path(best) / "adapter_model.safetensors").is_file()
         assert (tmp_path / "quick-tour" / "best" / "adapter_model.safetensors").is_file()
 
+
+
+def test_the_peft_names_table_is_current():
+    """docs/coming-from-peft.md lists every name of ``peft.__all__`` and whether graftkit has it, as
+    ``scripts/peft_names.py`` would write it from the installed packages (run it to update the page)."""
+    pytest.importorskip("peft")
+    spec = importlib.util.spec_from_file_location("peft_names", ROOT / "scripts" / "peft_names.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    page = (ROOT / "docs" / "coming-from-peft.md").read_text(encoding="utf-8")
+    written, expected = script.section(page), script.table()
+    assert written == expected, "the table is stale: run python scripts/peft_names.py"
+    import peft
+
+    assert all(f"| `{name}` |" in written for name in peft.__all__)
+    assert "| `get_peft_model_state_dict` | yes |" in written and "| `LoKrConfig` | not yet |" in written
