@@ -59,6 +59,7 @@ from .model import (
     get_peft_model,
     inject_adapter_in_model,
 )
+from .optimizers import LoraFAOptimizer, create_lorafa_optimizer, create_loraplus_optimizer
 from .state import (
     StateDictError,
     get_base_model_state_dict,
@@ -104,6 +105,7 @@ __all__ = [
     "IA3Config",
     "LoftQConfig",
     "LoraConfig",
+    "LoraFAOptimizer",
     "LoraGAConfig",
     "MissingPackageError",
     "PeftConfig",
@@ -132,6 +134,8 @@ __all__ = [
     "UnsupportedError",
     "UsageError",
     "check_if_peft_model",
+    "create_lorafa_optimizer",
+    "create_loraplus_optimizer",
     "disable_input_dtype_casting",
     "get_base_model_state_dict",
     "get_eva_state_dict",
