@@ -974,6 +974,52 @@ class PeftModel(nn.Module):
                 os.makedirs(save_directory, exist_ok=True)
                 save_checkpoint(save_directory, {README_NAME: text_writer(card)})
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        tags: list[str] | None = None,
+        selected_adapters: list[str] | None = None,
+        safe_serialization: bool = True,
+        **_: Any,
+    ) -> Any:
+        """Upload the adapters to the Hugging Face Hub repo ``repo_id`` (created if needed) in one commit: the
+        files ``save_pretrained`` writes, with the repo's model card kept and ``library_name``, the base model and
+        ``tags`` merged into it.
+
+        Returns:
+            huggingface_hub's ``CommitInfo`` of the commit.
+
+        Raises:
+            huggingface_hub's errors (no token, no access, network), unchanged; nothing is changed locally.
+        """
+        import tempfile
+
+        from huggingface_hub import HfApi, ModelCard
+        from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError
+
+        api = HfApi(token=token)
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory(prefix="graftkit-push-") as folder:
+            try:  # the card already there is merged into, not replaced
+                ModelCard.load(repo_id, token=token).save(os.path.join(folder, README_NAME))
+            except (EntryNotFoundError, RepositoryNotFoundError):
+                pass
+            self.save_pretrained(folder, selected_adapters=selected_adapters, safe_serialization=safe_serialization)
+            if tags:
+                card = model_card(folder, None, list(tags))
+                if card is not None:
+                    save_checkpoint(folder, {README_NAME: text_writer(card)})
+            return api.upload_folder(repo_id=repo_id, folder_path=folder, revision=revision, create_pr=create_pr,
+                                     commit_message=commit_message or "Upload adapter with graftkit",
+                                     commit_description=commit_description)
+
     def get_layer_status(self) -> list[Any]:
         """Every adapted layer's adapters and state (see :func:`graftkit.get_layer_status`)."""
         from .status import get_layer_status
