@@ -37,6 +37,7 @@ from .methods import (
     PromptEncoderReparameterizationType,
     PromptTuningConfig,
     PromptTuningInit,
+    TrainableTokensConfig,
 )
 from .methods.lora import (
     CordaConfig,
@@ -131,6 +132,7 @@ __all__ = [
     "TunerLayerStatus",
     "TunerModelStatus",
     "Trainer",
+    "TrainableTokensConfig",
     "UnsupportedError",
     "UsageError",
     "check_if_peft_model",

@@ -46,6 +46,7 @@ class PeftType(str, enum.Enum):
     PREFIX_TUNING = "PREFIX_TUNING"
     P_TUNING = "P_TUNING"
     ADAPTION_PROMPT = "ADAPTION_PROMPT"
+    TRAINABLE_TOKENS = "TRAINABLE_TOKENS"
 
     def __str__(self) -> str:
         return self.value

@@ -58,7 +58,6 @@ from .weights import dense_linear, is_quantized
 PREFIX = "base_model.model."
 _OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()  # base -> its PeftModel
 _FORWARD_INPUTS: dict[type, frozenset[str]] = {}
-EMBEDDING_NAMES = ("embed_tokens", "lm_head")
 
 
 # ---------------------------------------------------------------------------------------------- model-level helpers
@@ -177,13 +176,6 @@ def embedding_base_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
         if isinstance(module, AdaptedLayer) and any(module is layer or module.base_layer is layer for layer in layers):
             out[f"{PREFIX}{path}.base_layer.weight"] = module.base_layer.weight
     return out
-
-
-def _targets_embeddings(config: PeftConfig) -> bool:
-    targets = getattr(config, "target_modules", None)
-    if targets is None:
-        return False
-    return any(name in targets for name in EMBEDDING_NAMES)
 
 
 def _ids_as_keyword(args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]]:
@@ -950,7 +942,7 @@ class PeftModel(nn.Module):
                     "before unloading, or pass allow_empty=True if an empty adapter is what you want"
                 )
             with_embeddings = save_embedding_layers is True or (
-                save_embedding_layers == "auto" and _targets_embeddings(config)
+                save_embedding_layers == "auto" and method_for(config).saves_embedding_layers(config)
             )
             if path_initial_model_for_weight_conversion is not None:
                 initial_dir = resolve_adapter_dir(os.fspath(path_initial_model_for_weight_conversion), None, None)

@@ -48,6 +48,13 @@ class Method:
         return None
 
     @classmethod
+    def saves_embedding_layers(cls, config: PeftConfig) -> bool:
+        """Whether ``save_embedding_layers="auto"`` also saves the base weights of the input/output embeddings:
+        when the adapter targets them by name (``embed_tokens`` / ``lm_head``), as the ecosystem does."""
+        targets = getattr(config, "target_modules", None)
+        return targets is not None and any(name in targets for name in ("embed_tokens", "lm_head"))
+
+    @classmethod
     def check_new_adapter(cls, config: PeftConfig, others: list[PeftConfig]) -> None:
         """Refuse an adapter that cannot live beside the model's other adapters ``others`` (raise a
         ``ConfigError``); most methods allow any."""

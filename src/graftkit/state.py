@@ -30,6 +30,7 @@ from .model import (
     memory_names,
     saved_to_memory,
 )
+from .registry import method_for
 
 # peft's name for the pair ``load_state_dict`` returns; graftkit's ``load_adapter`` returns the same.
 __all__ = ["IncompatibleKeys", "StateDictError", "get_base_model_state_dict", "get_peft_model_state_dict",
@@ -67,9 +68,8 @@ def get_peft_model_state_dict(model: Any, state_dict: dict[str, torch.Tensor] | 
     model = _peft_model(getattr(model, "_orig_mod", model), "get_peft_model_state_dict")
     saved = model.get_adapter_state_dict(adapter_name)
     config = model.peft_config[adapter_name]
-    targets = getattr(config, "target_modules", None) or []
-    if save_embedding_layers is True or (save_embedding_layers == "auto" and any(
-            name in targets for name in ("embed_tokens", "lm_head"))):
+    if save_embedding_layers is True or (save_embedding_layers == "auto" and
+                                         method_for(config).saves_embedding_layers(config)):
         saved.update(embedding_base_tensors(model.model))
     if state_dict is not None:
         names = memory_names(model)

@@ -194,7 +194,7 @@ def linear_features(layer: nn.Module) -> tuple[int, int] | None:
     """(in_features, out_features) of a linear layer of any kind (``nn.Linear``, transformers ``Conv1D`` storing
     (in, out), quantized linears), or ``None`` for other layers; read without touching the weight's data."""
     if type(layer).__name__ == "Conv1D":
-        fan_in, fan_out = layer.weight.shape
+        fan_in, fan_out = getattr(layer.weight, "ds_shape", layer.weight.shape)  # ZeRO-3 keeps the full shape there
         return fan_in, fan_out
     if isinstance(getattr(layer, "in_features", None), int) and not isinstance(layer, nn.Embedding):
         return layer.in_features, layer.out_features

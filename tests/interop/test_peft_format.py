@@ -169,3 +169,22 @@ def test_trainable_counts_with_tied_embeddings_and_meta_device():
     lora_per_layer = 8 * (32 + 32) * 2 + 8 * (32 + 16) * 2 + 8 * (32 + 64) * 3
     assert trainable == 2 * lora_per_layer
     assert total == 128 * 32 + 2 * layer + 32 + trainable
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_trainable_tokens_method_moves_both_ways(tied, tmp_path):
+    def base():
+        return tiny_llama(tie_word_embeddings=tied)
+
+    x = token_batch()
+    x["input_ids"][0, :2] = torch.tensor([2, 9])
+    theirs = peft.get_peft_model(base(), peft.TrainableTokensConfig(token_indices=[2, 9], init_weights=False))
+    theirs.save_pretrained(tmp_path / "peft")
+    ours = graftkit.PeftModel.from_pretrained(base(), tmp_path / "peft")
+    torch.testing.assert_close(run(ours, x), run(theirs, x), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        ours.base_model.model.model.embed_tokens.trainable_tokens_delta["default"].mul_(-1)
+    ours.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(base(), tmp_path / "ours")
+    torch.testing.assert_close(run(back, x), run(ours, x), atol=1e-5, rtol=0)
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["peft_type"] == "TRAINABLE_TOKENS"

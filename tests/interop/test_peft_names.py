@@ -116,6 +116,9 @@ MATRIX = {
                          None),
     "target-parameters": (tiny_llama, "LoraConfig", dict(r=2, target_modules=[], target_parameters=[
         "self_attn.q_proj.weight", "self_attn.k_proj.weight"]), None),
+    "trainable-tokens-method": (tiny_llama, "TrainableTokensConfig", dict(token_indices=[1, 3]), None),
+    "trainable-tokens-method-tied": (lambda: tiny_llama(tie_word_embeddings=True), "TrainableTokensConfig",
+                                     dict(token_indices=[1, 3]), None),
     "seq-cls": (tiny_bert_cls, "LoraConfig", dict(r=2, task_type="SEQ_CLS"), None),
     "ia3": (tiny_llama, "IA3Config", dict(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
             None),

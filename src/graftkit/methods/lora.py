@@ -366,7 +366,9 @@ class LoraLinear(_BiasMerge, nn.Module):
     ) -> None:
         super().__init__()
         weight = get_weight(base_layer)
-        out_features, in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        # The layer's own sizes where it has them: DeepSpeed ZeRO-3 leaves its weight an empty partition here.
+        features = linear_features(base_layer)
+        in_features, out_features = features or (weight.shape if fan_in_fan_out else weight.shape[::-1])
         kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
         self.lora_A = nn.Linear(in_features, r, bias=False, **kw)
         self.lora_B = nn.Linear(r, out_features, bias=lora_bias, **kw)
@@ -799,25 +801,42 @@ class TrainableTokens(nn.Module):
     unmerging writes the original rows back.
     """
 
-    def __init__(self, base_layer: nn.Module, indices: list[int], shared: TrainableTokens | None = None) -> None:
+    def __init__(self, base_layer: nn.Module, indices: list[int], shared: TrainableTokens | None = None,
+                 nested: bool = True, init: bool = True) -> None:
+        """``nested``: the rows live under ``token_adapter`` (LoRA's ``trainable_token_indices``, as the ecosystem
+        nests them there); otherwise they are the adapter's own ``trainable_tokens_delta`` (the standalone method),
+        which a tied head shares and saves too. ``init=False`` draws the rows from N(0, 1) (for tests)."""
         super().__init__()
         weight = base_layer.weight
-        if max(indices) >= weight.shape[0]:
-            raise ConfigError(f"trainable_token_indices {sorted(i for i in indices if i >= weight.shape[0])} are out "
-                              f"of range for a {type(base_layer).__name__} of {weight.shape[0]} tokens")
+        if not indices or min(indices) < 0 or max(indices) >= weight.shape[0]:
+            bad = sorted(i for i in indices if not 0 <= i < weight.shape[0]) or "none"
+            raise ConfigError(f"token indices {bad} are out of range for a {type(base_layer).__name__} of "
+                              f"{weight.shape[0]} tokens (give at least one id in [0, {weight.shape[0]}))")
         self._shared = [shared] if shared is not None else []  # a list: not a submodule, nothing saved twice
+        self.nested = nested
         self.register_buffer("indices", torch.tensor(indices, dtype=torch.long, device=weight.device),
                              persistent=False)
         self.register_buffer("original", weight.detach()[self.indices].clone(), persistent=False)  # (n, dim)
-        if shared is None:
-            self.token_adapter = _TokenRows(self.original.to(_adapter_dtype(weight)).clone())
+        rows = self.original.to(_adapter_dtype(weight)).clone()
+        if not init:
+            rows.normal_()
+        if shared is None and nested:
+            self.token_adapter = _TokenRows(rows)
+        elif shared is None:
+            self.trainable_tokens_delta = nn.Parameter(rows)  # (n, dim)
+        elif not nested:
+            self.trainable_tokens_delta = shared.trainable_tokens_delta  # the same tensor, as tied weights are
         self._slots: tuple | None = None
 
     def rows(self) -> torch.Tensor:
+        if not self.nested:
+            return self.trainable_tokens_delta  # (n, dim)
         source = self._shared[0] if self._shared else self
         return source.token_adapter.trainable_tokens_delta  # (n, dim)
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
+        if not self.nested:
+            return {"trainable_tokens_delta": self.rows()}
         return {} if self._shared else {"token_adapter.trainable_tokens_delta": self.rows()}
 
     def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -854,15 +873,12 @@ class TrainableTokens(nn.Module):
 def add_trainable_tokens(model: nn.Module, config: LoraConfig, adapter_name: str) -> None:
     """Wrap the layers ``trainable_token_indices`` names (a list: the input embedding) with :class:`TrainableTokens`;
     an output layer tied to a wrapped embedding shares its rows, as the tied weights are one tensor."""
-    from ..inject import _name_matches, iter_modules, set_submodule
+    from ..inject import _name_matches, iter_modules
 
     tokens = config.trainable_token_indices
     if tokens is None:
         return
     paths = {path: module for path, module in iter_modules(model) if path}
-    def base_of(module: nn.Module) -> nn.Module:
-        return module.base_layer if isinstance(module, AdaptedLayer) else module
-
     if isinstance(tokens, dict):
         wanted = []
         for name, ids in tokens.items():
@@ -872,35 +888,64 @@ def add_trainable_tokens(model: nn.Module, config: LoraConfig, adapter_name: str
                                   f"{type(model).__name__}")
             wanted += [(p, ids) for p in found]
     else:
-        embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-        found = [p for p, m in paths.items() if embedding is not None and (m is embedding or base_of(m) is embedding)]
-        if not found:
-            raise TargetError(f"trainable_token_indices needs the input embedding of {type(model).__name__}; name the "
-                              "layer: trainable_token_indices={'embed_tokens': [...]}")
-        wanted = [(found[0], tokens)]
+        wanted = [(input_embedding_path(model, "trainable_token_indices={'embed_tokens': [...]}"), tokens)]
+    wrap_token_rows(model, wanted, adapter_name, nested=True, init=True)
+
+
+def _base_of(module: nn.Module) -> nn.Module:
+    return module.base_layer if isinstance(module, AdaptedLayer) else module
+
+
+def input_embedding_path(model: nn.Module, hint: str) -> str:
+    """The module path of ``model``'s input embedding (wrapped or not).
+
+    Raises:
+        TargetError: the model has none it can name; ``hint`` says how to name the layer instead.
+    """
+    from ..inject import iter_modules
+
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    found = [p for p, m in iter_modules(model) if p and embedding is not None and (m is embedding
+                                                                                   or _base_of(m) is embedding)]
+    if not found:
+        raise TargetError(f"{type(model).__name__} has no input embedding to find; name the layer: {hint}")
+    return found[0]
+
+
+def wrap_token_rows(model: nn.Module, wanted: list[tuple[str, list[int]]], adapter_name: str, nested: bool,
+                    init: bool) -> None:
+    """Give each module path in ``wanted`` a :class:`TrainableTokens` adapter for its token ids; an output layer
+    tied to a wrapped embedding (one weight tensor) gets an adapter sharing those rows.
+
+    Raises:
+        TargetError: a path is not an embedding or linear output layer. UnsupportedError: it already holds
+        ``adapter_name`` (e.g. as a LoRA target).
+    """
+    from ..inject import iter_modules, set_submodule
+
     created: dict[int, TrainableTokens] = {}
     for path, ids in wanted:
         module = model.get_submodule(path)
-        base = base_of(module)
+        base = _base_of(module)
         if not isinstance(base, (nn.Embedding, nn.Linear)):
-            raise TargetError(f"trainable_token_indices: '{path}' is a {type(base).__name__}, not an embedding or "
-                              "linear output layer")
+            raise TargetError(f"trainable tokens: '{path}' is a {type(base).__name__}, not an embedding or linear "
+                              "output layer")
         if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
             raise UnsupportedError(f"'{path}' is both a LoRA target and in trainable_token_indices; pick one")
-        adapter = TrainableTokens(base, list(ids))
+        adapter = TrainableTokens(base, list(ids), nested=nested, init=init)
         if not isinstance(module, AdaptedLayer):
             module = AdaptedLayer(base)
             set_submodule(model, path, module)
         module.add(adapter_name, adapter)
         created[id(base.weight)] = adapter
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    head = base_of(head) if head is not None else None
+    head = _base_of(head) if head is not None else None
     if head is not None and id(getattr(head, "weight", None)) in created and \
-            not any(base_of(model.get_submodule(p)) is head for p, _ in wanted):
-        path = next(p for p, m in paths.items() if m is head or base_of(m) is head)
+            not any(_base_of(model.get_submodule(p)) is head for p, _ in wanted):
+        path = next(p for p, m in iter_modules(model) if p and (m is head or _base_of(m) is head))
         module = model.get_submodule(path)
         shared = created[id(head.weight)]
-        adapter = TrainableTokens(head, shared.indices.tolist(), shared=shared)
+        adapter = TrainableTokens(head, shared.indices.tolist(), shared=shared, nested=nested)
         if not isinstance(module, AdaptedLayer):
             module = AdaptedLayer(head)
             set_submodule(model, path, module)
@@ -1367,6 +1412,11 @@ class Lora(Method):
         "umt5": ["q", "v"],
         "vit": ["query", "value"],
     }
+
+    @classmethod
+    def saves_embedding_layers(cls, config: LoraConfig) -> bool:
+        # With trainable tokens the point is to save a few rows, not the matrices (the ecosystem's rule).
+        return config.trainable_token_indices is None and super().saves_embedding_layers(config)
 
     @classmethod
     def check_new_adapter(cls, config: LoraConfig, others: list[PeftConfig]) -> None:
