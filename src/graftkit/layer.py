@@ -287,10 +287,6 @@ class AdaptedLayer(nn.Module):
         disabled: when set, forward is the base layer alone.
     """
 
-    # DeepSpeed ZeRO-3 gathers a "leaf" module's parameters (base and adapters) together before its forward; the
-    # adapters read their weights directly (fused kernels), not through their own forwards that ZeRO-3 would hook.
-    _z3_leaf = True
-
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer

@@ -53,7 +53,7 @@ from .io import (
 )
 from .layer import BASE, AdaptedLayer, ModelAdapter, ModulesToSave, Routing, check_adapter_name
 from .registry import loading, method_for
-from .weights import dense_linear, is_quantized
+from .weights import dense_linear, full_copies, is_quantized
 
 PREFIX = "base_model.model."
 _OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()  # base -> its PeftModel
@@ -954,7 +954,7 @@ class PeftModel(nn.Module):
                 tensors.update(embedding_base_tensors(self.model))
             # Sharded parameters (FSDP2 DTensors) are gathered on every rank, a collective call, before the
             # main process writes: call save_pretrained on all ranks with is_main_process=(rank == 0).
-            tensors = {k: (t.full_tensor() if hasattr(t, "full_tensor") else t) for k, t in tensors.items()}
+            tensors = full_copies(tensors)  # FSDP2 shards / ZeRO-3 partitions gathered (all ranks take part)
             if not is_main_process:
                 continue
             out_dir = save_directory if name == "default" else os.path.join(save_directory, name)

@@ -199,3 +199,21 @@ def linear_features(layer: nn.Module) -> tuple[int, int] | None:
     if isinstance(getattr(layer, "in_features", None), int) and not isinstance(layer, nn.Embedding):
         return layer.in_features, layer.out_features
     return None
+
+
+def is_partitioned(tensor: object) -> bool:
+    """Whether ``tensor`` is a DeepSpeed ZeRO-3 partition (its data lives spread over ranks between forwards)."""
+    return hasattr(tensor, "ds_id")
+
+
+def full_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` whole: FSDP2 shards gathered (``full_tensor``, a collective call on every rank), DeepSpeed ZeRO-3
+    partitions gathered and copied (every rank takes part too); other tensors as they are."""
+    out = {k: (t.full_tensor() if hasattr(t, "full_tensor") else t) for k, t in tensors.items()}
+    partitioned = {k: t for k, t in out.items() if is_partitioned(t)}
+    if partitioned:
+        import deepspeed  # a ZeRO-3 partition exists only where DeepSpeed made it
+
+        with deepspeed.zero.GatheredParameters(list(partitioned.values()), modifier_rank=None):
+            out.update({k: t.detach().clone() for k, t in partitioned.items()})
+    return out

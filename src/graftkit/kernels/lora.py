@@ -194,9 +194,7 @@ def can_fuse(base: nn.Module, x: torch.Tensor) -> bool:
     if torch.is_autocast_enabled(x.device.type):  # autocast recasts ops one by one; the plain path follows it
         return False
     weight = base._parameters["weight"]
-    # A DeepSpeed ZeRO-3 partition (ds_id) is gathered and released by hooks around the module's own forward and
-    # backward; the plain path calls the module, so it follows them.
-    return weight is not None and not weight.requires_grad and weight.dtype == x.dtype and not hasattr(weight, "ds_id")
+    return weight is not None and not weight.requires_grad and weight.dtype == x.dtype
 
 
 def can_seed_dropout(x: torch.Tensor) -> bool:
