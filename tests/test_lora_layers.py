@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import graftkit
+from graftkit.layer import AdaptedLayer
 from tests.conftest import DEVICE, check_mixed_rows, run, tiny_bert_cls, token_batch
 
 peft = pytest.importorskip("peft")
@@ -421,14 +422,26 @@ def test_multihead_attention_is_the_maths_and_moves_both_ways(tmp_path):
     ours.save_pretrained(tmp_path / "g")
     assert load_file(tmp_path / "g" / "adapter_model.safetensors").keys() == files.keys()
     with torch.no_grad():  # without the output projection's update HF peft computes the same
-        theirs.base_model.model.attn.base_layer.out_proj.lora_B["default"].weight.zero_()
-        ours.get_base_model().attn.adapters["default"].out_proj.lora_B.weight.zero_()
+        for model in (theirs, ours):  # the same path in both libraries
+            model.base_model.model.attn.base_layer.out_proj.lora_B["default"].weight.zero_()
     torch.testing.assert_close(run(ours, x), run(theirs, x), rtol=1e-5, atol=1e-5)
     ours.merge_adapter()
     torch.testing.assert_close(run(ours, x), run(theirs, x), rtol=1e-5, atol=1e-5)
     ours.unmerge_adapter()
     torch.testing.assert_close(ours.get_base_model().attn.base_layer.in_proj_weight,
                                attention_net().attn.in_proj_weight, rtol=1e-5, atol=1e-6)
+    # Disabled while merged: the base again, the output projection's merged part taken out too.
+    ours.merge_adapter()
+    with ours.disable_adapter():
+        torch.testing.assert_close(run(ours, x), run(attention_net(), x), rtol=1e-5, atol=1e-5)
+    # Two adapters, one deleted, then unloaded: the output projection is a plain layer again.
+    ours.add_adapter("other", graftkit.LoraConfig(r=3, target_modules=["attn"]))
+    assert sorted(ours.get_base_model().attn.base_layer.out_proj.lora_A) == ["default", "other"]
+    ours.delete_adapter("other")
+    assert list(ours.get_base_model().attn.base_layer.out_proj.lora_A) == ["default"]
+    plain = ours.unload()
+    assert type(plain.attn) is nn.MultiheadAttention and type(plain.attn.out_proj) is not AdaptedLayer
+    torch.testing.assert_close(run(plain, x), run(attention_net(), x), rtol=1e-5, atol=1e-5)
 
 
 def test_multihead_attention_trains_and_refuses_what_it_cannot_do():

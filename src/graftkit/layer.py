@@ -23,7 +23,10 @@ The adapter protocol (every method meets the first line; the rest is optional):
   it back when it leaves unmerged;
 * ``substitute(base_layer, params) -> params`` / ``merge_params(base_layer, sign)``: the adapter replaces some of the
   base's parameters for its forward (run with ``torch.func.functional_call``) and merges into them itself
-  (``nn.MultiheadAttention``, whose projections have no forward of their own).
+  (``nn.MultiheadAttention``, whose projections have no forward of their own);
+* ``attached(layer, name)`` / ``detached(layer, name)``: the adapter joined / left ``layer`` under ``name`` and
+  arranges what it keeps elsewhere (LoRA on ``nn.MultiheadAttention`` adapts the base's ``out_proj`` as a layer of
+  its own, as the ecosystem lays it out).
 
 Names in memory: an adapter is written as a plain module (``self.lora_A = nn.Linear(...)``), but the layer registers
 what it holds under the attribute first and the adapter name second, as the ecosystem names it::
@@ -379,6 +382,9 @@ class AdaptedLayer(nn.Module):
                 _raw_put(self._slot(attr).__dict__[kind], name, value)
         adapter.train(self.training)
         self._stacks.clear()
+        attached = getattr(adapter, "attached", None)
+        if attached is not None:
+            attached(self, name)
         if hasattr(adapter, "transform_input"):
             self._input_adapters = self._input_adapters | {name}
         if hasattr(adapter, "substitute"):
@@ -388,6 +394,9 @@ class AdaptedLayer(nn.Module):
         if name in self.merged_adapters:
             self.unmerge()
         self.release(name)
+        detached = getattr(self._adapters[name], "detached", None)
+        if detached is not None:
+            detached(self, name)
         adapter = self._adapters.pop(name)
         for kind in _TABLES:  # the adapter becomes a plain module again, with all it held
             adapter.__dict__[kind] = dict(adapter.__dict__[kind])

@@ -66,6 +66,8 @@ def wrappers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer | ModulesToSa
     for name, module in iter_modules(model):
         if isinstance(module, (AdaptedLayer, ModulesToSave)):
             yield name, module
+            if isinstance(module, AdaptedLayer):  # wrappers inside its base (LoRA on MHA adapts its out_proj too)
+                yield from ((f"{name}.base_layer.{inner}", m) for inner, m in wrappers(module.base_layer) if inner)
 
 
 def activate(model: nn.Module, names: list[str]) -> None:
@@ -466,6 +468,8 @@ class PeftModel(nn.Module):
         """Run the base model alone; the adapters' weights are frozen meanwhile, as HF peft freezes them."""
         self._disabled = True
         for _, module in wrappers(self.model):
+            if isinstance(module, AdaptedLayer) and module.merged_adapters:
+                module.unmerge()  # now, not at its next forward: some layers' forwards never run (MHA's out_proj)
             module.disabled = True
             for held in (module.adapters.values() if isinstance(module, AdaptedLayer) else (module.modules_to_save,)):
                 held.requires_grad_(False)
@@ -868,7 +872,7 @@ class PeftModel(nn.Module):
         self.__dict__["_unloaded"] = True
         for module in self.model_adapters.values():
             module.detach()
-        for path, module in list(wrappers(self.model)):
+        for path, module in reversed(list(wrappers(self.model))):  # inner wrappers first: their paths stay valid
             if isinstance(module, AdaptedLayer):
                 for name in list(module.adapters):  # unmerged adapters give back what they took from the base
                     module.release(name)

@@ -132,7 +132,6 @@ MATRIX = {
 STILL_DIFFERENT = {
     "trainable-tokens": (tiny_llama, "LoraConfig", dict(r=2, target_modules=["q_proj"], trainable_token_indices=[1]),
                          None),  # peft nests the embedding as <embedding>.token_adapter.base_layer
-    "multihead-attention": (_net(AttentionNet), "LoraConfig", dict(r=2, target_modules=["mha"]), IDS),
     "target-parameters-2": (_net(TwoWeightsNet), "LoraConfig", dict(r=2, target_modules=[], target_parameters=[
         "block.first", "block.second"]), ROWS),  # peft nests a wrapper per parameter of one module
     "prompt-tuning": (tiny_llama, "PromptTuningConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=3), None),
@@ -174,6 +173,16 @@ def test_names_are_peft_names_and_a_full_state_dict_moves_strictly(case):
     x = MATRIX[case][3]
     x = token_batch() if x is None else x.to(DEVICE)
     torch.testing.assert_close(run(ours.eval(), x), run(theirs.eval(), x), atol=1e-5, rtol=0)
+
+
+def test_multihead_attention_names_and_a_full_state_dict_move_strictly():
+    """LoRA on nn.MultiheadAttention: the output projection is an adapted layer inside the base, as in HF peft
+    (outputs are compared in test_lora_layers.py: HF peft 0.21.2 adds that projection's update twice)."""
+    theirs, ours = build_both((_net(AttentionNet), "LoraConfig", dict(r=2, target_modules=["mha"]), IDS))
+    assert [sorted(names) for names in _names(ours)] == [sorted(names) for names in _names(theirs)]
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    layer = ours.base_model.model.mha
+    assert layer.base_layer.out_proj.lora_A["default"] is layer.base_layer.out_proj.adapters["default"].lora_A
 
 
 @pytest.mark.parametrize("case", sorted(STILL_DIFFERENT))

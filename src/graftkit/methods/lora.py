@@ -954,12 +954,14 @@ def wrap_token_rows(model: nn.Module, wanted: list[tuple[str, list[int]]], adapt
 
 class LoraMultiheadAttention(nn.Module):
     """LoRA on ``nn.MultiheadAttention``: one update on the packed q/k/v input projection (B: (3·embed, r)) and one on
-    the output projection, as the ecosystem does.
+    the output projection, laid out as the ecosystem lays them out: this adapter holds the input projection's pair
+    (``<path>.lora_A.<name>.weight``), and the output projection is an adapted layer of its own inside the base
+    (``<path>.base_layer.out_proj.lora_A.<name>.weight``), put there when this adapter joins its layer.
 
     The module's forward reads ``in_proj_weight`` and ``out_proj.weight`` directly (neither projection has a forward
     of its own), so the adapter substitutes W + s·B A for both (``AdaptedLayer`` runs the module with
-    ``torch.func.functional_call``) and merges by writing them. Saved as ``<path>.lora_A/B.weight`` and
-    ``<path>.base_layer.out_proj.lora_A/B.weight``.
+    ``torch.func.functional_call``). Merging writes the input projection's update; the output projection's layer
+    merges its own.
     """
 
     def __init__(self, base_layer: nn.MultiheadAttention, r: int, alpha: float, use_rslora: bool,
@@ -968,38 +970,53 @@ class LoraMultiheadAttention(nn.Module):
         weight = base_layer.in_proj_weight
         kw = {"device": weight.device, "dtype": _adapter_dtype(weight)}
         embed = base_layer.embed_dim
-        self.out_proj = LoraLinear(base_layer.out_proj, r, alpha, 0.0, use_rslora, False, init, False)
         self.lora_A = nn.Linear(embed, r, bias=False, **kw)
         self.lora_B = nn.Linear(r, 3 * embed, bias=False, **kw)
         self.scaling = _scaling(r, alpha, use_rslora)
         _init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
+        out = base_layer.out_proj
+        # Not a submodule: it joins the output projection's own layer (see attached).
+        self.__dict__["out_lora"] = LoraLinear(out.base_layer if isinstance(out, AdaptedLayer) else out, r, alpha,
+                                               0.0, use_rslora, False, init, False)
 
-    def _deltas(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling, self.out_proj.delta_weight()
+    def attached(self, layer: AdaptedLayer, name: str) -> None:
+        """Joined ``layer`` as adapter ``name``: the output projection becomes an adapted layer holding its part."""
+        out = layer.base_layer.out_proj
+        if not isinstance(out, AdaptedLayer):
+            out = AdaptedLayer(out)
+            out.train(layer.training)
+            layer.base_layer.out_proj = out
+        out.add(name, self.out_lora)
+
+    def detached(self, layer: AdaptedLayer, name: str) -> None:
+        """Left ``layer``: its output-projection part leaves too, and an output projection left bare is plain again."""
+        out = layer.base_layer.out_proj
+        if isinstance(out, AdaptedLayer) and name in out.adapters:
+            out.remove(name)
+            if not out.adapters:
+                layer.base_layer.out_proj = out.base_layer
 
     def substitute(self, base_layer: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        d_in, d_out = self._deltas()
+        d_in = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
         w_in = params.get("in_proj_weight", base_layer.in_proj_weight)
-        w_out = params.get("out_proj.weight", base_layer.out_proj.weight)
-        return {**params, "in_proj_weight": w_in + d_in.to(w_in.dtype),
-                "out_proj.weight": w_out + d_out.to(w_out.dtype)}
+        out = dict(params)
+        out["in_proj_weight"] = w_in + d_in.to(w_in.dtype)
+        proj = base_layer.out_proj
+        key = "out_proj.base_layer.weight"
+        if isinstance(proj, AdaptedLayer) and key not in out and not proj.disabled:
+            live = [n for n in proj.active if n in proj.adapters and n not in proj.merged_adapters]
+            if live:  # the output projection's own adapters, once for all of this layer's
+                w_out = proj.base_layer.weight
+                out[key] = w_out + sum(proj.adapters[n].delta_weight().to(w_out.dtype) for n in live)
+        return out
 
     def merge_params(self, base_layer: nn.Module, sign: float) -> None:
-        d_in, d_out = self._deltas()
+        d_in = (self.lora_B.weight @ self.lora_A.weight) * self.scaling
         with torch.no_grad():
             base_layer.in_proj_weight.add_(d_in.to(base_layer.in_proj_weight.dtype), alpha=sign)
-            base_layer.out_proj.weight.add_(d_out.to(base_layer.out_proj.weight.dtype), alpha=sign)
 
     def forward(self, x: Any, y: Any, base_layer: nn.Module) -> Any:
         return y  # the substituted weights did the work
-
-    def saved_tensors(self) -> dict[str, torch.Tensor]:
-        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight,
-                "base_layer.out_proj.lora_A.weight": self.out_proj.lora_A.weight,
-                "base_layer.out_proj.lora_B.weight": self.out_proj.lora_B.weight}
-
-    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
-        copy_saved(self.saved_tensors(), tensors)
 
 
 class _ParameterUpdate(nn.Module):
