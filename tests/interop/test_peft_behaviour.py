@@ -308,3 +308,34 @@ def test_status_of_a_model_without_layers_is_an_error():
                                                                              task_type="CAUSAL_LM"))
     with pytest.raises(graftkit.UsageError, match="act on its inputs"):
         prompt.get_model_status()
+
+
+@pytest.mark.parametrize("label", sorted(LIBRARIES))
+def test_ensure_weight_tying_without_tied_layers_warns_and_changes_nothing(label, tmp_path):
+    library = LIBRARIES[label]
+    config = dict(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    torch.manual_seed(0)
+    plain = library.get_peft_model(tiny_llama(), library.LoraConfig(**config))
+    with pytest.warns(UserWarning, match="ensure_weight_tying"):
+        torch.manual_seed(0)
+        tied = library.get_peft_model(tiny_llama(), library.LoraConfig(ensure_weight_tying=True, **config))
+    assert plain.state_dict().keys() == tied.state_dict().keys()
+    for key, value in plain.state_dict().items():
+        assert torch.equal(value, tied.state_dict()[key]), key
+    tied.save_pretrained(tmp_path)  # the field is saved, and the file loads in both libraries
+    for reader in LIBRARIES.values():
+        with pytest.warns(UserWarning, match="ensure_weight_tying"):
+            back = reader.PeftModel.from_pretrained(tiny_llama(), tmp_path)
+        assert back.peft_config["default"].ensure_weight_tying is True
+
+
+def test_ensure_weight_tying_on_tied_embeddings_is_refused_until_graftkit_ties_them():
+    base = tiny_llama(tie_word_embeddings=True)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    for extra in (dict(modules_to_save=["lm_head"]), dict(target_modules=["q_proj", "embed_tokens"])):
+        config = {"r": 2, "target_modules": ["q_proj"], **extra}
+        with pytest.raises(graftkit.UnsupportedError, match="ensure_weight_tying"):
+            graftkit.get_peft_model(base, graftkit.LoraConfig(ensure_weight_tying=True, **config))
+        assert type(base.lm_head) is torch.nn.Linear and base.state_dict().keys() == before.keys()
+    with pytest.warns(UserWarning, match="nothing to tie"):  # tied, but nothing of them adapted: nothing to do
+        graftkit.get_peft_model(base, graftkit.LoraConfig(r=2, target_modules=["q_proj"], ensure_weight_tying=True))

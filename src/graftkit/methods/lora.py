@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ALL_LINEAR, PeftConfig, PeftType, TunerConfig, check_regex
-from ..errors import CheckpointError, ConfigError, TargetError, UnsupportedError, UsageError
+from ..errors import CheckpointError, ConfigError, PeftWarning, TargetError, UnsupportedError, UsageError
 from ..experts import Pairs, fused_experts, grouped_mm, run_experts
 from ..inject import inject
 from ..kernels.lora import FusedLoraLinear, LoraUpdate, can_fuse, can_seed_dropout, draw_seed
@@ -172,6 +172,9 @@ class LoraConfig(TunerConfig):
             weight a module uses without a linear layer (a router's ``gate.weight``).
         trainable_token_indices: token ids whose embedding rows are trained in full (new special tokens): a list for
             the input embedding, or ``{module name: ids}``; a tied output layer follows the input embedding.
+        ensure_weight_tying: on a model whose output layer is tied to its input embedding, keep the adapters of
+            the two tied too. Without tied embeddings it changes nothing (warned, as in HF peft). Tying adapters
+            that ``modules_to_save`` / ``target_modules`` put on tied embeddings is not implemented yet: refused.
     """
 
     peft_type: str | PeftType | None = PeftType.LORA
@@ -192,13 +195,13 @@ class LoraConfig(TunerConfig):
     lora_ga_config: dict[str, Any] | None = None
     corda_config: dict[str, Any] | None = None
     eva_config: dict[str, Any] | None = None
+    ensure_weight_tying: bool = False
 
     # How the weights started says nothing about what trained weights compute.
     bookkeeping_fields: ClassVar[frozenset[str]] = TunerConfig.bookkeeping_fields | {"init_lora_weights"}
     peft_only_fields: ClassVar[dict[str, Any]] = {
         "alora_invocation_tokens": None,
         "arrow_config": None,
-        "ensure_weight_tying": False,
         "kasa_config": None,
         "layer_replication": None,
         "megatron_config": None,
@@ -1383,6 +1386,34 @@ def _as_matrix(adapter: nn.Module, delta: torch.Tensor) -> torch.Tensor:
 _QKV = ["q_proj", "v_proj"]
 
 
+def _check_weight_tying(model: nn.Module, config: LoraConfig) -> None:
+    """``ensure_weight_tying``: nothing to do without tied embeddings (warned, as the ecosystem warns); adapters on
+    tied embeddings would need tying, which graftkit does not do yet (refused, rather than trained untied).
+
+    Raises:
+        UnsupportedError: the model's output layer is tied to its input embedding and ``modules_to_save`` or
+            ``target_modules`` names one of them.
+    """
+    if not config.ensure_weight_tying:
+        return
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    outputs = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    weight = getattr(inputs, "weight", None)
+    if weight is None or getattr(outputs, "weight", None) is not weight:
+        warnings.warn("ensure_weight_tying=True, but the model's output layer is not tied to its input embedding: "
+                      "there is nothing to tie", PeftWarning, stacklevel=5)
+        return
+    named = [n for n in ("embed_tokens", "lm_head") if any(
+        n in str(group) for group in (config.modules_to_save or [], config.target_modules or []))]
+    if named:
+        raise UnsupportedError(
+            f"ensure_weight_tying=True with the tied embeddings in modules_to_save / target_modules ({named}) is not "
+            "implemented in graftkit yet (their adapters would train untied); leave them out, or pass "
+            "ensure_weight_tying=False to train them untied as before")
+    warnings.warn("ensure_weight_tying=True, but no tied layer is in modules_to_save or target_modules: there is "
+                  "nothing to tie", PeftWarning, stacklevel=5)
+
+
 def check_one_bias(config: Any, others: list[Any]) -> None:
     """``bias`` other than ``"none"`` trains the base layers' own bias tensors, which every adapter shares: two
     adapters doing so would train one tensor for both (HF peft allows one such adapter too).
@@ -1451,6 +1482,7 @@ class Lora(Method):
                 "path_initial_model_for_weight_conversion=... to get a plain LoRA adapter for the original base",
                 stacklevel=4,
             )
+        _check_weight_tying(model, config)
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if config.target_modules == ALL_LINEAR and config.target_parameters is None and model_type in _MOE_ALL_LINEAR:
             config.target_parameters = list(_MOE_ALL_LINEAR[model_type])  # saved: readers see what was adapted
