@@ -45,9 +45,9 @@ def variants(method: str, base_fn):
     torch.manual_seed(0)
     ours = graftkit.get_peft_model(base_fn(), getattr(graftkit, name)(**kwargs)).eval()
     with torch.no_grad():  # a prompt of the scale of real token embeddings
-        ours.model_adapters["default"].embedding.weight.mul_(0.1)
+        ours.prompt_encoder["default"].embedding.weight.mul_(0.1)
     theirs = peft.get_peft_model(base_fn(), getattr(peft, name)(**kwargs)).eval()
-    theirs.prompt_encoder["default"].load_state_dict(ours.model_adapters["default"].state_dict())
+    theirs.prompt_encoder["default"].load_state_dict(ours.prompt_encoder["default"].state_dict())
     return {"base": base_fn(), "graftkit": ours, "peft": theirs}
 
 

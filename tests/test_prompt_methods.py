@@ -65,7 +65,7 @@ def ours_and_peft(base_fn=llama, method: str = "prompt", **kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         theirs = peft.get_peft_model(base_fn(), config_for(method, peft, **kwargs)).eval()
-    theirs.prompt_encoder["default"].load_state_dict(_peft_keys(method, ours.model_adapters["default"].state_dict()))
+    theirs.prompt_encoder["default"].load_state_dict(_peft_keys(method, ours.prompt_encoder["default"].state_dict()))
     return ours, theirs
 
 
@@ -257,7 +257,7 @@ def test_disable_switch_and_several_prompt_adapters():
     with pytest.raises(graftkit.UnsupportedError, match="no weights to merge"):
         model.merge_and_unload()
     model.delete_adapter("other")
-    assert list(model.model_adapters) == ["default", "third"]
+    assert list(model.prompt_encoder) == ["default", "third"]
     assert torch.equal(run(model.unload(), x), want_base)
 
 
@@ -268,7 +268,7 @@ def test_training_lowers_the_loss_and_a_trainable_reload_continues(tmp_path, met
 
     model = graftkit.get_peft_model(wider(), config_for(method, graftkit, num_virtual_tokens=8))
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all(n.startswith("model_adapters.default.") for n in trainable)
+    assert trainable and all(n.startswith("prompt_encoder.default.") for n in trainable)
     x = token_batch(batch=4, length=6)
     labels = torch.full_like(x["input_ids"], 5)  # learn to answer one token everywhere
 
@@ -288,7 +288,7 @@ def test_training_lowers_the_loss_and_a_trainable_reload_continues(tmp_path, met
     model.save_pretrained(tmp_path)
     again = graftkit.PeftModel.from_pretrained(wider(), tmp_path, is_trainable=True)
     # a reparameterized prompt is saved (and loaded) as its rows: training goes on from them
-    assert [n for n, p in again.named_parameters() if p.requires_grad] == ["model_adapters.default.embedding.weight"]
+    assert [n for n, p in again.named_parameters() if p.requires_grad] == ["prompt_encoder.default.embedding.weight"]
     more = train(again.train(), 5)
     assert abs(more[0] - first[-1]) < 0.05 * first[-1] and more[-1] < more[0]  # it goes on from where it was
 
@@ -302,14 +302,14 @@ def test_loading_into_a_reparameterized_adapter_keeps_the_saved_rows(tmp_path, m
     with pytest.warns(UserWarning, match="training continues on the"):
         model.load_adapter(tmp_path, adapter_name="default", is_trainable=True)
     torch.testing.assert_close(run(model, x), run(saved, x), rtol=0, atol=1e-6)
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["model_adapters.default.embedding.weight"]
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prompt_encoder.default.embedding.weight"]
 
 
 def test_sample_vocab_starts_from_rows_of_the_embedding_matrix():
     model = graftkit.get_peft_model(tiny_llama(), graftkit.PromptTuningConfig(
         **prompt_config(prompt_tuning_init="SAMPLE_VOCAB")))
     words = model.get_input_embeddings().weight
-    for row in model.model_adapters["default"].embedding.weight:
+    for row in model.prompt_encoder["default"].embedding.weight:
         assert (words == row).all(-1).any()
 
 
@@ -328,13 +328,13 @@ def test_text_init_equals_hf_peft_and_loading_needs_no_tokenizer(tmp_path):
         warnings.simplefilter("ignore")
         theirs = peft.PromptEmbedding(peft.PromptTuningConfig(**kwargs, token_dim=576, num_transformer_submodules=1),
                                       base.get_input_embeddings())
-    assert torch.equal(ours.model_adapters["default"].embedding.weight, theirs.embedding.weight)
+    assert torch.equal(ours.prompt_encoder["default"].embedding.weight, theirs.embedding.weight)
     ours.save_pretrained(tmp_path)
     config = (tmp_path / "adapter_config.json").read_text().replace(path, "/nowhere/tokenizer")
     (tmp_path / "adapter_config.json").write_text(config)
     fresh = ours.unload()
     loaded = graftkit.PeftModel.from_pretrained(fresh, tmp_path, is_trainable=True)
-    assert torch.equal(loaded.model_adapters["default"].embedding.weight, theirs.embedding.weight)
+    assert torch.equal(loaded.prompt_encoder["default"].embedding.weight, theirs.embedding.weight)
 
 
 def test_clear_errors():

@@ -46,7 +46,7 @@ from __future__ import annotations
 import copy
 from collections.abc import Iterable, Iterator
 from types import MappingProxyType
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -630,6 +630,9 @@ class ModelAdapter(nn.Module):
     """
 
     live = False  # set by the model wrapper before each forward: this adapter is the one that applies
+    # The ecosystem's layout for this kind: the bare model as PeftModel.base_model, the adapter in
+    # PeftModel.prompt_encoder.<name> (prompt methods); False keeps base_model.model (adaption prompts).
+    bare_base_model: ClassVar[bool] = True
 
     def detach(self) -> None:
         """Remove whatever the adapter installed inside the model (hooks); called when it is deleted or unloaded."""

@@ -80,23 +80,23 @@ def activate(model: nn.Module, names: list[str]) -> None:
 
 
 def mark_trainable(model: nn.Module, configs: dict[str, PeftConfig], names: list[str], train: bool = True,
-                   model_adapters: nn.ModuleDict | None = None) -> None:
+                   prompt_encoder: nn.ModuleDict | None = None) -> None:
     """Freeze everything, then (``train``) unfreeze what the adapters ``names`` own."""
     for param in model.parameters():
         param.requires_grad_(False)
-    for module in (model_adapters or {}).values():
+    for module in (prompt_encoder or {}).values():
         module.requires_grad_(False)
     if not train:
         return
     for name in names:
-        unfreeze_adapter(model, configs[name], name, model_adapters)
+        unfreeze_adapter(model, configs[name], name, prompt_encoder)
 
 
 def unfreeze_adapter(model: nn.Module, config: PeftConfig, name: str,
-                     model_adapters: nn.ModuleDict | None = None) -> None:
+                     prompt_encoder: nn.ModuleDict | None = None) -> None:
     """Make what adapter ``name`` owns require grad (its fixed tensors excepted); nothing else changes."""
-    if model_adapters is not None and name in model_adapters:
-        model_adapters[name].requires_grad_(True)
+    if prompt_encoder is not None and name in prompt_encoder:
+        prompt_encoder[name].requires_grad_(True)
     for _, module in wrappers(model):
         if isinstance(module, AdaptedLayer) and name in module.adapters:
             adapter = module.adapters[name]
@@ -303,15 +303,23 @@ class PeftModel(nn.Module):
         check_base_model(model)
         peft_config = as_config(peft_config)
         super().__init__()
+        self.__dict__["_model"] = model  # the adapted model, whatever ``base_model`` is (below)
         self.base_model = AdapterModel(model)
         self.peft_config: dict[str, PeftConfig] = {}
         self._active: list[str] = []
         self._train_active = True  # whether the active adapters require grad
         self._disabled = False  # inside disable_adapter(): model adapters (prompt methods) step aside too
-        self.model_adapters = nn.ModuleDict()  # adapters that act on the model's inputs (see layer.ModelAdapter)
+        self.prompt_encoder = nn.ModuleDict()  # adapters that act on the model's inputs (see layer.ModelAdapter)
         self.add_adapter(adapter_name, peft_config, autocast_adapter_dtype=autocast_adapter_dtype)
         self.set_adapter(adapter_name, inference_mode=peft_config.inference_mode)
         _OWNERS[model] = weakref.ref(self)
+        if adapter_name in self.prompt_encoder and self.prompt_encoder[adapter_name].bare_base_model:
+            # The ecosystem's layout for adapters that act on the inputs: base_model is the model itself, with the
+            # adapters in prompt_encoder.<name> and its input embedding as word_embeddings beside it.
+            self._modules["base_model"] = model
+            embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+            if isinstance(embeddings, nn.Module):
+                self.word_embeddings = embeddings
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -323,8 +331,11 @@ class PeftModel(nn.Module):
             return getattr(modules["base_model"], name)
 
     @property
-    def model(self) -> nn.Module:  # the adapted model (the name peft users reach through base_model)
-        return self.base_model.model
+    def model(self) -> nn.Module:  # the adapted model (peft users reach it as base_model.model, or base_model)
+        model = self.__dict__.get("_model")
+        if model is None:  # read before __init__ (DeepSpeed's zero.Init looks early)
+            raise AttributeError("model")
+        return model
 
     # ------------------------------------------------------------------ adapters
     @property
@@ -387,7 +398,7 @@ class PeftModel(nn.Module):
         try:
             module = method_for(config).attach(self.model, config, adapter_name)
             if module is not None:
-                self.model_adapters[adapter_name] = module
+                self.prompt_encoder[adapter_name] = module
         except BaseException:
             self._remove_modules(adapter_name)
             raise
@@ -398,7 +409,7 @@ class PeftModel(nn.Module):
                     if dtype.is_floating_point:
                         module.adapters[adapter_name].to(dtype)
         self.peft_config[adapter_name] = config
-        mark_trainable(self.model, self.peft_config, self._active, self._train_active, self.model_adapters)
+        mark_trainable(self.model, self.peft_config, self._active, self._train_active, self.prompt_encoder)
 
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate one adapter (or several, whose updates add up, in order).
@@ -416,8 +427,8 @@ class PeftModel(nn.Module):
         for name in names:
             if not isinstance(name, str) or name not in self.peft_config:
                 raise AdapterNameError(f"no adapter named '{name}'; adapters: {sorted(self.peft_config)}")
-        if sum(n in self.model_adapters for n in names) > 1:
-            raise UsageError(f"adapters {[n for n in names if n in self.model_adapters]} each change the model's "
+        if sum(n in self.prompt_encoder for n in names) > 1:
+            raise UsageError(f"adapters {[n for n in names if n in self.prompt_encoder]} each change the model's "
                              "inputs (prompt methods); activate one of them at a time")
         if any(isinstance(m, AdaptedLayer) and m.merged for _, m in wrappers(self.model)):
             warnings.warn("set_adapter on a merged model: unmerging first", stacklevel=2)
@@ -425,12 +436,12 @@ class PeftModel(nn.Module):
         self._active = names
         self._train_active = not inference_mode
         activate(self.model, names)
-        mark_trainable(self.model, self.peft_config, names, self._train_active, self.model_adapters)
+        mark_trainable(self.model, self.peft_config, names, self._train_active, self.prompt_encoder)
 
     def _remove_modules(self, adapter_name: str) -> None:
-        if adapter_name in self.model_adapters:
-            self.model_adapters[adapter_name].detach()
-            del self.model_adapters[adapter_name]
+        if adapter_name in self.prompt_encoder:
+            self.prompt_encoder[adapter_name].detach()
+            del self.prompt_encoder[adapter_name]
         for path, module in list(wrappers(self.model)):
             if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
                 module.remove(adapter_name)
@@ -453,7 +464,7 @@ class PeftModel(nn.Module):
             self._train_active = True
         self._active = remaining
         activate(self.model, self._active)
-        mark_trainable(self.model, self.peft_config, self._active, self._train_active, self.model_adapters)
+        mark_trainable(self.model, self.peft_config, self._active, self._train_active, self.prompt_encoder)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
@@ -473,7 +484,7 @@ class PeftModel(nn.Module):
             module.disabled = True
             for held in (module.adapters.values() if isinstance(module, AdaptedLayer) else (module.modules_to_save,)):
                 held.requires_grad_(False)
-        for adapter in self.model_adapters.values():
+        for adapter in self.prompt_encoder.values():
             adapter.requires_grad_(False)
 
     def enable_adapter_layers(self) -> None:
@@ -483,7 +494,7 @@ class PeftModel(nn.Module):
             module.disabled = False
         if self._train_active:
             for name in self._active:
-                unfreeze_adapter(self.model, self.peft_config[name], name, self.model_adapters)
+                unfreeze_adapter(self.model, self.peft_config[name], name, self.prompt_encoder)
 
     # ------------------------------------------------------------------ trainers that do not know graftkit
     def train(self, mode: bool = True) -> PeftModel:
@@ -535,12 +546,12 @@ class PeftModel(nn.Module):
         hook = self._model_adapter(adapter_names)
         if hook is not None:
             args, kwargs = _ids_as_keyword(args, kwargs)
-            out = self.base_model.model(**hook.prepare(self.base_model.model, kwargs))
+            out = self.model(**hook.prepare(self.model, kwargs))
         elif adapter_names is None:
-            out = self.base_model.model(*args, **kwargs)
+            out = self.model(*args, **kwargs)
         else:
             with self._mixed_batch(adapter_names, _batch_rows(args, kwargs)):
-                out = self.base_model.model(*args, **kwargs)
+                out = self.model(*args, **kwargs)
         if self.training and isinstance(getattr(out, "loss", None), torch.Tensor):
             penalty = self.training_penalty()
             if penalty is not None:
@@ -556,7 +567,7 @@ class PeftModel(nn.Module):
         total = None
         for name in self._active:
             config = self.peft_config[name]
-            term = method_for(config).regularization(self.base_model.model, config, name)
+            term = method_for(config).regularization(self.model, config, name)
             if term is not None:
                 total = term if total is None else total + term
         return total
@@ -566,7 +577,7 @@ class PeftModel(nn.Module):
         averages), as ``"<adapter>/<key>"`` tensors; ``graftkit.Trainer`` writes it into its checkpoints."""
         out = {}
         for name, config in self.peft_config.items():
-            for key, tensor in method_for(config).training_state(self.base_model.model, config, name).items():
+            for key, tensor in method_for(config).training_state(self.model, config, name).items():
                 out[f"{name}/{key}"] = tensor
         return out
 
@@ -585,7 +596,7 @@ class PeftModel(nn.Module):
             parts.setdefault(name, {})[rest] = tensor
         for name, part in parts.items():
             config = self.peft_config[name]
-            method_for(config).load_training_state(self.base_model.model, config, name, part)
+            method_for(config).load_training_state(self.model, config, name, part)
 
     def update_and_allocate(self, global_step: int) -> None:
         """Run the per-step work of the active adapters' methods (AdaLoRA prunes ranks to its budget); a no-op for
@@ -597,11 +608,11 @@ class PeftModel(nn.Module):
         """
         for name in self._active:
             config = self.peft_config[name]
-            method_for(config).update_and_allocate(self.base_model.model, config, name, int(global_step))
+            method_for(config).update_and_allocate(self.model, config, name, int(global_step))
 
     def _model_adapter(self, adapter_names: list[str] | None) -> ModelAdapter | None:
         """The active adapter that changes the model's inputs (a prompt method), if any and not disabled."""
-        adapters = self._modules["model_adapters"]._modules  # read directly: this runs on every forward
+        adapters = self._modules["prompt_encoder"]._modules  # read directly: this runs on every forward
         if not adapters:
             return None
         active = [adapters[n] for n in self._active if n in adapters]
@@ -610,13 +621,13 @@ class PeftModel(nn.Module):
             module.live = module is chosen  # also when gradient checkpointing re-runs a layer in backward
         if chosen is not None and adapter_names is not None:
             raise UsageError("adapter_names (one adapter per row) is not supported while a prompt-style adapter "
-                             f"({[n for n in self._active if n in self.model_adapters][0]}) is active: it changes "
+                             f"({[n for n in self._active if n in self.prompt_encoder][0]}) is active: it changes "
                              "every row's computation. Run one adapter per call")
         return chosen
 
     def _forward_inputs(self) -> frozenset[str]:
         """Parameter names of the base model's forward (cached per base class)."""
-        cls = type(self.base_model.model)
+        cls = type(self.model)
         cached = _FORWARD_INPUTS.get(cls)
         if cached is None:
             import inspect
@@ -632,11 +643,11 @@ class PeftModel(nn.Module):
             args, kwargs = _ids_as_keyword(args, kwargs)
             if args:
                 raise UsageError("pass generate's inputs by keyword (input_ids=..., attention_mask=...)")
-            return hook.generate(self.base_model.model, kwargs)
+            return hook.generate(self.model, kwargs)
         if adapter_names is None:
-            return self.base_model.model.generate(*args, **kwargs)
+            return self.model.generate(*args, **kwargs)
         with self._mixed_batch(adapter_names, _batch_rows(args, kwargs)):
-            return self.base_model.model.generate(*args, **kwargs)
+            return self.model.generate(*args, **kwargs)
 
     @contextlib.contextmanager
     def _mixed_batch(self, adapter_names: list[str], rows: int | None) -> Iterator[None]:
@@ -670,7 +681,7 @@ class PeftModel(nn.Module):
     def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None, **kwargs: Any) -> None:
         """Turn on the base model's gradient checkpointing, with gradients flowing from the (frozen) input
         embeddings, so that adapters inside checkpointed blocks get gradients with reentrant checkpointing too."""
-        base = self.base_model.model
+        base = self.model
         enable = getattr(base, "gradient_checkpointing_enable", None)
         if enable is None:
             raise GraftkitError(f"{type(base).__name__} has no gradient_checkpointing_enable()")
@@ -679,7 +690,7 @@ class PeftModel(nn.Module):
 
     def get_base_model(self) -> nn.Module:
         """The transformers model (with adapters in it; see :meth:`unload` for a clean one)."""
-        return self.base_model.model
+        return self.model
 
     def add_weighted_adapter(
         self,
@@ -792,7 +803,7 @@ class PeftModel(nn.Module):
         for name in names:
             if name not in self.peft_config:
                 raise AdapterNameError(f"no adapter named '{name}'; adapters: {sorted(self.peft_config)}")
-            if name in self.model_adapters:
+            if name in self.prompt_encoder:
                 raise UnsupportedError(f"adapter '{name}' ({self.peft_config[name].peft_type}) changes the model's "
                                        "inputs and has no weights to merge into the base model; use unload() to get "
                                        "the base model back")
@@ -870,7 +881,7 @@ class PeftModel(nn.Module):
 
     def _unwrap(self, merge: bool) -> nn.Module:
         self.__dict__["_unloaded"] = True
-        for module in self.model_adapters.values():
+        for module in self.prompt_encoder.values():
             module.detach()
         for path, module in reversed(list(wrappers(self.model))):  # inner wrappers first: their paths stay valid
             if isinstance(module, AdaptedLayer):
@@ -887,7 +898,7 @@ class PeftModel(nn.Module):
         if adapter_name not in self.peft_config:
             raise AdapterNameError(f"no adapter named '{adapter_name}'; adapters: {sorted(self.peft_config)}")
         return adapter_tensors(self.model, adapter_name, self.peft_config[adapter_name],
-                               self.model_adapters[adapter_name] if adapter_name in self.model_adapters else None)
+                               self.prompt_encoder[adapter_name] if adapter_name in self.prompt_encoder else None)
 
     def save_pretrained(
         self,
@@ -937,8 +948,8 @@ class PeftModel(nn.Module):
             if config.task_type is None:
                 base = self.model
                 config.auto_mapping = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
-            tensors = adapter_tensors(self.model, name, config, self.model_adapters[name]
-                                      if name in self.model_adapters else None)
+            tensors = adapter_tensors(self.model, name, config, self.prompt_encoder[name]
+                                      if name in self.prompt_encoder else None)
             if not tensors and not allow_empty:
                 raise UsageError(
                     f"adapter '{name}' has no tensors in the model (after merge_and_unload(), unload() or "
@@ -1185,7 +1196,7 @@ class PeftModel(nn.Module):
             self.delete_adapter(adapter_name)
             raise
         if is_trainable:  # trainable even while another adapter is active, as HF peft loads it
-            unfreeze_adapter(self.model, self.peft_config[adapter_name], adapter_name, self.model_adapters)
+            unfreeze_adapter(self.model, self.peft_config[adapter_name], adapter_name, self.prompt_encoder)
         else:
             self.eval()
         return self._load_result(adapter_name, missing, unexpected)
@@ -1250,7 +1261,7 @@ class PeftModel(nn.Module):
                 )
         model_level = {k: v for k, v in tensors.items() if k in expected and "." not in k}
         if model_level:  # tensors of an adapter that acts on the inputs: it takes them itself
-            self.model_adapters[adapter_name].load_saved(model_level)
+            self.prompt_encoder[adapter_name].load_saved(model_level)
         taken = set(model_level)
         for path, module in wrappers(self.model):  # layer adapters that save other tensors than their state
             part = module.adapters[adapter_name] if isinstance(module, AdaptedLayer) and adapter_name in \

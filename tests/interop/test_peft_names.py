@@ -119,6 +119,10 @@ MATRIX = {
     "trainable-tokens-method": (tiny_llama, "TrainableTokensConfig", dict(token_indices=[1, 3]), None),
     "trainable-tokens-method-tied": (lambda: tiny_llama(tie_word_embeddings=True), "TrainableTokensConfig",
                                      dict(token_indices=[1, 3]), None),
+    "prompt-tuning": (tiny_llama, "PromptTuningConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=3), None),
+    "prefix-tuning": (tiny_llama, "PrefixTuningConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=3), None),
+    "p-tuning": (tiny_llama, "PromptEncoderConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=3,
+                                                         encoder_hidden_size=8), None),
     "seq-cls": (tiny_bert_cls, "LoraConfig", dict(r=2, task_type="SEQ_CLS"), None),
     "ia3": (tiny_llama, "IA3Config", dict(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"]),
             None),
@@ -134,10 +138,6 @@ STILL_DIFFERENT = {
                          None),  # peft nests the embedding as <embedding>.token_adapter.base_layer
     "target-parameters-2": (_net(TwoWeightsNet), "LoraConfig", dict(r=2, target_modules=[], target_parameters=[
         "block.first", "block.second"]), ROWS),  # peft nests a wrapper per parameter of one module
-    "prompt-tuning": (tiny_llama, "PromptTuningConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=3), None),
-    "prefix-tuning": (tiny_llama, "PrefixTuningConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=3), None),
-    "p-tuning": (tiny_llama, "PromptEncoderConfig", dict(task_type="CAUSAL_LM", num_virtual_tokens=3,
-                                                         encoder_hidden_size=8), None),
     "adaption-prompt": (tiny_llama, "AdaptionPromptConfig", dict(task_type="CAUSAL_LM", adapter_len=3,
                                                                  adapter_layers=1), None),
 }

@@ -79,6 +79,8 @@ class AdaptionPrompts(ModelAdapter):
         paths: the adapted attention modules' paths, in the same order.
     """
 
+    bare_base_model = False  # the ecosystem keeps base_model.model (it wraps attention layers)
+
     def __init__(self, model: nn.Module, paths: list[str], adapter_len: int) -> None:
         super().__init__()
         self.paths = list(paths)

@@ -65,6 +65,18 @@ class PromptEncoderConfig(PromptLearningConfig):
             raise ConfigError(f"PromptEncoderConfig.encoder_dropout must be in [0, 1), got {self.encoder_dropout}")
 
 
+class MlpEncoder(nn.Module):
+    """A three-layer MLP over the prompt rows (``mlp_head``, as the ecosystem names it)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.mlp_head = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                      nn.Linear(hidden, dim))
+
+    def forward(self, rows):  # (1, n, d) -> (1, n, d)
+        return self.mlp_head(rows)
+
+
 class LstmEncoder(nn.Module):
     """A bidirectional LSTM over the prompt rows, then a two-layer MLP back to the token dimension."""
 
@@ -94,6 +106,5 @@ class PTuning(Method):
             if config.encoder_reparameterization_type == PromptEncoderReparameterizationType.LSTM:
                 encoder = LstmEncoder(dim, hidden, config.encoder_num_layers, config.encoder_dropout)
             else:
-                encoder = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                        nn.Linear(hidden, dim))
+                encoder = MlpEncoder(dim, hidden)
         return PromptEmbedding(config, embeddings, encoder)

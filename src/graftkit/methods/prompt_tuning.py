@@ -120,7 +120,9 @@ class PromptEmbedding(ModelAdapter):
         embedding: ``nn.Embedding(n, d)``: the prompt itself (fp32 master, cast to the activation dtype), or the
             input of ``encoder`` when the method reparameterizes the prompt (p-tuning).
         encoder: ``None``, or a module mapping the embedding rows (1, n, d) to the prompt rows (1, n, d). On disk
-            the prompt is always saved as the computed rows, so a loaded adapter has no encoder.
+            the prompt is always saved as the computed rows, so a loaded adapter has no encoder. Its parts are
+            registered on this adapter under their own names (``mlp_head``, ``lstm_head``), as the ecosystem names
+            them in memory.
     """
 
     def __init__(self, config: PromptLearningConfig, word_embeddings: nn.Embedding, encoder: nn.Module | None = None
@@ -133,7 +135,9 @@ class PromptEmbedding(ModelAdapter):
         if start is not None:
             with torch.no_grad():
                 self.embedding.weight.copy_(start)
-        self.encoder = encoder.to(weight.device) if encoder is not None else None
+        self.__dict__["encoder"] = encoder.to(weight.device) if encoder is not None else None  # not a submodule:
+        for name, part in (encoder.named_children() if encoder is not None else ()):  # its parts are, by their names
+            self.add_module(name, part)
         self.num_tokens = config.num_virtual_tokens  # in front of the inputs (of the encoder, on encoder-decoders)
 
     def rows(self) -> torch.Tensor:
@@ -149,7 +153,9 @@ class PromptEmbedding(ModelAdapter):
         if self.encoder is not None:  # saved rows replace the encoder: training goes on from the prompt itself
             warnings.warn("loading saved prompt rows into a reparameterized prompt adapter: the encoder is dropped "
                           "and training continues on the prompt rows directly", stacklevel=4)
-            self.encoder = None
+            for name, _ in self.encoder.named_children():
+                delattr(self, name)
+            self.__dict__["encoder"] = None
         super().load_saved(tensors)
 
     def _prompt(self, batch: int, dtype: torch.dtype) -> torch.Tensor:
