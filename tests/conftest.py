@@ -115,6 +115,18 @@ def check_mixed_rows(model: nn.Module, inputs, names: list[str]) -> torch.Tensor
     return mixed
 
 
+def train_steps(model: nn.Module, inputs: dict[str, torch.Tensor], optimizer, steps: int) -> list[float]:
+    """``steps`` optimizer steps on the causal-LM loss of ``inputs`` (labels: the input ids); the losses seen."""
+    losses = []
+    for _ in range(steps):
+        loss = model(**inputs, labels=inputs["input_ids"]).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 def run(model: nn.Module, inputs) -> torch.Tensor:
     with torch.no_grad():
         if isinstance(inputs, torch.Tensor):

@@ -10,7 +10,16 @@ from torch import nn
 
 import graftkit
 from graftkit.layer import AdaptedLayer, ModulesToSave
-from tests.conftest import randomize_adapters, run, tiny_bert_cls, tiny_convnet, tiny_gpt2, tiny_llama, token_batch
+from tests.conftest import (
+    randomize_adapters,
+    run,
+    tiny_bert_cls,
+    tiny_convnet,
+    tiny_gpt2,
+    tiny_llama,
+    token_batch,
+    train_steps,
+)
 
 
 def graft_modules(model: nn.Module) -> list[str]:
@@ -54,13 +63,7 @@ def test_training_lowers_loss():
     model.train()
     batch = token_batch(batch=4, length=12)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(30):
-        loss = model(**batch, labels=batch["input_ids"]).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, batch, opt, 30)
     assert losses[-1] < 0.2 * losses[0], losses
     assert not any(p.grad is not None for n, p in model.named_parameters() if "base_layer" in n)
 

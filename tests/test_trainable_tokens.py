@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import graftkit
-from tests.conftest import run, tiny_llama, token_batch
+from tests.conftest import run, tiny_llama, token_batch, train_steps
 
 IDS = [3, 5, 7]
 
@@ -62,13 +62,7 @@ def test_training_moves_only_those_rows():
     x = batch()
     before = model.base_model.model.model.embed_tokens.base_layer.weight.detach().clone()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    losses = []
-    for _ in range(6):
-        loss = model(**x, labels=x["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, x, optimizer, 6)
     assert losses[-1] < losses[0]
     assert torch.equal(model.base_model.model.model.embed_tokens.base_layer.weight, before)
 

@@ -10,7 +10,7 @@ import torch
 
 import graftkit
 from graftkit.optimizers import create_lorafa_optimizer, create_loraplus_optimizer
-from tests.conftest import tiny_llama, token_batch
+from tests.conftest import tiny_llama, token_batch, train_steps
 
 peft = pytest.importorskip("peft")
 from peft.optimizers import create_lorafa_optimizer as peft_lorafa  # noqa: E402
@@ -51,14 +51,7 @@ def test_loraplus_groups_match_peft():
 def test_loraplus_trains():
     _, model = both(use_dora=False, modules_to_save=None)
     optimizer = create_loraplus_optimizer(model, torch.optim.AdamW, lr=2e-2, loraplus_lr_ratio=8)
-    x = token_batch()
-    losses = []
-    for _ in range(15):
-        loss = model(**x, labels=x["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, token_batch(), optimizer, 15)
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.03, losses
 
 
@@ -105,14 +98,7 @@ def test_lorafa_step_is_the_projected_adamw_step_and_matches_peft():
 def test_lorafa_trains_and_its_state_round_trips():
     _, model = lorafa_pair()
     optimizer = create_lorafa_optimizer(model, r=4, lora_alpha=8, lr=5e-2)
-    x = token_batch()
-    losses = []
-    for _ in range(15):
-        loss = model(**x, labels=x["input_ids"]).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, token_batch(), optimizer, 15)
     assert all(b < a for a, b in zip(losses, losses[1:])) and losses[-1] < losses[0] - 0.03, losses
     again = create_lorafa_optimizer(model, r=4, lora_alpha=8, lr=5e-3)
     again.load_state_dict(optimizer.state_dict())
