@@ -120,17 +120,24 @@ def test_killed_during_checkpointing_the_run_always_resumes(tmp_path):
     def checkpoints() -> list[str]:
         return [d for d in os.listdir(tmp_path) if d.startswith("checkpoint-")]
 
+    logs = tmp_path.parent / f"{tmp_path.name}-logs"
+    logs.mkdir()
     for kill in range(12):
-        proc = subprocess.Popen([sys.executable, "-c", child, "resume" if kill else "new"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "training", proc.stderr.read()
-        while not checkpoints():
-            assert proc.poll() is None, proc.stderr.read()
+        # The child's output goes to files, never to a pipe nobody drains (a full pipe would stall the child).
+        with open(logs / f"{kill}.out", "w") as out, open(logs / f"{kill}.err", "w") as err:
+            proc = subprocess.Popen([sys.executable, "-c", child, "resume" if kill else "new"], stdout=out,
+                                    stderr=err, text=True)
+
+        def errors() -> str:
+            return (logs / f"{kill}.err").read_text()[-3000:]  # noqa: B023 - read while this child runs
+
+        while not checkpoints() or "training" not in (logs / f"{kill}.out").read_text():
+            assert proc.poll() is None, errors()
             time.sleep(0.02)
         time.sleep(rng.uniform(0, 1.5))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=HUNG_AFTER_S)
-        assert proc.returncode == -signal.SIGKILL, proc.stderr.read()  # killed mid-run, not finished or failed
+        assert proc.returncode == -signal.SIGKILL, errors()  # killed mid-run, not finished or failed
         for name in checkpoints():
             assert checkpoint_problem(str(tmp_path / name), ["default"]) is None, (kill, name)
     newest = newest_complete_checkpoint(str(tmp_path))
@@ -152,3 +159,34 @@ def test_a_checkpoint_moved_aside_by_a_killed_save_comes_back(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-3", "checkpoint-4"]
     assert checkpoint_problem(str(tmp_path / "checkpoint-4")) is None
     assert json.loads((tmp_path / "checkpoint-4" / "trainer_state.json").read_text())["global_step"] == 4
+
+
+class Killed(BaseException):
+    """Stands for SIGKILL arriving inside a deletion (a BaseException: nothing catches it on the way out)."""
+
+
+def test_killed_while_dropping_an_old_checkpoint_leaves_only_complete_ones(tmp_path, monkeypatch):
+    """save_total_limit drops old checkpoints; a run killed halfway through deleting one must not leave it behind
+    half deleted among the complete ones (it is moved aside first)."""
+    import shutil
+
+    import graftkit.integrations.trainer as module
+
+    real = shutil.rmtree
+
+    def cut_short(path, *args, **kwargs):
+        if os.path.basename(str(path)).startswith(("checkpoint-", "deleted-checkpoint-")):  # dropping one
+            os.remove(os.path.join(path, "adapter_model.safetensors"))
+            raise Killed
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(module.shutil, "rmtree", cut_short)
+    with pytest.raises(Killed):
+        trainer(tmp_path, max_steps=8, save_steps=2, save_total_limit=1).train()
+    monkeypatch.setattr(module.shutil, "rmtree", real)
+    found = [d for d in os.listdir(tmp_path) if d.startswith("checkpoint-")]
+    assert found and all(checkpoint_problem(str(tmp_path / d)) is None for d in found), found
+    resumed = trainer(tmp_path, max_steps=8, save_steps=2, save_total_limit=1)
+    resumed.train(resume_from_checkpoint=True)
+    assert resumed.state.global_step == 8
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-8"]  # the staging folder went with the next save

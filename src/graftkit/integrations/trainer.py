@@ -219,9 +219,7 @@ class AdapterTrainerMixin:
             del self._get_output_dir
         self._barrier()
         if self.args.should_save:
-            transformers.trainer.rotate_checkpoints(output_dir=run_dir, save_total_limit=self.args.save_total_limit,
-                                                    best_model_checkpoint=self.state.best_model_checkpoint,
-                                                    use_mtime=True)
+            _rotate(run_dir, staging, self.args.save_total_limit, self.state.best_model_checkpoint)
 
     def _barrier(self) -> None:
         if self.args.world_size > 1:
@@ -282,6 +280,31 @@ def load_adapters_from(model: PeftModel, checkpoint: str) -> None:
         )
     for name, folder in folders.items():
         model.load_adapter(folder, adapter_name=name)
+
+
+def _rotate(run_dir: str, staging: str, limit: int | None, best: str | None) -> None:
+    """Keep the newest ``limit`` checkpoints (and the best one), as transformers' ``save_total_limit`` does, but
+    each one dropped is first moved into the staging folder, then deleted there: a run killed while deleting
+    leaves no half-deleted checkpoint among the complete ones (the next save clears the staging folder)."""
+    if limit is None or limit <= 0:
+        return
+    checkpoints = transformers.trainer_utils.sort_checkpoints(
+        run_dir, transformers.trainer_utils.PREFIX_CHECKPOINT_DIR, use_mtime=True)
+    protected = {os.path.normpath(checkpoints[-1])} if checkpoints else set()
+    if best is not None:
+        protected.add(os.path.normpath(best))
+    keep, remaining = max(limit, len(protected)), len(checkpoints)
+    for checkpoint in checkpoints:
+        if remaining <= keep:
+            break
+        if os.path.normpath(checkpoint) in protected:
+            continue
+        os.makedirs(staging, exist_ok=True)
+        doomed = os.path.join(staging, f"deleted-{os.path.basename(checkpoint)}")
+        os.replace(checkpoint, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+        remaining -= 1
+    shutil.rmtree(staging, ignore_errors=True)
 
 
 def _clear_staging(staging: str, run_dir: str) -> None:
