@@ -14,7 +14,7 @@ import graftkit
 from tests.conftest import tiny_llama
 
 huggingface_hub = pytest.importorskip("huggingface_hub")
-httpx = pytest.importorskip("httpx2" if huggingface_hub.__version__ >= "2" else "httpx")
+httpx = pytest.importorskip("httpx2" if int(huggingface_hub.__version__.split(".")[0]) >= 2 else "httpx")
 
 CARD = "---\nlicense: mit\ntags:\n- mine\n---\n\n# My adapter\n\nHand-written notes.\n"
 
