@@ -75,7 +75,7 @@ def pair(method: str, device: str):
     ours = graftkit.get_peft_model(base(device), getattr(graftkit, name)(task_type="CAUSAL_LM", **kwargs))
     with torch.no_grad():  # non-trivial starting values (IA3 ones, AdaLoRA's zero singular values, closed gates)
         for param_name, param in ours.named_parameters():
-            if param.requires_grad and ("ia3_l" in param_name or "lora_E" in param_name or ".gates." in param_name
+            if param.requires_grad and ("ia3_l" in param_name or "lora_E" in param_name or "adaption_gate" in param_name
                                         or "lora_B" in param_name):
                 param.add_(0.1)
     with tempfile.TemporaryDirectory() as folder:

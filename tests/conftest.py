@@ -89,7 +89,7 @@ def randomize_adapters(model: nn.Module, seed: int = 3, std: float = 0.2) -> Non
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if "ia3_l" in name or ".gates." in name:  # IA3 scales (ones) and adaption-prompt gates (zeros): shift
+            if "ia3_l" in name or "adaption_gate" in name:  # IA3 scales (ones) and adaption-prompt gates (zeros): shift
                 param.add_((torch.randn(param.shape, generator=g) * std).to(param.device, param.dtype))
             elif "lora_" in name or "modules_to_save" in name:
                 noise = (torch.randn(param.shape, generator=g) * std).to(param.device)

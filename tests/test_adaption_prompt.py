@@ -40,7 +40,7 @@ def adapted(kind: str, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
-            if ".gates." in name:  # open the zero-initialised gates
+            if "adaption_gate" in name:  # open the zero-initialised gates
                 param.copy_((0.5 + torch.rand(param.shape, generator=g)).to(param.device))
     return model.eval()
 

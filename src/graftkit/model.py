@@ -436,6 +436,7 @@ class PeftModel(nn.Module):
         self._active = names
         self._train_active = not inference_mode
         activate(self.model, names)
+        self._model_adapter(None)  # the active prompt-style adapter takes its place in the model now
         mark_trainable(self.model, self.peft_config, names, self._train_active, self.prompt_encoder)
 
     def _remove_modules(self, adapter_name: str) -> None:
@@ -464,6 +465,7 @@ class PeftModel(nn.Module):
             self._train_active = True
         self._active = remaining
         activate(self.model, self._active)
+        self._model_adapter(None)
         mark_trainable(self.model, self.peft_config, self._active, self._train_active, self.prompt_encoder)
 
     @contextlib.contextmanager

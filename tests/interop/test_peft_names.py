@@ -131,6 +131,8 @@ MATRIX = {
                 None),
     "adalora-conv2d": (tiny_convnet, "AdaLoraConfig", dict(init_r=4, target_r=2, target_modules=["conv"],
                                                            total_step=10), IMAGES),
+    "adaption-prompt": (tiny_llama, "AdaptionPromptConfig", dict(task_type="CAUSAL_LM", adapter_len=3,
+                                                                 adapter_layers=1), None),
 }
 # Where the names still differ (a strict xfail: each fails loudly once it matches, so this list cannot go stale).
 STILL_DIFFERENT = {
@@ -138,8 +140,6 @@ STILL_DIFFERENT = {
                          None),  # peft nests the embedding as <embedding>.token_adapter.base_layer
     "target-parameters-2": (_net(TwoWeightsNet), "LoraConfig", dict(r=2, target_modules=[], target_parameters=[
         "block.first", "block.second"]), ROWS),  # peft nests a wrapper per parameter of one module
-    "adaption-prompt": (tiny_llama, "AdaptionPromptConfig", dict(task_type="CAUSAL_LM", adapter_len=3,
-                                                                 adapter_layers=1), None),
 }
 
 
@@ -201,6 +201,24 @@ def test_two_adapters_and_a_loaded_one_have_peft_names(tmp_path):
     ours.load_adapter(str(tmp_path / "other"), adapter_name="again")
     theirs.load_adapter(str(tmp_path / "other"), adapter_name="again")
     assert sorted(_names(ours)[1]) == sorted(_names(theirs)[1])
+
+
+def test_adaption_prompts_show_the_active_adapter_under_peft_names():
+    """Several adaption-prompt adapters: peft's names hold the active one's tensors (peft keeps the others outside
+    the model; here they wait inside it), switching swaps them, and deleting the last puts the attention back."""
+    theirs, ours = build_both(MATRIX["adaption-prompt"])
+    for model, library in ((theirs, peft), (ours, graftkit)):
+        model.add_adapter("b", library.AdaptionPromptConfig(task_type="CAUSAL_LM", adapter_len=5, adapter_layers=1))
+    key = "base_model.model.model.layers.1.self_attn.adaption_prompt"
+    for active in ("default", "b", "default"):
+        for model in (theirs, ours):
+            model.set_adapter(active)
+        assert ours.state_dict()[key].shape == theirs.state_dict()[key].shape == (1, 3 if active == "default" else 5, 16)
+    ours.delete_adapter("default")
+    assert ours.state_dict()[key].shape == (1, 5, 16)
+    ours.delete_adapter("b")
+    attention = ours.base_model.model.model.layers[1].self_attn
+    assert type(attention).__name__ == "LlamaAttention" and not any("adaption" in n for n in ours.state_dict())
 
 
 def test_layer_attributes_code_written_for_peft_reads():

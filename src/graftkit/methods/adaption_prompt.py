@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import weakref
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import torch
@@ -71,85 +71,73 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-class AdaptionPrompts(ModelAdapter):
-    """The prompts and gates of one adapter, and the hooks that apply them to the attention modules' outputs.
+class AdaptedAttention(nn.Module):
+    """An attention module with Llama-Adapter prompts: the ecosystem's layout, so names carry over.
 
-    Attributes:
-        prompts / gates: one (1, adapter_len, hidden) prompt and one (1,) gate per adapted attention module.
-        paths: the adapted attention modules' paths, in the same order.
+    ``model`` is the original attention module. ``adaption_prompt`` (1, adapter_len, hidden) and ``adaption_gate``
+    (1,) are the tensors of the adapter shown here: the active one, or the last active. Other adapters' tensors
+    wait in ``held_prompts`` / ``held_gates`` (the ecosystem keeps them outside the model; here ``.to()`` and
+    ``state_dict`` still see them). The prompt is added only while ``live`` (set for each forward by the adapter).
     """
 
-    bare_base_model = False  # the ecosystem keeps base_model.model (it wraps attention layers)
-
-    def __init__(self, model: nn.Module, paths: list[str], adapter_len: int) -> None:
+    def __init__(self, attn: nn.Module) -> None:
         super().__init__()
-        self.paths = list(paths)
-        config = model.config
-        hidden = config.hidden_size
-        self.num_heads = config.num_attention_heads
-        self.prompts = nn.ParameterList()
-        self.gates = nn.ParameterList()
-        self._handles: list[Any] = []
-        self._cache: dict[int, tuple[Any, torch.Tensor, torch.Tensor]] = {}
-        this = weakref.ref(self)
-        for i, path in enumerate(self.paths):
-            attn = model.get_submodule(path)
-            weight = attn.q_proj.weight
-            dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or \
-                not weight.dtype.is_floating_point else weight.dtype
-            # Standard normal prompts (the reference implementation's embedding init), a zero gate: the base model.
-            self.prompts.append(nn.Parameter(torch.empty(1, adapter_len, hidden, device=weight.device,
-                                                         dtype=dtype).normal_()))
-            self.gates.append(nn.Parameter(torch.zeros(1, device=weight.device, dtype=dtype)))
+        self.register_parameter("adaption_prompt", None)  # registered first: the ecosystem's parameter order
+        self.register_parameter("adaption_gate", None)
+        self.model = attn
+        self.held_prompts = nn.ParameterDict()
+        self.held_gates = nn.ParameterDict()
+        self.shown: str | None = None
+        self.live = False
+        self._cache: tuple[Any, torch.Tensor, torch.Tensor] | None = None
 
-            def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any, i: int = i) -> Any:
-                adapter = this()
-                if adapter is None or not adapter.live:
-                    return output
-                return adapter._add_prompt(i, module, args, kwargs, output)
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:  # what the decoder layer or user code reads from its attention module
+            modules = self.__dict__.get("_modules")
+            if name == "model" or modules is None or "model" not in modules:
+                raise
+            return getattr(modules["model"], name)
 
-            self._handles.append(attn.register_forward_hook(hook, with_kwargs=True))
+    def add(self, name: str, prompt: nn.Parameter, gate: nn.Parameter) -> None:
+        self.held_prompts[name], self.held_gates[name] = prompt, gate
+        if self.shown is None:
+            self.show(name)
 
-    def detach(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def tensors(self, name: str) -> tuple[nn.Parameter, nn.Parameter]:
+        if name == self.shown:
+            return self.adaption_prompt, self.adaption_gate
+        return self.held_prompts[name], self.held_gates[name]
 
-    def saved_tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for path, prompt, gate in zip(self.paths, self.prompts, self.gates):
-            out[f"base_model.model.{path}.adaption_prompt"] = prompt
-            out[f"base_model.model.{path}.adaption_gate"] = gate
-        return out
+    def show(self, name: str) -> None:
+        """Register adapter ``name``'s tensors as ``adaption_prompt`` / ``adaption_gate`` (the others wait)."""
+        if name == self.shown:
+            return
+        if self.shown is not None:
+            self.held_prompts[self.shown], self.held_gates[self.shown] = self.adaption_prompt, self.adaption_gate
+        self._parameters["adaption_prompt"] = self.held_prompts.pop(name)
+        self._parameters["adaption_gate"] = self.held_gates.pop(name)
+        self.shown = name
+        self._cache = None
 
-    def _prompt_kv(self, i: int, attn: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """The prompt's keys and values for layer ``i``, (1, kv_heads, adapter_len, head_dim) each.
+    def remove(self, name: str) -> None:
+        if name == self.shown:
+            self._parameters["adaption_prompt"] = self._parameters["adaption_gate"] = None
+            self.shown, self.live, self._cache = None, False, None
+            if len(self.held_prompts):
+                self.show(next(iter(self.held_prompts.keys())))
+        else:
+            del self.held_prompts[name], self.held_gates[name]
 
-        Without gradients (inference, decoding) they are kept until the prompt or the projections change, so a
-        decode step does not project the prompt again."""
-        prompt = self.prompts[i]
-        grad = torch.is_grad_enabled() and (prompt.requires_grad or any(
-            p.requires_grad for p in (*attn.k_proj.parameters(), *attn.v_proj.parameters())))
-        key = None
-        # Adapters on the projections (LoRA on k_proj) change them without changing their parameters' versions when
-        # switched or disabled: no reuse there.
-        wrapped = isinstance(attn.k_proj, AdaptedLayer) or isinstance(attn.v_proj, AdaptedLayer)
-        if not grad and not wrapped:
-            key = (dtype, prompt.device, prompt._version, torch.is_inference_mode_enabled(),
-                   *(p._version for p in attn.k_proj.parameters()), *(p._version for p in attn.v_proj.parameters()),
-                   *(id(p) for p in attn.k_proj.parameters()), *(id(p) for p in attn.v_proj.parameters()))
-            hit = self._cache.get(i)
-            if hit is not None and hit[0] == key:
-                return hit[1], hit[2]
-        p = prompt.to(dtype)
-        length = p.shape[1]
-        k = attn.k_proj(p).view(1, length, -1, attn.head_dim).transpose(1, 2)  # (1, kv, L, d)
-        v = attn.v_proj(p).view(1, length, -1, attn.head_dim).transpose(1, 2)  # (1, kv, L, d)
-        if key is not None:
-            self._cache[i] = (key, k, v)
-        return k, v
+    def __len__(self) -> int:
+        return len(self.held_prompts) + (self.shown is not None)
 
-    def _add_prompt(self, i: int, attn: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        output = self.model(*args, **kwargs)
+        if not self.live or self.adaption_prompt is None:
+            return output
+        attn = self.model
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]  # (B, T, hidden)
         cos, sin = kwargs["position_embeddings"]  # (B, T, d)
         out = output[0] if isinstance(output, tuple) else output  # (B, T, hidden)
@@ -157,15 +145,121 @@ class AdaptionPrompts(ModelAdapter):
         dtype = hidden.dtype
         q = attn.q_proj(hidden).view(batch, length, -1, attn.head_dim).transpose(1, 2)  # (B, H, T, d)
         q = q * cos.unsqueeze(1) + _rotate_half(q) * sin.unsqueeze(1)
-        k, v = self._prompt_kv(i, attn, dtype)
+        k, v = self._prompt_kv(attn, dtype)
         groups = q.shape[1] // k.shape[1]
         if groups > 1:  # grouped-query attention: each prompt key/value head serves its group of query heads
             k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (1, H, L, d)
         scores = torch.matmul(q, k.transpose(2, 3)) / math.sqrt(attn.head_dim)  # (B, H, T, L)
-        weights = self.gates[i].to(dtype) * F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
+        weights = self.adaption_gate.to(dtype) * F.softmax(scores, dim=-1, dtype=torch.float32).to(dtype)
         mixed = torch.matmul(weights, v).transpose(1, 2).reshape(batch, length, -1)  # (B, T, H·d)
         out = out + attn.o_proj(mixed)
         return (out, *output[1:]) if isinstance(output, tuple) else out
+
+    def _prompt_kv(self, attn: nn.Module, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt's keys and values, (1, kv_heads, adapter_len, head_dim) each.
+
+        Without gradients (inference, decoding) they are kept until the prompt or the projections change, so a
+        decode step does not project the prompt again."""
+        prompt = self.adaption_prompt
+        grad = torch.is_grad_enabled() and (prompt.requires_grad or any(
+            p.requires_grad for p in (*attn.k_proj.parameters(), *attn.v_proj.parameters())))
+        key = None
+        # Adapters on the projections (LoRA on k_proj) change them without changing their parameters' versions when
+        # switched or disabled: no reuse there.
+        wrapped = isinstance(attn.k_proj, AdaptedLayer) or isinstance(attn.v_proj, AdaptedLayer)
+        if not grad and not wrapped:
+            projections = (*attn.k_proj.parameters(), *attn.v_proj.parameters())
+            key = (dtype, prompt.device, id(prompt), prompt._version, torch.is_inference_mode_enabled(),
+                   *(p._version for p in projections), *(id(p) for p in projections))
+            if self._cache is not None and self._cache[0] == key:
+                return self._cache[1], self._cache[2]
+        p = prompt.to(dtype)
+        length = p.shape[1]
+        k = attn.k_proj(p).view(1, length, -1, attn.head_dim).transpose(1, 2)  # (1, kv, L, d)
+        v = attn.v_proj(p).view(1, length, -1, attn.head_dim).transpose(1, 2)  # (1, kv, L, d)
+        if key is not None:
+            self._cache = (key, k, v)
+        return k, v
+
+
+class AdaptionPrompts(ModelAdapter):
+    """One adapter's prompts and gates: it wraps each adapted attention module in an :class:`AdaptedAttention`
+    (shared with the other adapters of the model) that holds its tensors, and tells those wrappers when it applies.
+
+    Attributes:
+        paths: the adapted attention modules' paths.
+    """
+
+    bare_base_model = False  # the ecosystem keeps base_model.model (it wraps attention layers)
+
+    def __init__(self, model: nn.Module, paths: list[str], adapter_len: int, name: str) -> None:
+        super().__init__()
+        self.paths = list(paths)
+        self.name = name
+        self._live = False
+        hidden = model.config.hidden_size
+        self._places: list[tuple[nn.Module, str, AdaptedAttention]] = []  # plain list: the wrappers live in the model
+        for path in self.paths:
+            parent_path, _, child = path.rpartition(".")
+            parent = model.get_submodule(parent_path)
+            wrapper = getattr(parent, child)
+            if not isinstance(wrapper, AdaptedAttention):
+                wrapper = AdaptedAttention(wrapper)
+                setattr(parent, child, wrapper)
+            weight = wrapper.model.q_proj.weight
+            dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or \
+                not weight.dtype.is_floating_point else weight.dtype
+            # Standard normal prompts (the reference implementation's embedding init), a zero gate: the base model.
+            prompt = nn.Parameter(torch.empty(1, adapter_len, hidden, device=weight.device, dtype=dtype).normal_())
+            wrapper.add(name, prompt, nn.Parameter(torch.zeros(1, device=weight.device, dtype=dtype)))
+            self._places.append((parent, child, wrapper))
+
+    @property  # type: ignore[override]
+    def live(self) -> bool:
+        return self._live
+
+    @live.setter
+    def live(self, value: bool) -> None:  # the applying adapter is the one shown in each wrapper
+        self._live = value
+        for _, _, wrapper in self._places:
+            if value:
+                wrapper.show(self.name)
+                wrapper.live = True
+            elif wrapper.shown == self.name:
+                wrapper.live = False
+
+    def show(self) -> None:
+        """Make this adapter's tensors the wrappers' ``adaption_prompt`` / ``adaption_gate``."""
+        for _, _, wrapper in self._places:
+            wrapper.show(self.name)
+
+    def named_parameters(self, prefix: str = "", recurse: bool = True,
+                         remove_duplicate: bool = True) -> Iterator[tuple[str, nn.Parameter]]:
+        """This adapter's prompts and gates (held by the wrappers in the model, so not registered here)."""
+        lead = f"{prefix}." if prefix else ""
+        for i, (_, _, wrapper) in enumerate(self._places):
+            prompt, gate = wrapper.tensors(self.name)
+            yield f"{lead}{i}.adaption_prompt", prompt
+            yield f"{lead}{i}.adaption_gate", gate
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        for _, param in self.named_parameters():
+            yield param
+
+    def detach(self) -> None:
+        for parent, child, wrapper in self._places:
+            wrapper.remove(self.name)
+            if not len(wrapper) and getattr(parent, child, None) is wrapper:
+                setattr(parent, child, wrapper.model)
+        self._places = []
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for path, (_, _, wrapper) in zip(self.paths, self._places):
+            prompt, gate = wrapper.tensors(self.name)
+            out[f"base_model.model.{path}.adaption_prompt"] = prompt
+            out[f"base_model.model.{path}.adaption_gate"] = gate
+        return out
 
 
 @register
@@ -198,8 +292,9 @@ class AdaptionPrompt(Method):
         paths = paths[-config.adapter_layers:]  # the top layers
         for path in paths:
             attn = model.get_submodule(path)
+            attn = attn.model if isinstance(attn, AdaptedAttention) else attn
             missing = [n for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim") if not hasattr(attn, n)]
             if missing:
                 raise UnsupportedError(f"'{path}' ({type(attn).__name__}) has no {missing}: it is not a Llama-family "
                                        "attention module; set target_modules to the attention modules' name")
-        return AdaptionPrompts(model, paths, config.adapter_len)
+        return AdaptionPrompts(model, paths, config.adapter_len, adapter_name)
