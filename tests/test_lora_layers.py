@@ -469,3 +469,38 @@ def test_parameters_only_adapter_round_trips(tmp_path):
                                rtol=1e-5, atol=1e-6)
     with pytest.raises(graftkit.TargetError, match="selects no module"):
         graftkit.get_peft_model(tiny_moe("mixtral"), graftkit.LoraConfig(target_modules=[]))
+
+
+def test_nested_parameter_layers_with_two_adapters_mixed_batches_and_both_active(monkeypatch):
+    """A layer per adapted parameter, nested: adapter "a" adapts both expert parameters, "b" only gate_up_proj (the
+    inner layer). A mixed batch gives each row what its adapter alone gives; both active at once equal the dense
+    substitution of both updates; merging both and unloading leave the same outputs in a plain model."""
+    experts = ["experts.gate_up_proj", "experts.down_proj"]
+    model = graftkit.get_peft_model(tiny_moe("mixtral"), graftkit.LoraConfig(
+        r=2, target_modules=[], target_parameters=experts, init_lora_weights=False), adapter_name="a")
+    model.add_adapter("b", graftkit.LoraConfig(r=3, target_modules=[], target_parameters=[experts[0]],
+                                               init_lora_weights=False))
+    block = model.base_model.model.model.layers[0].mlp.experts
+    assert sorted(block.adapters) == ["a"] and sorted(block.base_layer.adapters) == ["a", "b"]
+    assert block.base_layer.lora_A["b"].weight.shape == (3 * 4, 16)  # r rows per expert
+    model.eval()
+    x = token_batch(batch=3)
+    alone = {}
+    for name in ("a", "b"):
+        model.set_adapter(name)
+        alone[name] = run(model, x)
+    with model.disable_adapter():
+        alone["__base__"] = run(model, x)
+    assert (alone["a"] - alone["b"]).abs().max() > 1e-3 and (alone["b"] - alone["__base__"]).abs().max() > 1e-3
+    with torch.no_grad():
+        mixed = model(**x, adapter_names=["b", "__base__", "a"]).logits
+    for row, name in enumerate(["b", "__base__", "a"]):
+        torch.testing.assert_close(mixed[row], alone[name][row], rtol=1e-5, atol=1e-5)
+    model.set_adapter(["a", "b"])
+    both = run(model, x)
+    _substitute_experts(monkeypatch)
+    torch.testing.assert_close(run(model, x), both, rtol=1e-5, atol=1e-5)
+    assert (both - alone["a"]).abs().max() > 1e-3
+    plain = model.merge_and_unload()
+    assert not any("lora" in n or "base_layer" in n for n, _ in plain.named_parameters())
+    torch.testing.assert_close(run(plain, x), both, rtol=1e-4, atol=1e-4)

@@ -475,6 +475,8 @@ class AdaptedLayer(nn.Module):
             routing = self.routing.for_batch(x.shape[0]) if isinstance(x, torch.Tensor) else None
             per_name = [] if routing is None else [adapters.get(n) for n in routing.unique]
             present = [a for a in per_name if a is not None]
+            if routing is not None and not present:  # no row's adapter is on this layer (nested layers may be)
+                return self._modules["base_layer"](x, *args, **kwargs)
             routed = getattr(type(present[0]), "routed_forward", None) if present else None
             y = None
             if routed is not None and all(type(a) is type(present[0]) for a in present):

@@ -66,8 +66,10 @@ def wrappers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer | ModulesToSa
     for name, module in iter_modules(model):
         if isinstance(module, (AdaptedLayer, ModulesToSave)):
             yield name, module
-            if isinstance(module, AdaptedLayer):  # wrappers inside its base (LoRA on MHA adapts its out_proj too)
-                yield from ((f"{name}.base_layer.{inner}", m) for inner, m in wrappers(module.base_layer) if inner)
+            if isinstance(module, AdaptedLayer):  # wrappers inside its base (LoRA on MHA adapts its out_proj too; a
+                # layer per adapted parameter of one module nests)
+                yield from ((f"{name}.base_layer{'.' if inner else ''}{inner}", m)
+                            for inner, m in wrappers(module.base_layer))
 
 
 def activate(model: nn.Module, names: list[str]) -> None:

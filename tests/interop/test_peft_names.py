@@ -116,6 +116,8 @@ MATRIX = {
                          None),
     "target-parameters": (tiny_llama, "LoraConfig", dict(r=2, target_modules=[], target_parameters=[
         "self_attn.q_proj.weight", "self_attn.k_proj.weight"]), None),
+    "target-parameters-2": (_net(TwoWeightsNet), "LoraConfig", dict(r=2, target_modules=[], target_parameters=[
+        "block.first", "block.second"]), ROWS),  # a layer per parameter, nested
     "trainable-tokens-method": (tiny_llama, "TrainableTokensConfig", dict(token_indices=[1, 3]), None),
     "trainable-tokens-method-tied": (lambda: tiny_llama(tie_word_embeddings=True), "TrainableTokensConfig",
                                      dict(token_indices=[1, 3]), None),
@@ -138,8 +140,6 @@ MATRIX = {
 STILL_DIFFERENT = {
     "trainable-tokens": (tiny_llama, "LoraConfig", dict(r=2, target_modules=["q_proj"], trainable_token_indices=[1]),
                          None),  # peft nests the embedding as <embedding>.token_adapter.base_layer
-    "target-parameters-2": (_net(TwoWeightsNet), "LoraConfig", dict(r=2, target_modules=[], target_parameters=[
-        "block.first", "block.second"]), ROWS),  # peft nests a wrapper per parameter of one module
 }
 
 

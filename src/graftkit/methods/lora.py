@@ -1073,68 +1073,114 @@ class _ParameterUpdate(nn.Module):
         return torch.baddbmm(weight, b3, a3, alpha=scaling)  # (E, out, in)
 
 
-class LoraParameters(nn.Module):
-    """LoRA on parameters of one module that it uses directly (``target_parameters``): fused expert weights, a
-    router's weight. Fused expert blocks run on the routed tokens with each expert's update added on its pairs
-    (:meth:`routed_forward`, ``experts.py``); other modules run with W + s·ΔW substituted (``AdaptedLayer`` uses
-    ``torch.func.functional_call``). Merging writes the updates into the weights. Saved keys follow the ecosystem's
-    nesting: with k targeted parameters, the i-th in registration order is
-    ``<module>.{"base_layer." · (k-1-i)}lora_A.weight``."""
+def _param_chain(base: nn.Module) -> tuple[nn.Module, list[AdaptedLayer]]:
+    """The module under nested parameter layers, and those layers (outermost first)."""
+    layers = []
+    while isinstance(base, AdaptedLayer):
+        layers.append(base)
+        base = base._modules["base_layer"]
+    return base, layers
 
-    def __init__(self, base_layer: nn.Module, ranks: dict[str, tuple[int, float]], init: bool | str) -> None:
-        """``ranks``: parameter name -> (r, s), in the module's registration order."""
+
+class LoraParameters(nn.Module):
+    """LoRA on one parameter of a module that uses it directly (``target_parameters``): a fused expert weight, a
+    router's weight. Several parameters of one module get one adapted layer each, nested in the module's registration
+    order (the first innermost), the ecosystem's layout in memory and on disk::
+
+        experts.lora_A.<name>.weight               (down_proj, the last)
+        experts.base_layer.lora_A.<name>.weight    (gate_up_proj)
+        experts.base_layer.base_layer.gate_up_proj (the module's own parameters)
+
+    Fused expert blocks run once, on the routed tokens, with every nested layer's update added on its pairs
+    (:meth:`routed_forward`, ``experts.py``); other modules run with W + s·ΔW substituted (``AdaptedLayer`` uses
+    ``torch.func.functional_call``). Merging writes the update into the parameter."""
+
+    def __init__(self, base_layer: nn.Module, parameter_name: str, r: int, scaling: float, init: bool | str) -> None:
         super().__init__()
-        self.names = list(ranks)
-        transposed = bool(getattr(base_layer, "is_transposed", False))
-        updates = {n: _ParameterUpdate(getattr(base_layer, n), transposed, r, scaling, init)
-                   for n, (r, scaling) in ranks.items()}
-        if len(updates) == 1:  # the common case, named in memory as the ecosystem does: <module>.lora_A.<adapter>
-            (only,) = updates.values()
-            self.lora_A, self.lora_B = only.lora_A, only.lora_B
-            self.__dict__["updates"] = updates  # the same modules, reached by parameter name; not registered twice
-        else:
-            self.updates = nn.ModuleDict(updates)
+        real, _ = _param_chain(base_layer)
+        self.parameter_name = parameter_name
+        update = _ParameterUpdate(getattr(real, parameter_name), bool(getattr(real, "is_transposed", False)), r,
+                                  scaling, init)
+        self.lora_A, self.lora_B = update.lora_A, update.lora_B
+        self.__dict__["update"] = update  # the same two modules with the expert layout; not registered twice
+        self.adapter_name: str | None = None
+
+    @property
+    def updates(self) -> dict[str, _ParameterUpdate]:
+        return {self.parameter_name: self.__dict__["update"]}
+
+    def attached(self, layer: AdaptedLayer, name: str) -> None:
+        self.adapter_name = name  # to find the same adapter's updates in the nested layers
 
     def substitute(self, base_layer: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        real, layers = _param_chain(base_layer)
+        key = "base_layer." * len(layers) + self.parameter_name  # the path functional_call resolves from base_layer
         out = dict(params)
-        for name, update in self.updates.items():
-            out[name] = update.added_to(out.get(name, getattr(base_layer, name)))
+        out[key] = self.__dict__["update"].added_to(out.get(key, getattr(real, self.parameter_name)))
         return out
+
+    @staticmethod
+    def _groups(adapters: list[LoraParameters | None], index: torch.Tensor | None,
+                layers: list[AdaptedLayer]) -> list[list[LoraParameters]] | None:
+        """Per entry of ``adapters``: it and what the same rows get from the nested parameter layers (every live
+        adapter there; in a mixed batch, the row's adapter). ``None`` when a nested layer is not a parameter layer."""
+        if any(not all(isinstance(a, LoraParameters) for a in layer._adapters.values()) for layer in layers):
+            return None
+        if index is None:
+            inner = [layer._adapters[n] for layer in layers if not layer.disabled for n in layer.active
+                     if n in layer._adapters and n not in layer.merged_adapters]
+            return [[a, *inner] for a in adapters if a is not None]
+        names = layers[0].routing.unique if layers and layers[0].routing is not None else \
+            [None if a is None else a.adapter_name for a in adapters]
+        return [[*([] if a is None else [a]), *(layer._adapters[n] for layer in layers if n in layer._adapters)]
+                for a, n in zip(adapters, names)]
 
     @staticmethod
     def routed_forward(adapters: list[LoraParameters | None], index: torch.Tensor | None, x: torch.Tensor,
                        args: tuple, kwargs: dict, base_layer: nn.Module) -> torch.Tensor | None:
         """A fused experts block (see ``experts.py``) run with each token's adapter applied to the pairs routed to
         each expert: the cost follows the tokens, not the experts' size. ``index`` (tokens,) picks each token's entry
-        of ``adapters`` (a mixed batch; ``None``: ``adapters[0]`` for all). ``None`` when the block or the adapted
-        parameters are not the fused expert weights (the caller substitutes W + s·ΔW instead)."""
-        names = fused_experts(base_layer)
-        present = [(i, a) for i, a in enumerate(adapters) if a is not None]
-        if names is None and index is not None:
-            return LoraParameters._per_row_groups(present, index, x, args, kwargs, base_layer)
-        if names is None or not present or any(set(a.updates) - set(names) for _, a in present):
+        of ``adapters`` (a mixed batch; ``None``: ``adapters[0]`` for all). The nested layers' updates (the block's
+        other adapted parameters) join in the same pass. ``None`` when the block or the adapted parameters are not
+        the fused expert weights (the caller substitutes W + s·ΔW instead)."""
+        real, layers = _param_chain(base_layer)
+        groups = LoraParameters._groups(adapters, index, layers)
+        if groups is None:
             return None
+        names = fused_experts(real)
+        present = [(i, g) for i, g in enumerate(groups) if g]
+        if names is None and index is not None:
+            return LoraParameters._per_row_groups(present, index, x, args, kwargs, real)
+        if names is None or not present or any(a.parameter_name not in names for _, g in present for a in g):
+            return None
+
+        def delta(group: list[LoraParameters], name: str, xs: torch.Tensor, pairs: Pairs) -> torch.Tensor | None:
+            out = None
+            for adapter in group:
+                if adapter.parameter_name == name:
+                    part = adapter.__dict__["update"].routed_delta(xs, pairs)
+                    out = part if out is None else out + part
+            return out
 
         def extra(name: str, xs: torch.Tensor, pairs: Pairs) -> torch.Tensor | None:
             if index is None:
-                update = present[0][1].updates[name] if name in present[0][1].updates else None
-                return None if update is None else update.routed_delta(xs, pairs)
+                return delta(present[0][1], name, xs, pairs)
             out = None
             owner = index.index_select(0, pairs.token)
-            for i, adapter in present:
-                if name not in adapter.updates:
-                    continue
+            for i, group in present:
                 rows = (owner == i).nonzero().flatten()
                 if rows.numel():
-                    part = adapter.updates[name].routed_delta(xs.index_select(0, rows), pairs.subset(rows))
+                    part = delta(group, name, xs.index_select(0, rows), pairs.subset(rows))
+                    if part is None:
+                        continue
                     base = xs.new_zeros(xs.shape[0], part.shape[-1], dtype=part.dtype) if out is None else out
                     out = base.index_add(0, rows, part)
             return out
 
-        return run_experts(base_layer, x, args, kwargs, extra)
+        return run_experts(real, x, args, kwargs, extra)
 
     @staticmethod
-    def _per_row_groups(present: list[tuple[int, LoraParameters]], index: torch.Tensor, x: torch.Tensor,
+    def _per_row_groups(present: list[tuple[int, list[LoraParameters]]], index: torch.Tensor, x: torch.Tensor,
                         args: tuple, kwargs: dict, base_layer: nn.Module) -> Any:
         """A mixed batch through a module that treats its input rows independently (a router: (tokens, d) in,
         per-token logits and choices out): each adapter's rows run with its substituted weights. ``None`` (refused
@@ -1146,35 +1192,26 @@ class LoraParameters(nn.Module):
         if not all(isinstance(o, torch.Tensor) and o.dim() >= 1 and o.shape[0] == x.shape[0] for o in outputs):
             return None
         outputs = list(outputs)
-        for i, adapter in present:
+        for i, group in present:
             rows = (index == i).nonzero().flatten()
             if not rows.numel():
                 continue
-            params = adapter.substitute(base_layer, {})
+            params: dict[str, torch.Tensor] = {}
+            for adapter in group:
+                params = adapter.substitute(base_layer, params)
             part = torch.func.functional_call(base_layer, params, (x.index_select(0, rows),))
             part = part if isinstance(part, tuple) else (part,)
             outputs = [o.index_copy(0, rows, p.to(o.dtype)) for o, p in zip(outputs, part, strict=True)]
         return tuple(outputs) if isinstance(out, tuple) else outputs[0]
 
     def merge_params(self, base_layer: nn.Module, sign: float) -> None:
+        real, _ = _param_chain(base_layer)
         with torch.no_grad():
-            for name, update in self.updates.items():
-                weight = getattr(base_layer, name)
-                weight.add_(update.delta().to(weight.dtype), alpha=sign)
+            weight = getattr(real, self.parameter_name)
+            weight.add_(self.__dict__["update"].delta().to(weight.dtype), alpha=sign)
 
     def forward(self, x: Any, y: Any, base_layer: nn.Module) -> Any:
         return y  # the substituted parameters did the work
-
-    def saved_tensors(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for i, name in enumerate(self.names):
-            prefix = "base_layer." * (len(self.names) - 1 - i)
-            out[f"{prefix}lora_A.weight"] = self.updates[name].lora_A.weight
-            out[f"{prefix}lora_B.weight"] = self.updates[name].lora_B.weight
-        return out
-
-    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
-        copy_saved(self.saved_tensors(), tensors)
 
 
 # Mixture-of-experts models whose experts transformers 5 fuses into 3-D parameters: what "all-linear" also adapts
@@ -1199,7 +1236,7 @@ def add_parameter_adapters(model: nn.Module, config: LoraConfig, adapter_name: s
         return
     found: list[tuple[str, nn.Module, list[str]]] = []
     for path, module in iter_modules(model):
-        base = module.base_layer if isinstance(module, AdaptedLayer) else module
+        base, _ = _param_chain(module)
         names = [n for n, p in base._parameters.items() if p is not None and any(
             f"{path}.{n}" == t or f"{path}.{n}".endswith("." + t) for t in wanted)]
         if names and path:
@@ -1209,18 +1246,24 @@ def add_parameter_adapters(model: nn.Module, config: LoraConfig, adapter_name: s
         raise TargetError(f"target_parameters={wanted} matched no parameter of {type(model).__name__}; parameter names "
                           f"there: {params[:20]}")
     for path, base, names in found:
-        ranks = {}
-        for name in names:  # rank_pattern / alpha_pattern keys match "<module>.<parameter>"
-            r, alpha = config.rank_and_alpha(f"{path}.{name}")
-            ranks[name] = (r, _scaling(r, alpha, config.use_rslora))
-        adapter = LoraParameters(base, ranks, config.init_lora_weights)
-        module = model.get_submodule(path)
-        if not isinstance(module, AdaptedLayer):
-            module = AdaptedLayer(base)
-            set_submodule(model, path, module)
-        elif adapter_name in module.adapters:
-            raise UnsupportedError(f"'{path}' is both a target module and owns target_parameters {names}; pick one")
-        module.add(adapter_name, adapter)
+        for name in names:  # registration order: the first parameter's layer innermost
+            r, alpha = config.rank_and_alpha(f"{path}.{name}")  # rank_pattern / alpha_pattern: "<module>.<param>"
+            module = model.get_submodule(path)
+            _, layers = _param_chain(module)
+            if any(not hasattr(a, "parameter_name") for lay in layers for n, a in lay.adapters.items()
+                   if n == adapter_name):
+                raise UnsupportedError(f"'{path}' is both a target module and owns target_parameters {names} of "
+                                       f"adapter '{adapter_name}'; pick one")
+            layer = next((lay for lay in layers if any(getattr(a, "parameter_name", None) == name
+                                                       for a in lay.adapters.values())), None)
+            if layer is None:  # a new layer around whatever wraps the module so far
+                layer = AdaptedLayer(module)
+                layer.train(module.training)
+                set_submodule(model, path, layer)
+            elif adapter_name in layer.adapters:
+                raise UnsupportedError(f"adapter '{adapter_name}' already adapts parameter '{path}.{name}'")
+            layer.add(adapter_name, LoraParameters(module, name, r, _scaling(r, alpha, config.use_rslora),
+                                                   config.init_lora_weights))
 
 
 _CONV = {1: (nn.Conv1d, F.conv1d), 2: (nn.Conv2d, F.conv2d), 3: (nn.Conv3d, F.conv3d)}
