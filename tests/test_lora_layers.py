@@ -166,7 +166,7 @@ def test_trainable_token_indices_match_peft_both_ways(tmp_path, tied):
     config = dict(r=2, target_modules=["q_proj"], trainable_token_indices=[3, 5, 7], init_lora_weights=False)
     ours = graftkit.get_peft_model(make(), graftkit.LoraConfig(**config))
     trained = [n for n, p in ours.named_parameters() if p.requires_grad and "token" in n]
-    assert trained == ["base_model.model.model.embed_tokens.token_adapter.default.trainable_tokens_delta"]
+    assert trained == ["base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta.default"]
     with torch.no_grad():
         ours.get_parameter(trained[0]).add_(torch.randn(3, 16, generator=torch.Generator().manual_seed(5)))
     out = run(ours, x)
@@ -177,7 +177,7 @@ def test_trainable_token_indices_match_peft_both_ways(tmp_path, tied):
     back = graftkit.PeftModel.from_pretrained(make(), tmp_path / "p")
     torch.testing.assert_close(run(back, x), out, rtol=1e-5, atol=1e-5)
     # the other rows are the base's: only rows 3, 5, 7 of the embedding differ after a merge
-    weight = ours.get_base_model().model.embed_tokens.base_layer.weight
+    weight = ours.get_base_model().model.embed_tokens.token_adapter.base_layer.weight
     before = weight.detach().clone()
     ours.merge_adapter()
     torch.testing.assert_close(run(ours, x), out, rtol=1e-5, atol=1e-5)
@@ -185,7 +185,9 @@ def test_trainable_token_indices_match_peft_both_ways(tmp_path, tied):
     assert changed == [3, 5, 7]
     ours.unmerge_adapter()
     assert torch.equal(weight.detach(), before)
-    torch.testing.assert_close(run(ours.unload(), x), run(make(), x), rtol=1e-5, atol=1e-6)
+    plain = ours.unload()
+    assert type(plain.model.embed_tokens) is nn.Embedding and type(plain.lm_head) is nn.Linear  # nothing left behind
+    torch.testing.assert_close(run(plain, x), run(make(), x), rtol=1e-5, atol=1e-6)
 
 
 def test_trainable_token_errors():
@@ -504,3 +506,18 @@ def test_nested_parameter_layers_with_two_adapters_mixed_batches_and_both_active
     plain = model.merge_and_unload()
     assert not any("lora" in n or "base_layer" in n for n, _ in plain.named_parameters())
     torch.testing.assert_close(run(plain, x), both, rtol=1e-4, atol=1e-4)
+
+
+def test_trainable_tokens_of_two_adapters_share_one_nest_that_goes_with_the_last():
+    from tests.conftest import tiny_llama
+    model = graftkit.get_peft_model(tiny_llama(), graftkit.LoraConfig(r=2, target_modules=["q_proj"],
+                                                                      trainable_token_indices=[3]))
+    model.add_adapter("b", graftkit.LoraConfig(r=2, target_modules=["k_proj"], trainable_token_indices=[4, 5]))
+    nest = model.base_model.model.model.embed_tokens
+    assert sorted(nest.token_adapter.trainable_tokens_delta) == ["b", "default"]
+    assert nest.token_adapter.trainable_tokens_delta["b"].shape == (2, 16)
+    assert nest.weight is nest.token_adapter.base_layer.weight  # attributes read through
+    model.delete_adapter("default")
+    assert model.base_model.model.model.embed_tokens is nest and list(nest.token_adapter.adapters) == ["b"]
+    model.delete_adapter("b")
+    assert type(model.base_model.model.model.embed_tokens) is nn.Embedding

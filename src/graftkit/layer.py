@@ -624,6 +624,34 @@ class AdaptedLayer(nn.Module):
         return bias if isinstance(bias, torch.Tensor) else None
 
 
+class Nest(nn.Module):
+    """Holds an adapted layer under one more name, where the ecosystem lays an adapter out that way (LoRA's trainable
+    tokens: ``embed_tokens.token_adapter.base_layer.weight``). It calls that layer and reads attributes through it;
+    the model wrapper removes it with the layer (:func:`graftkit.model.put_back`)."""
+
+    def __init__(self, attr: str, inner: nn.Module) -> None:
+        super().__init__()
+        self.attr = attr
+        self.add_module(attr, inner)
+
+    @property
+    def inner(self) -> nn.Module:
+        return self._modules[self.attr]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules")
+            attr = self.__dict__.get("attr")
+            if modules is None or attr not in modules:
+                raise
+            return getattr(modules[attr], name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._modules[self.attr](*args, **kwargs)
+
+
 class ModelAdapter(nn.Module):
     """An adapter that changes what the base model receives instead of wrapping its layers (prompt methods).
 

@@ -51,7 +51,7 @@ from .io import (
     save_checkpoint,
     text_writer,
 )
-from .layer import BASE, AdaptedLayer, ModelAdapter, ModulesToSave, Routing, check_adapter_name
+from .layer import BASE, AdaptedLayer, ModelAdapter, ModulesToSave, Nest, Routing, check_adapter_name
 from .registry import loading, method_for
 from .weights import dense_linear, full_copies, is_quantized
 
@@ -70,6 +70,15 @@ def wrappers(model: nn.Module) -> Iterator[tuple[str, AdaptedLayer | ModulesToSa
                 # layer per adapted parameter of one module nests)
                 yield from ((f"{name}.base_layer{'.' if inner else ''}{inner}", m)
                             for inner, m in wrappers(module.base_layer))
+
+
+def put_back(model: nn.Module, path: str, module: nn.Module) -> None:
+    """Put ``module`` at ``path`` in place of the wrapper there; a :class:`Nest` left holding no adapted layer goes
+    too (its place takes ``module``)."""
+    set_submodule(model, path, module)
+    parent_path, _, _ = path.rpartition(".")
+    if parent_path and not isinstance(module, AdaptedLayer) and isinstance(model.get_submodule(parent_path), Nest):
+        set_submodule(model, parent_path, module)
 
 
 def activate(model: nn.Module, names: list[str]) -> None:
@@ -449,11 +458,11 @@ class PeftModel(nn.Module):
             if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
                 module.remove(adapter_name)
                 if not module.adapters:
-                    set_submodule(self.model, path, module.base_layer)
+                    put_back(self.model, path, module.base_layer)
             elif isinstance(module, ModulesToSave) and adapter_name in module.modules_to_save:
                 module.remove(adapter_name)
                 if not module.modules_to_save:
-                    set_submodule(self.model, path, module.original_module)
+                    put_back(self.model, path, module.original_module)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter and its modules; the remaining active adapters stay active."""
@@ -891,9 +900,9 @@ class PeftModel(nn.Module):
             if isinstance(module, AdaptedLayer):
                 for name in list(module.adapters):  # unmerged adapters give back what they took from the base
                     module.release(name)
-                set_submodule(self.model, path, module.base_layer)
+                put_back(self.model, path, module.base_layer)
             else:
-                set_submodule(self.model, path, module.current() if merge else module.original_module)
+                put_back(self.model, path, module.current() if merge else module.original_module)
         return self.model
 
     # ------------------------------------------------------------------ save / load

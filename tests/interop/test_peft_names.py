@@ -118,6 +118,10 @@ MATRIX = {
         "self_attn.q_proj.weight", "self_attn.k_proj.weight"]), None),
     "target-parameters-2": (_net(TwoWeightsNet), "LoraConfig", dict(r=2, target_modules=[], target_parameters=[
         "block.first", "block.second"]), ROWS),  # a layer per parameter, nested
+    "trainable-tokens": (tiny_llama, "LoraConfig", dict(r=2, target_modules=["q_proj"], trainable_token_indices=[1]),
+                         None),  # a Nest: <embedding>.token_adapter.base_layer
+    "trainable-tokens-tied": (lambda: tiny_llama(tie_word_embeddings=True), "LoraConfig",
+                              dict(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 3]), None),
     "trainable-tokens-method": (tiny_llama, "TrainableTokensConfig", dict(token_indices=[1, 3]), None),
     "trainable-tokens-method-tied": (lambda: tiny_llama(tie_word_embeddings=True), "TrainableTokensConfig",
                                      dict(token_indices=[1, 3]), None),
@@ -135,11 +139,6 @@ MATRIX = {
                                                            total_step=10), IMAGES),
     "adaption-prompt": (tiny_llama, "AdaptionPromptConfig", dict(task_type="CAUSAL_LM", adapter_len=3,
                                                                  adapter_layers=1), None),
-}
-# Where the names still differ (a strict xfail: each fails loudly once it matches, so this list cannot go stale).
-STILL_DIFFERENT = {
-    "trainable-tokens": (tiny_llama, "LoraConfig", dict(r=2, target_modules=["q_proj"], trainable_token_indices=[1]),
-                         None),  # peft nests the embedding as <embedding>.token_adapter.base_layer
 }
 
 
@@ -183,13 +182,6 @@ def test_multihead_attention_names_and_a_full_state_dict_move_strictly():
     ours.load_state_dict(theirs.state_dict(), strict=True)
     layer = ours.base_model.model.mha
     assert layer.base_layer.out_proj.lora_A["default"] is layer.base_layer.out_proj.adapters["default"].lora_A
-
-
-@pytest.mark.parametrize("case", sorted(STILL_DIFFERENT))
-@pytest.mark.xfail(strict=True, reason="in-memory layout still differs from peft's (docs/coming-from-peft.md)")
-def test_names_still_different(case):
-    theirs, ours = build_both(STILL_DIFFERENT[case])
-    assert sorted(_names(ours)[1]) == sorted(_names(theirs)[1])
 
 
 def test_two_adapters_and_a_loaded_one_have_peft_names(tmp_path):

@@ -40,7 +40,7 @@ from ..errors import CheckpointError, ConfigError, PeftWarning, TargetError, Uns
 from ..experts import Pairs, fused_experts, grouped_mm, run_experts
 from ..inject import inject
 from ..kernels.lora import FusedLoraLinear, LoraUpdate, can_fuse, can_seed_dropout, draw_seed
-from ..layer import AdaptedLayer, copy_saved
+from ..layer import AdaptedLayer, Nest, copy_saved
 from ..merging import COMBINATIONS, combine
 from ..registry import Method, is_loading, register
 from ..weights import get_weight, is_quantized, linear_features, set_weight
@@ -787,14 +787,6 @@ class LoraEmbedding(nn.Module):
         return weight
 
 
-class _TokenRows(nn.Module):
-    """Holds the trained rows (the ecosystem saves them as ``<layer>.token_adapter.trainable_tokens_delta``)."""
-
-    def __init__(self, rows: torch.Tensor) -> None:
-        super().__init__()
-        self.trainable_tokens_delta = nn.Parameter(rows)  # (n, dim)
-
-
 class TrainableTokens(nn.Module):
     """Trains the rows of a few token ids of an embedding (or of an output layer) in full.
 
@@ -806,9 +798,9 @@ class TrainableTokens(nn.Module):
 
     def __init__(self, base_layer: nn.Module, indices: list[int], shared: TrainableTokens | None = None,
                  nested: bool = True, init: bool = True) -> None:
-        """``nested``: the rows live under ``token_adapter`` (LoRA's ``trainable_token_indices``, as the ecosystem
-        nests them there); otherwise they are the adapter's own ``trainable_tokens_delta`` (the standalone method),
-        which a tied head shares and saves too. ``init=False`` draws the rows from N(0, 1) (for tests)."""
+        """``nested``: LoRA's ``trainable_token_indices``, whose layers the ecosystem nests one level deeper
+        (``<layer>.token_adapter``, a :class:`Nest`) and whose tied head saves nothing; otherwise the standalone
+        method, whose tied head saves the shared rows too. ``init=False`` draws the rows from N(0, 1) (for tests)."""
         super().__init__()
         weight = base_layer.weight
         if not indices or min(indices) < 0 or max(indices) >= weight.shape[0]:
@@ -820,27 +812,20 @@ class TrainableTokens(nn.Module):
         self.register_buffer("indices", torch.tensor(indices, dtype=torch.long, device=weight.device),
                              persistent=False)
         self.register_buffer("original", weight.detach()[self.indices].clone(), persistent=False)  # (n, dim)
-        rows = self.original.to(_adapter_dtype(weight)).clone()
-        if not init:
-            rows.normal_()
-        if shared is None and nested:
-            self.token_adapter = _TokenRows(rows)
-        elif shared is None:
+        if shared is None:
+            rows = self.original.to(_adapter_dtype(weight)).clone()
+            if not init:
+                rows.normal_()
             self.trainable_tokens_delta = nn.Parameter(rows)  # (n, dim)
-        elif not nested:
+        else:
             self.trainable_tokens_delta = shared.trainable_tokens_delta  # the same tensor, as tied weights are
         self._slots: tuple | None = None
 
     def rows(self) -> torch.Tensor:
-        if not self.nested:
-            return self.trainable_tokens_delta  # (n, dim)
-        source = self._shared[0] if self._shared else self
-        return source.token_adapter.trainable_tokens_delta  # (n, dim)
+        return self.trainable_tokens_delta  # (n, dim)
 
     def saved_tensors(self) -> dict[str, torch.Tensor]:
-        if not self.nested:
-            return {"trainable_tokens_delta": self.rows()}
-        return {} if self._shared else {"token_adapter.trainable_tokens_delta": self.rows()}
+        return {} if self.nested and self._shared else {"trainable_tokens_delta": self.rows()}
 
     def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
@@ -896,6 +881,7 @@ def add_trainable_tokens(model: nn.Module, config: LoraConfig, adapter_name: str
 
 
 def _base_of(module: nn.Module) -> nn.Module:
+    module = module.inner if isinstance(module, Nest) else module
     return module.base_layer if isinstance(module, AdaptedLayer) else module
 
 
@@ -924,7 +910,7 @@ def wrap_token_rows(model: nn.Module, wanted: list[tuple[str, list[int]]], adapt
         TargetError: a path is not an embedding or linear output layer. UnsupportedError: it already holds
         ``adapter_name`` (e.g. as a LoRA target).
     """
-    from ..inject import iter_modules, set_submodule
+    from ..inject import iter_modules
 
     created: dict[int, TrainableTokens] = {}
     for path, ids in wanted:
@@ -933,12 +919,10 @@ def wrap_token_rows(model: nn.Module, wanted: list[tuple[str, list[int]]], adapt
         if not isinstance(base, (nn.Embedding, nn.Linear)):
             raise TargetError(f"trainable tokens: '{path}' is a {type(base).__name__}, not an embedding or linear "
                               "output layer")
-        if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:
+        module = _token_layer(model, path, nested)
+        if adapter_name in module.adapters:
             raise UnsupportedError(f"'{path}' is both a LoRA target and in trainable_token_indices; pick one")
         adapter = TrainableTokens(base, list(ids), nested=nested, init=init)
-        if not isinstance(module, AdaptedLayer):
-            module = AdaptedLayer(base)
-            set_submodule(model, path, module)
         module.add(adapter_name, adapter)
         created[id(base.weight)] = adapter
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -946,13 +930,25 @@ def wrap_token_rows(model: nn.Module, wanted: list[tuple[str, list[int]]], adapt
     if head is not None and id(getattr(head, "weight", None)) in created and \
             not any(_base_of(model.get_submodule(p)) is head for p, _ in wanted):
         path = next(p for p, m in iter_modules(model) if p and (m is head or _base_of(m) is head))
-        module = model.get_submodule(path)
         shared = created[id(head.weight)]
         adapter = TrainableTokens(head, shared.indices.tolist(), shared=shared, nested=nested)
-        if not isinstance(module, AdaptedLayer):
-            module = AdaptedLayer(head)
-            set_submodule(model, path, module)
-        module.add(adapter_name, adapter)
+        _token_layer(model, path, nested).add(adapter_name, adapter)
+
+
+def _token_layer(model: nn.Module, path: str, nested: bool) -> AdaptedLayer:
+    """The adapted layer trainable tokens join at ``path``: the one there (also inside a :class:`Nest`), or a new
+    one (nested: inside a new ``Nest`` as ``token_adapter``, the ecosystem's layout for LoRA's tokens)."""
+    from ..inject import set_submodule
+
+    module = model.get_submodule(path)
+    if isinstance(module, Nest):
+        return module.inner
+    if isinstance(module, AdaptedLayer):
+        return module
+    layer = AdaptedLayer(module)
+    layer.train(module.training)
+    set_submodule(model, path, Nest("token_adapter", layer) if nested else layer)
+    return layer
 
 
 class LoraMultiheadAttention(nn.Module):
