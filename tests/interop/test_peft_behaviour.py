@@ -3,6 +3,7 @@ after loading, errors users catch, and layer kinds both adapt."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import warnings
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import graftkit
-from tests.conftest import randomize_adapters, tiny_llama
+from tests.conftest import randomize_adapters, run, tiny_llama, token_batch, train_steps
 
 peft = pytest.importorskip("peft")
 LIBRARIES = {"graftkit": graftkit, "peft": peft}
@@ -329,13 +330,65 @@ def test_ensure_weight_tying_without_tied_layers_warns_and_changes_nothing(label
         assert back.peft_config["default"].ensure_weight_tying is True
 
 
-def test_ensure_weight_tying_on_tied_embeddings_is_refused_until_graftkit_ties_them():
-    base = tiny_llama(tie_word_embeddings=True)
-    before = {k: v.clone() for k, v in base.state_dict().items()}
-    for extra in (dict(modules_to_save=["lm_head"]), dict(target_modules=["q_proj", "embed_tokens"])):
-        config = {"r": 2, "target_modules": ["q_proj"], **extra}
-        with pytest.raises(graftkit.UnsupportedError, match="ensure_weight_tying"):
-            graftkit.get_peft_model(base, graftkit.LoraConfig(ensure_weight_tying=True, **config))
-        assert type(base.lm_head) is torch.nn.Linear and base.state_dict().keys() == before.keys()
+TIED_CONFIGS = {
+    "save-head": dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+    "save-embedding": dict(target_modules=["q_proj"], modules_to_save=["embed_tokens"]),
+    "target-head": dict(target_modules=["q_proj", "lm_head"]),
+    "target-embedding": dict(target_modules=["embed_tokens"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TIED_CONFIGS))
+def test_ensure_weight_tying_keeps_tied_embeddings_tied_as_peft_does(case, tmp_path):
+    """On tied embeddings the adapter trains one matrix: the embedding's saved copy is the head's too, or the head
+    uses the embedding's LoRA update transposed. State dicts, outputs and files agree with HF peft both ways; after
+    training, the merged model's head is still its embedding and computes what the adapter did."""
+    def make():
+        return tiny_llama(tie_word_embeddings=True)
+
+    made = {}
+    for label, library in LIBRARIES.items():
+        torch.manual_seed(0)
+        config = library.LoraConfig(r=2, init_lora_weights=False, ensure_weight_tying=True,
+                                    **copy.deepcopy(TIED_CONFIGS[case]))
+        made[label] = library.get_peft_model(make(), config)
+    ours, theirs = made["graftkit"], made["peft"]
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours_config, their_config = ours.peft_config["default"], theirs.peft_config["default"]
+    assert set(ours_config.target_modules) <= set(their_config.target_modules)  # the embedding named, the head not
+    assert "lm_head" not in set(ours_config.target_modules) | set(ours_config.modules_to_save or [])
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    x = token_batch()
+    expected = run(theirs.eval(), x)
+    assert (expected - run(make(), x)).abs().max() > 1e-3
+    torch.testing.assert_close(run(ours.eval(), x), expected, rtol=0, atol=1e-6)
+    ours.save_pretrained(tmp_path / "g")
+    theirs.save_pretrained(tmp_path / "p")
+    torch.testing.assert_close(run(peft.PeftModel.from_pretrained(make(), tmp_path / "g").eval(), x), expected,
+                               rtol=0, atol=1e-6)
+    torch.testing.assert_close(run(graftkit.PeftModel.from_pretrained(make(), tmp_path / "p"), x), expected,
+                               rtol=0, atol=1e-6)
+    ours.train()
+    trainable = [p for p in ours.parameters() if p.requires_grad]
+    losses = train_steps(ours, x, torch.optim.Adam(trainable, lr=1e-2), 4)
+    assert losses[-1] < losses[0]
+    inner = ours.base_model.model
+    if "save" in case:  # one trained matrix, used by both
+        assert inner.lm_head.modules_to_save["default"].weight is \
+            inner.model.embed_tokens.modules_to_save["default"].weight
+    trained = run(ours.eval(), x)
+    merged = ours.merge_and_unload()
+    assert merged.lm_head.weight is merged.model.embed_tokens.weight
+    torch.testing.assert_close(run(merged, x), trained, rtol=0, atol=1e-4)
+
+
+def test_ensure_weight_tying_refusals_and_warnings():
+    with pytest.raises(graftkit.UnsupportedError, match="DoRA"):
+        graftkit.get_peft_model(tiny_llama(tie_word_embeddings=True), graftkit.LoraConfig(
+            r=2, target_modules=["lm_head"], use_dora=True, ensure_weight_tying=True))
     with pytest.warns(UserWarning, match="nothing to tie"):  # tied, but nothing of them adapted: nothing to do
-        graftkit.get_peft_model(base, graftkit.LoraConfig(r=2, target_modules=["q_proj"], ensure_weight_tying=True))
+        graftkit.get_peft_model(tiny_llama(tie_word_embeddings=True), graftkit.LoraConfig(
+            r=2, target_modules=["q_proj"], ensure_weight_tying=True))
+    with pytest.warns(UserWarning, match="trains untied"):  # adapted tied layers without the option: warned
+        graftkit.get_peft_model(tiny_llama(tie_word_embeddings=True), graftkit.LoraConfig(
+            r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))

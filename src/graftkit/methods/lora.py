@@ -40,7 +40,7 @@ from ..errors import CheckpointError, ConfigError, PeftWarning, TargetError, Uns
 from ..experts import Pairs, fused_experts, grouped_mm, run_experts
 from ..inject import inject
 from ..kernels.lora import FusedLoraLinear, LoraUpdate, can_fuse, can_seed_dropout, draw_seed
-from ..layer import AdaptedLayer, Nest, copy_saved
+from ..layer import AdaptedLayer, ModulesToSave, Nest, copy_saved
 from ..merging import COMBINATIONS, combine
 from ..registry import Method, is_loading, register
 from ..weights import get_weight, is_quantized, linear_features, set_weight
@@ -172,9 +172,11 @@ class LoraConfig(TunerConfig):
             weight a module uses without a linear layer (a router's ``gate.weight``).
         trainable_token_indices: token ids whose embedding rows are trained in full (new special tokens): a list for
             the input embedding, or ``{module name: ids}``; a tied output layer follows the input embedding.
-        ensure_weight_tying: on a model whose output layer is tied to its input embedding, keep the adapters of
-            the two tied too. Without tied embeddings it changes nothing (warned, as in HF peft). Tying adapters
-            that ``modules_to_save`` / ``target_modules`` put on tied embeddings is not implemented yet: refused.
+        ensure_weight_tying: on a model whose output layer is tied to its input embedding, keep what the adapter
+            trains of the two tied as well: with either in ``modules_to_save``, the embedding's trained copy is the
+            head's too; with either in ``target_modules``, the embedding gets the LoRA update and the head uses it,
+            transposed. The config is rewritten to name the embedding (as the ecosystem does). Without tied
+            embeddings, or with neither named, it changes nothing (warned).
     """
 
     peft_type: str | PeftType | None = PeftType.LORA
@@ -1425,32 +1427,172 @@ def _as_matrix(adapter: nn.Module, delta: torch.Tensor) -> torch.Tensor:
 _QKV = ["q_proj", "v_proj"]
 
 
-def _check_weight_tying(model: nn.Module, config: LoraConfig) -> None:
-    """``ensure_weight_tying``: nothing to do without tied embeddings (warned, as the ecosystem warns); adapters on
-    tied embeddings would need tying, which graftkit does not do yet (refused, rather than trained untied).
+def _tied_heads(model: nn.Module) -> tuple[str | None, list[str]]:
+    """The input embedding's path and the paths of the other layers whose weight is that embedding's weight (a tied
+    output layer), wrapped or not."""
+    from ..inject import iter_modules
+
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    embedding = _base_of(embedding) if isinstance(embedding, nn.Module) else None
+    weight = getattr(embedding, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        return None, []
+    embed_path, heads = None, []
+    for path, module in iter_modules(model):
+        base = _base_of(module.original_module) if isinstance(module, ModulesToSave) else _base_of(module)
+        if not path or getattr(base, "weight", None) is not weight:
+            continue
+        if base is embedding:
+            embed_path = embed_path or path
+        elif path not in heads:
+            heads.append(path)
+    return embed_path, heads
+
+
+def _names_any(patterns: Any, paths: list[str]) -> bool:
+    from ..inject import _name_matches
+
+    if not patterns:
+        return False
+    patterns = patterns if isinstance(patterns, str) else list(patterns)
+    return any(_name_matches(p, patterns) for p in paths)
+
+
+def _plan_weight_tying(model: nn.Module, config: LoraConfig) -> tuple[str, str, list[str]] | None:
+    """``ensure_weight_tying``, before anything is built: with the tied layers in ``modules_to_save`` or
+    ``target_modules``, the config is rewritten as the ecosystem does (the input embedding named, the tied heads
+    left out) and ``("modules_to_save" | "target_modules", embedding path, heads)`` says which heads :func:`_tie_heads` ties after.
+    Without tied layers, or with none of them named, it warns and changes nothing.
 
     Raises:
-        UnsupportedError: the model's output layer is tied to its input embedding and ``modules_to_save`` or
-            ``target_modules`` names one of them.
+        UnsupportedError: DoRA on tied embeddings (the magnitude has no tied form).
     """
+    embed_path, heads = _tied_heads(model)
+    tied = [embed_path, *heads] if embed_path is not None else []
+    in_saved = bool(heads) and _names_any(config.modules_to_save, tied)
+    in_targets = bool(heads) and not in_saved and _names_any(config.target_modules, tied)
     if not config.ensure_weight_tying:
-        return
-    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    outputs = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    weight = getattr(inputs, "weight", None)
-    if weight is None or getattr(outputs, "weight", None) is not weight:
+        if in_saved or in_targets:
+            warnings.warn(f"the output layer {heads} is tied to the input embedding '{embed_path}' and the adapter "
+                          "adapts one of them, which then trains untied (merging or converting the model breaks the "
+                          "tie); pass ensure_weight_tying=True to keep them tied", PeftWarning, stacklevel=5)
+        return None
+    if not heads:
         warnings.warn("ensure_weight_tying=True, but the model's output layer is not tied to its input embedding: "
                       "there is nothing to tie", PeftWarning, stacklevel=5)
-        return
-    named = [n for n in ("embed_tokens", "lm_head") if any(
-        n in str(group) for group in (config.modules_to_save or [], config.target_modules or []))]
-    if named:
-        raise UnsupportedError(
-            f"ensure_weight_tying=True with the tied embeddings in modules_to_save / target_modules ({named}) is not "
-            "implemented in graftkit yet (their adapters would train untied); leave them out, or pass "
-            "ensure_weight_tying=False to train them untied as before")
-    warnings.warn("ensure_weight_tying=True, but no tied layer is in modules_to_save or target_modules: there is "
-                  "nothing to tie", PeftWarning, stacklevel=5)
+        return None
+    if not (in_saved or in_targets):
+        warnings.warn("ensure_weight_tying=True, but no tied layer is in modules_to_save or target_modules: there is "
+                      "nothing to tie", PeftWarning, stacklevel=5)
+        return None
+    if in_saved:
+        kept = [m for m in config.modules_to_save if not _names_any([m], heads) or _names_any([m], [embed_path])]
+        config.modules_to_save = kept if _names_any(kept, [embed_path]) else [*kept, embed_path]
+        return "modules_to_save", embed_path, heads
+    if config.use_dora:
+        raise UnsupportedError("ensure_weight_tying=True with use_dora=True on tied embeddings: DoRA's magnitude has "
+                               "no tied form; leave the embeddings out of target_modules or pass use_dora=False")
+    if isinstance(config.target_modules, str):
+        config.target_modules = rf"(?:{config.target_modules}|^{re.escape(embed_path)}$)"
+    else:
+        kept = [m for m in config.target_modules if not _names_any([m], heads) or _names_any([m], [embed_path])]
+        config.target_modules = kept if _names_any(kept, [embed_path]) else [*kept, embed_path]
+    return "target_modules", embed_path, heads
+
+
+def _tie_heads(model: nn.Module, config: LoraConfig, adapter_name: str, plan: tuple[str, str, list[str]]) -> None:
+    """The tied heads follow the input embedding's adapter: its ``modules_to_save`` copy's weight (one tensor), or
+    its LoRA update, transposed (:class:`TiedLoraHead`)."""
+    from ..inject import set_submodule
+
+    how, embed_path, heads = plan
+    source = model.get_submodule(embed_path)
+    for path in heads:
+        module = model.get_submodule(path)
+        if how == "modules_to_save":
+            if not isinstance(module, ModulesToSave):
+                module = ModulesToSave(module)
+                set_submodule(model, path, module)
+            module.add(adapter_name)
+            module.modules_to_save[adapter_name].weight = source.modules_to_save[adapter_name].weight
+            continue
+        head = TiedLoraHead(source.adapters[adapter_name], source.base_layer, config.lora_dropout)
+        if isinstance(module, AdaptedLayer) and adapter_name in module.adapters:  # a pattern matched it too
+            module.replace(adapter_name, head)
+            continue
+        if not isinstance(module, AdaptedLayer):
+            module = AdaptedLayer(module)
+            set_submodule(model, path, module)
+        module.add(adapter_name, head)
+
+
+class _Transposed(nn.Module):
+    """One factor of a tied head: the embedding adapter's parameter ``attr``, transposed, read as ``.weight``. Its
+    state-dict entry is that view (the ecosystem's key ``<head>.lora_A.<name>.weight``); loading one changes nothing,
+    since the embedding's own entry carries the values."""
+
+    def __init__(self, source: nn.Module, attr: str) -> None:
+        super().__init__()
+        self.__dict__["_source"] = source  # not a submodule: the embedding's layer holds it
+        self.attr = attr
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return getattr(self.__dict__["_source"], self.attr).t()
+
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        weight = self.weight
+        destination[prefix + "weight"] = weight if keep_vars else weight.detach()
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, local_metadata: dict, strict: bool,
+                              missing_keys: list, unexpected_keys: list, error_msgs: list) -> None:
+        if prefix + "weight" not in state_dict and strict:
+            missing_keys.append(prefix + "weight")
+
+
+class TiedLoraHead(nn.Module):
+    """LoRA on an output layer tied to the input embedding (``ensure_weight_tying``): the embedding's update,
+    transposed, so the two stay one matrix. With the embedding's E + s·(B A)ᵀ the head computes
+    x Eᵀ + s·(x B) A: in the ecosystem's terms ``lora_A = Bᵀ`` (r, dim) and ``lora_B = Aᵀ`` (vocab, r), which it
+    shows (and saves) as views; its only parameters are the embedding adapter's. Merging writes nothing when the
+    head's weight is the embedding's (the embedding's merge already changed it)."""
+
+    def __init__(self, source: LoraEmbedding, embedding: nn.Module, dropout: float) -> None:
+        super().__init__()
+        self.__dict__["source"] = source  # neither is a submodule: the embedding's layer holds them
+        self.__dict__["embedding"] = embedding
+        self.lora_A = _Transposed(source, "lora_embedding_B")
+        self.lora_B = _Transposed(source, "lora_embedding_A")
+        self.lora_dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def scaling(self) -> float:
+        return self.__dict__["source"].scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        """The head's (vocab, dim) update: the embedding's s·(B A)ᵀ itself."""
+        return self.__dict__["source"].delta_weight()
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        source = self.__dict__["source"]
+        b, a = source.lora_embedding_B.to(y.dtype), source.lora_embedding_A.to(y.dtype)
+        return y + ((self.lora_dropout(x).to(y.dtype) @ b) * self.scaling) @ a  # (..., vocab)
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        return {"lora_A.weight": self.lora_A.weight, "lora_B.weight": self.lora_B.weight}
+
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass  # the embedding's tensors carry the values (these are their transposes)
+
+    def merge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        if base_layer.weight is self.__dict__["embedding"].weight:
+            return weight  # one tensor: the embedding's merge writes the update
+        return weight.add_(self.delta_weight().to(weight.dtype))
+
+    def unmerge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        if base_layer.weight is self.__dict__["embedding"].weight:
+            return weight
+        return weight.sub_(self.delta_weight().to(weight.dtype))
 
 
 def check_one_bias(config: Any, others: list[Any]) -> None:
@@ -1521,7 +1663,7 @@ class Lora(Method):
                 "path_initial_model_for_weight_conversion=... to get a plain LoRA adapter for the original base",
                 stacklevel=4,
             )
-        _check_weight_tying(model, config)
+        tying = _plan_weight_tying(model, config)
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         if config.target_modules == ALL_LINEAR and config.target_parameters is None and model_type in _MOE_ALL_LINEAR:
             config.target_parameters = list(_MOE_ALL_LINEAR[model_type])  # saved: readers see what was adapted
@@ -1531,6 +1673,8 @@ class Lora(Method):
         targets = [] if only_parameters else inject(model, config, adapter_name)
         add_parameter_adapters(model, config, adapter_name)
         add_trainable_tokens(model, config, adapter_name)
+        if tying is not None:
+            _tie_heads(model, config, adapter_name, tying)
         for name in targets:
             layer = model.get_submodule(name)
             adapter = layer.adapters[adapter_name]
