@@ -113,7 +113,9 @@ def test_eva_gathers_every_process_rows(tmp_path):
 def test_deepspeed_zero3_trains_and_saves_a_lora_adapter(tmp_path, where):
     """DeepSpeed ZeRO-3 (2 CPU processes, gloo) wraps a graftkit model whose base was built partitioned under
     zero.Init (and graftkit's own modules too, ``inside``), trains it, and the adapter every rank saves together is
-    whole: reloaded on the gathered base it gives the engine's logits."""
+    whole: reloaded on the gathered base it gives the engine's logits. Loading into partitioned models works too:
+    the file onto a fresh partitioned base (written into partitions when built under zero.Init), tensors into the
+    engine's partitions, and a second adapter into the trained engine."""
     pytest.importorskip("deepspeed")
     script = os.path.join(os.path.dirname(__file__), "distributed", "zero3_lora.py")
     _run([*_launcher("ddp"), script, str(tmp_path), "6", where], tmp_path)
@@ -132,4 +134,13 @@ def test_deepspeed_zero3_trains_and_saves_a_lora_adapter(tmp_path, where):
     batch = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = model(input_ids=batch).logits
-    torch.testing.assert_close(logits, load_file(tmp_path / "logits.safetensors")["logits"], atol=1e-5, rtol=0)
+    seen = load_file(tmp_path / "logits.safetensors")
+    torch.testing.assert_close(logits, seen["logits"], atol=1e-5, rtol=0)
+    assert json.loads((tmp_path / "result.json").read_text())["b_zero_at_start"]
+    # Loaded into partitioned models: onto a fresh partitioned base, into the engine's partitions, a second time.
+    torch.testing.assert_close(seen["reloaded"], seen["logits"], atol=1e-5, rtol=0)
+    torch.testing.assert_close(seen["again"], seen["logits"], atol=1e-5, rtol=0)
+    with torch.no_grad(), model.disable_adapter():
+        torch.testing.assert_close(seen["base"], model(input_ids=batch).logits, atol=1e-5, rtol=0)
+    torch.testing.assert_close(seen["zeroed"], seen["base"], atol=1e-5, rtol=0)
+    assert (seen["logits"] - seen["base"]).abs().max() > 1e-3

@@ -53,7 +53,7 @@ from .io import (
 )
 from .layer import BASE, AdaptedLayer, ModelAdapter, ModulesToSave, Nest, Routing, check_adapter_name
 from .registry import loading, method_for
-from .weights import dense_linear, full_copies, is_quantized
+from .weights import dense_linear, full_copies, is_quantized, numel_of, shape_of, writable
 
 PREFIX = "base_model.model."
 _OWNERS: weakref.WeakKeyDictionary[nn.Module, weakref.ref] = weakref.WeakKeyDictionary()  # base -> its PeftModel
@@ -772,7 +772,7 @@ class PeftModel(nn.Module):
         """(trainable, all) parameter counts; tied weights counted once, 4-bit weights at their unpacked size."""
         trainable = total = 0
         for _, param in self.named_parameters():
-            count = param.numel()
+            count = numel_of(param)  # a ZeRO-3 partition counts whole
             if type(param).__name__ == "Params4bit":
                 # 4-bit storage packs two values per byte of its storage dtype
                 itemsize = param.element_size() if hasattr(param, "element_size") else 1
@@ -1246,9 +1246,9 @@ class PeftModel(nn.Module):
         optional = embedding_base_tensors(self.model)
         tensors = _with_prefix(tensors)
         if ignore_mismatched:
-            skipped = {k: (tuple(v.shape), tuple(expected.get(k, optional.get(k)).shape)) for k, v in tensors.items()
+            skipped = {k: (tuple(v.shape), shape_of(expected.get(k, optional.get(k)))) for k, v in tensors.items()
                        if (k in expected or k in optional)
-                       and tuple(v.shape) != tuple(expected.get(k, optional.get(k)).shape)}
+                       and tuple(v.shape) != shape_of(expected.get(k, optional.get(k)))}
             if skipped:
                 warnings.warn(f"{source}: skipped tensors whose shape does not fit the model "
                               f"(ignore_mismatched_sizes=True): " + "; ".join(
@@ -1267,28 +1267,30 @@ class PeftModel(nn.Module):
             dst = expected.get(key, optional.get(key))
             if dst is None:
                 continue
-            if tuple(dst.shape) != tuple(src.shape):
+            if shape_of(dst) != tuple(src.shape):
                 raise CheckpointError(
                     f"{source}: tensor '{key}' has shape {tuple(src.shape)} in the file but "
-                    f"{tuple(dst.shape)} in the model; check r / rank_pattern and the base model"
+                    f"{shape_of(dst)} in the model; check r / rank_pattern and the base model"
                 )
-        model_level = {k: v for k, v in tensors.items() if k in expected and "." not in k}
-        if model_level:  # tensors of an adapter that acts on the inputs: it takes them itself
-            self.prompt_encoder[adapter_name].load_saved(model_level)
-        taken = set(model_level)
-        for path, module in wrappers(self.model):  # layer adapters that save other tensors than their state
-            part = module.adapters[adapter_name] if isinstance(module, AdaptedLayer) and adapter_name in \
-                module.adapters else None
-            if part is not None and hasattr(part, "load_saved"):
-                head = f"{PREFIX}{path}."
-                own = {k: v for k, v in tensors.items() if k.startswith(head) and k in expected}
-                part.load_saved({k[len(head):]: v for k, v in own.items()})
-                taken.update(own)
-        with torch.no_grad():
-            for key, src in tensors.items():
-                dst = expected.get(key, optional.get(key))
-                if dst is not None and key not in taken:
-                    dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
+        # ZeRO-3 partitions (an adapter built under zero.Init, or one the engine partitioned) are written whole.
+        with writable([t for k, t in {**expected, **optional}.items() if k in tensors]):
+            model_level = {k: v for k, v in tensors.items() if k in expected and "." not in k}
+            if model_level:  # tensors of an adapter that acts on the inputs: it takes them itself
+                self.prompt_encoder[adapter_name].load_saved(model_level)
+            taken = set(model_level)
+            for path, module in wrappers(self.model):  # layer adapters that save other tensors than their state
+                part = module.adapters[adapter_name] if isinstance(module, AdaptedLayer) and adapter_name in \
+                    module.adapters else None
+                if part is not None and hasattr(part, "load_saved"):
+                    head = f"{PREFIX}{path}."
+                    own = {k: v for k, v in tensors.items() if k.startswith(head) and k in expected}
+                    part.load_saved({k[len(head):]: v for k, v in own.items()})
+                    taken.update(own)
+            with torch.no_grad():
+                for key, src in tensors.items():
+                    dst = expected.get(key, optional.get(key))
+                    if dst is not None and key not in taken:
+                        dst.copy_(src.to(device=dst.device, dtype=dst.dtype))
         return missing, unexpected
 
 
@@ -1318,7 +1320,7 @@ def _check_header(model: nn.Module, tensors: dict[str, torch.Tensor], source: st
     Raises:
         CheckpointError: a tensor (or all of them together) larger than the model could need.
     """
-    total = sum(p.numel() for p in model.parameters()) + sum(b.numel() for b in model.buffers())
+    total = sum(numel_of(p) for p in model.parameters()) + sum(numel_of(b) for b in model.buffers())
     declared = 0
     for key, tensor in tensors.items():
         declared += tensor.numel()

@@ -31,6 +31,7 @@ from .model import (
     saved_to_memory,
 )
 from .registry import method_for
+from .weights import full_copies, shape_of
 
 # peft's name for the pair ``load_state_dict`` returns; graftkit's ``load_adapter`` returns the same.
 __all__ = ["IncompatibleKeys", "StateDictError", "get_base_model_state_dict", "get_peft_model_state_dict",
@@ -62,6 +63,9 @@ def get_peft_model_state_dict(model: Any, state_dict: dict[str, torch.Tensor] | 
         save_embedding_layers: also return the base weights of adapted input/output embeddings (``"auto"``: when the
             config targets ``embed_tokens`` or ``lm_head``), as ``save_pretrained`` does.
 
+    Under DeepSpeed ZeRO-3 the tensors come back whole: every rank must call it (it gathers the partitions), as
+    every rank calls ``save_pretrained``.
+
     Raises:
         UsageError: ``model`` is not a PeftModel. AdapterNameError: no adapter ``adapter_name``.
     """
@@ -75,7 +79,7 @@ def get_peft_model_state_dict(model: Any, state_dict: dict[str, torch.Tensor] | 
         names = memory_names(model)
         given = {k.removeprefix("_orig_mod."): v for k, v in state_dict.items()}
         saved = {key: given.get(names.get(id(t), ""), t) for key, t in saved.items()}
-    return {key: t.detach() for key, t in saved.items()}
+    return {key: t.detach() for key, t in full_copies(saved).items()}
 
 
 def set_peft_model_state_dict(model: Any, peft_model_state_dict: dict[str, torch.Tensor],
@@ -100,8 +104,8 @@ def set_peft_model_state_dict(model: Any, peft_model_state_dict: dict[str, torch
     model = _peft_model(model, "set_peft_model_state_dict")
     tensors = _with_prefix(dict(peft_model_state_dict))
     known = {**embedding_base_tensors(model.model), **model.get_adapter_state_dict(adapter_name)}
-    mismatched = {k: (tuple(v.shape), tuple(known[k].shape)) for k, v in tensors.items()
-                  if k in known and tuple(v.shape) != tuple(known[k].shape)}
+    mismatched = {k: (tuple(v.shape), shape_of(known[k])) for k, v in tensors.items()
+                  if k in known and tuple(v.shape) != shape_of(known[k])}
     if mismatched and not ignore_mismatched_sizes:
         key, (got, want) = next(iter(mismatched.items()))
         raise StateDictError(f"tensor '{key}' has shape {got} but adapter '{adapter_name}' holds {want} "

@@ -7,7 +7,8 @@ backend adds one ``WeightAccess`` entry to ``_ACCESS`` here; no adapter class ch
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -204,6 +205,30 @@ def linear_features(layer: nn.Module) -> tuple[int, int] | None:
 def is_partitioned(tensor: object) -> bool:
     """Whether ``tensor`` is a DeepSpeed ZeRO-3 partition (its data lives spread over ranks between forwards)."""
     return hasattr(tensor, "ds_id")
+
+
+def shape_of(tensor: torch.Tensor) -> tuple[int, ...]:
+    """The tensor's whole shape (a ZeRO-3 partition's is ``ds_shape``; its own is empty between forwards)."""
+    return tuple(tensor.ds_shape) if is_partitioned(tensor) else tuple(tensor.shape)
+
+
+def numel_of(tensor: torch.Tensor) -> int:
+    """The tensor's whole element count (a ZeRO-3 partition's is ``ds_numel``)."""
+    return int(tensor.ds_numel) if is_partitioned(tensor) else tensor.numel()
+
+
+@contextlib.contextmanager
+def writable(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Inside, the ZeRO-3 partitions among ``tensors`` are whole and may be written; on exit rank 0's values are
+    partitioned again (every rank must enter: a collective call). Other tensors are untouched."""
+    partitioned = [t for t in tensors if is_partitioned(t)]
+    if not partitioned:
+        yield
+        return
+    import deepspeed  # a ZeRO-3 partition exists only where DeepSpeed made it
+
+    with deepspeed.zero.GatheredParameters(partitioned, modifier_rank=0):
+        yield
 
 
 def full_copies(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

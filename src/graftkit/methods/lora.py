@@ -43,7 +43,7 @@ from ..kernels.lora import FusedLoraLinear, LoraUpdate, can_fuse, can_seed_dropo
 from ..layer import AdaptedLayer, ModulesToSave, Nest, copy_saved
 from ..merging import COMBINATIONS, combine
 from ..registry import Method, is_loading, register
-from ..weights import get_weight, is_quantized, linear_features, set_weight
+from ..weights import get_weight, is_quantized, linear_features, set_weight, writable
 
 _INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora", "orthogonal", "loftq", "mica",
                  "lora_ga", "corda", "eva")
@@ -1387,7 +1387,7 @@ def _loftq(weight: torch.Tensor, r: int, scaling: float, bits: int, iters: int,
 
 
 def _init_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> None:
-    with torch.no_grad():
+    with torch.no_grad(), writable([a, b]):  # built under ZeRO-3's zero.Init: partitioned already
         if init == "eva":  # A keeps its layer's default draw until initialize_lora_eva_weights replaces it
             nn.init.zeros_(b)
             return
