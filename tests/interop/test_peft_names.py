@@ -205,7 +205,8 @@ def test_adaption_prompts_show_the_active_adapter_under_peft_names():
     for active in ("default", "b", "default"):
         for model in (theirs, ours):
             model.set_adapter(active)
-        assert ours.state_dict()[key].shape == theirs.state_dict()[key].shape == (1, 3 if active == "default" else 5, 16)
+        length = 3 if active == "default" else 5
+        assert ours.state_dict()[key].shape == theirs.state_dict()[key].shape == (1, length, 16)
     ours.delete_adapter("default")
     assert ours.state_dict()[key].shape == (1, 5, 16)
     ours.delete_adapter("b")

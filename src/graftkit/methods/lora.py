@@ -40,7 +40,7 @@ from ..errors import CheckpointError, ConfigError, PeftWarning, TargetError, Uns
 from ..experts import Pairs, fused_experts, grouped_mm, run_experts
 from ..inject import inject
 from ..kernels.lora import FusedLoraLinear, LoraUpdate, can_fuse, can_seed_dropout, draw_seed
-from ..layer import AdaptedLayer, ModulesToSave, Nest, copy_saved
+from ..layer import AdaptedLayer, ModulesToSave, Nest
 from ..merging import COMBINATIONS, combine
 from ..registry import Method, is_loading, register
 from ..weights import get_weight, is_quantized, linear_features, set_weight, writable
@@ -1243,7 +1243,7 @@ def add_parameter_adapters(model: nn.Module, config: LoraConfig, adapter_name: s
         params = sorted({n.rsplit(".", 1)[-1] for n, p in model.named_parameters() if p.dim() >= 2})
         raise TargetError(f"target_parameters={wanted} matched no parameter of {type(model).__name__}; parameter names "
                           f"there: {params[:20]}")
-    for path, base, names in found:
+    for path, _, names in found:
         for name in names:  # registration order: the first parameter's layer innermost
             r, alpha = config.rank_and_alpha(f"{path}.{name}")  # rank_pattern / alpha_pattern: "<module>.<param>"
             module = model.get_submodule(path)
@@ -1461,7 +1461,8 @@ def _names_any(patterns: Any, paths: list[str]) -> bool:
 def _plan_weight_tying(model: nn.Module, config: LoraConfig) -> tuple[str, str, list[str]] | None:
     """``ensure_weight_tying``, before anything is built: with the tied layers in ``modules_to_save`` or
     ``target_modules``, the config is rewritten as the ecosystem does (the input embedding named, the tied heads
-    left out) and ``("modules_to_save" | "target_modules", embedding path, heads)`` says which heads :func:`_tie_heads` ties after.
+    left out) and ``("modules_to_save" | "target_modules", embedding path, heads)`` says which heads
+    :func:`_tie_heads` ties after.
     Without tied layers, or with none of them named, it warns and changes nothing.
 
     Raises:
