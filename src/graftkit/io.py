@@ -40,6 +40,7 @@ from safetensors.torch import save_file
 
 from .config import CONFIG_NAME, PeftConfig, check_regular_file, read_regular_file
 from .errors import CheckpointError, SaveError
+from .weights import all_finite
 
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
@@ -531,7 +532,7 @@ def _check_dtypes(tensors: dict[str, torch.Tensor], source: str) -> None:
 def check_tensors(tensors: dict[str, torch.Tensor], source: str) -> None:
     """Refuse non-floating tensors; warn, naming them, about tensors holding NaN or Inf."""
     _check_dtypes(tensors, source)
-    bad = [k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad = [k for k, t in tensors.items() if not all_finite(t)]
     if bad:
         warnings.warn(f"{source}: {len(bad)} adapter tensor(s) hold NaN or Inf values, e.g. {bad[:5]}; the model's "
                       "outputs will not be finite where they are used, and merging them is refused", stacklevel=4)

@@ -52,7 +52,7 @@ import torch
 from torch import nn
 
 from .errors import AdapterNameError, GraftkitError, UnsupportedError, UsageError
-from .weights import get_weight, set_weight
+from .weights import all_finite, get_weight, set_weight
 
 BASE = "__base__"  # the adapter name that means "no adapter" in a mixed batch
 
@@ -552,7 +552,7 @@ class AdaptedLayer(nn.Module):
             with torch.no_grad():
                 for name in todo:
                     params = self._adapters[name].substitute(self.base_layer, params)
-            if not all(bool(torch.isfinite(p).all()) for p in params.values()):
+            if not all(all_finite(p) for p in params.values()):
                 raise UsageError(f"merging adapter(s) {todo} into '{module_name or type(self.base_layer).__name__}' "
                                  "would write NaN/Inf into the base weights; nothing was merged")
             return
@@ -563,7 +563,7 @@ class AdaptedLayer(nn.Module):
             merged = self._adapters[name].merge(merged, self.base_layer)
             if bias is not None and hasattr(self._adapters[name], "merge_bias"):
                 bias = self._adapters[name].merge_bias(bias)
-        if not bool(torch.isfinite(merged).all()) or (bias is not None and not bool(torch.isfinite(bias).all())):
+        if not all_finite(merged) or (bias is not None and not all_finite(bias)):
             raise UsageError(
                 f"merging adapter(s) {todo} into '{module_name or type(self.base_layer).__name__}' would write NaN/Inf "
                 "into the base weights; nothing was merged. Check the adapter weights (or the base dtype's range), "

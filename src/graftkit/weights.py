@@ -207,6 +207,17 @@ def is_partitioned(tensor: object) -> bool:
     return hasattr(tensor, "ds_id")
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """Whether every value is finite. A finite sum proves it (a NaN or an infinity makes the sum non-finite) at the
+    cost of one reduction; only a sum that is not finite (a NaN somewhere, or finite values adding up past the
+    range) pays the elementwise test."""
+    if not tensor.is_floating_point():
+        return True
+    if bool(torch.isfinite(tensor.sum(dtype=torch.float64 if tensor.dtype == torch.float64 else torch.float32))):
+        return True
+    return bool(torch.isfinite(tensor).all())
+
+
 def shape_of(tensor: torch.Tensor) -> tuple[int, ...]:
     """The tensor's whole shape (a ZeRO-3 partition's is ``ds_shape``; its own is empty between forwards)."""
     return tuple(tensor.ds_shape) if is_partitioned(tensor) else tuple(tensor.shape)
