@@ -8,7 +8,7 @@ from torch import nn
 
 import graftkit
 from graftkit.kernels import lora as fused_lora
-from graftkit.methods import lora as lora_method
+from graftkit.methods.lora import linear as lora_method
 from tests.conftest import randomize_adapters, tiny_gpt2, tiny_llama, token_batch
 
 

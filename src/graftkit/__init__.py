@@ -44,11 +44,14 @@ from .methods.lora import (
     EvaConfig,
     LoftQConfig,
     LoraGAConfig,
+    get_eva_state_dict,
     hotswap_adapter,
+    initialize_lora_eva_weights,
     prepare_model_for_compiled_hotswap,
+    preprocess_corda,
+    preprocess_loraga,
     replace_lora_weights_loftq,
 )
-from .methods.lora_data import get_eva_state_dict, initialize_lora_eva_weights, preprocess_corda, preprocess_loraga
 from .model import (
     PeftModel,
     PeftModelForCausalLM,

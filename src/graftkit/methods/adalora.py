@@ -41,7 +41,9 @@ from ..kernels.lora import FusedLoraLinear, LoraUpdate, can_fuse, can_seed_dropo
 from ..layer import AdaptedLayer
 from ..registry import Method, register
 from ..weights import get_weight, linear_features
-from .lora import Lora, LoraConfig, _adapter_dtype, check_one_bias
+from .lora.config import LoraConfig
+from .lora.linear import _adapter_dtype
+from .lora.method import Lora, check_one_bias
 
 _EPS = 1e-5  # keeps s / (r₀ + ε) finite for an adapter built with no ranks
 

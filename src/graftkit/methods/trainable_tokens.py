@@ -22,7 +22,7 @@ from ..config import PeftType, TunerConfig
 from ..errors import ConfigError, TargetError
 from ..inject import find_targets, iter_modules
 from ..registry import Method, register
-from .lora import _base_of, input_embedding_path, wrap_token_rows
+from .lora.tokens import _base_of, input_embedding_path, wrap_token_rows
 
 
 @dataclasses.dataclass

@@ -20,14 +20,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, ConfigError, TargetError, UnsupportedError, UsageError
-from ..weights import get_weight, is_quantized
-from .lora import _PREPARED, EvaConfig, LoraConfig, LoraLinear
+from ...errors import CheckpointError, ConfigError, TargetError, UnsupportedError, UsageError
+from ...weights import get_weight, is_quantized
+from .config import _PREPARED, EvaConfig, LoraConfig
+from .linear import LoraLinear
 
 
 def _prepared_targets(model: nn.Module, lora_config: LoraConfig, init: str) -> list[tuple[str, nn.Module]]:
     """The linear layers a preprocessing call prepares (``lora_config``'s targets), refusing quantized ones."""
-    from ..inject import find_targets, is_linear
+    from ...inject import find_targets, is_linear
 
     if lora_config.init_lora_weights != init:
         raise ConfigError(f"preprocess_{init.replace('_', '')} is for init_lora_weights={init!r}, got "
@@ -319,9 +320,9 @@ def _eva_targets(model: nn.Module, config: LoraConfig | None, adapter_name: str)
                                                                                           list[tuple[str, nn.Module]]]:
     """(model to run, config, [(path, module to hook)]): a graftkit model's LoRA linear layers of the adapter, or the
     linear layers ``config`` targets in a plain model."""
-    from ..inject import find_targets, is_linear
-    from ..layer import AdaptedLayer
-    from ..model import wrappers
+    from ...inject import find_targets, is_linear
+    from ...layer import AdaptedLayer
+    from ...model import wrappers
 
     configs = getattr(model, "peft_config", None)
     if isinstance(configs, dict):
@@ -554,9 +555,9 @@ def initialize_lora_eva_weights(model: nn.Module, dataloader: Iterable | None = 
         UsageError: the model has no such LoRA adapter, its init is not "eva", several adapters are active, or
             neither a dataloader nor a state dict is given.
     """
-    from ..inject import set_submodule
-    from ..layer import AdaptedLayer
-    from ..model import wrappers
+    from ...inject import set_submodule
+    from ...layer import AdaptedLayer
+    from ...model import wrappers
 
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict) or adapter_name not in configs:
@@ -573,7 +574,7 @@ def initialize_lora_eva_weights(model: nn.Module, dataloader: Iterable | None = 
         eva_state_dict = get_eva_state_dict(model, dataloader, None, forward_fn, prepare_model_inputs_fn,
                                             prepare_layer_inputs_fn, adapter_name, gather_distributed_inputs,
                                             show_progress_bar)
-    from .lora import Lora
+    from .method import Lora
 
     eva = config.eva_config or {}
     inner = model.get_base_model()

@@ -28,8 +28,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..errors import CheckpointError, UnsupportedError
-from ..weights import linear_features
+from ...errors import CheckpointError, UnsupportedError
+from ...weights import linear_features
 
 PREFIX = "base_model.model."
 _LAYERS = (nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
