@@ -6,10 +6,10 @@ Layout (the same module paths as the ecosystem, so tensor names and user code ca
       .base_model : AdapterModel
           .model : the transformers model, with AdaptedLayer / ModulesToSave wrappers swapped in
 
-Saved tensor names are the model's own parameter paths under ``base_model.model.``, with the adapter
-container and name dropped: ``<path>.adapters.<name>.lora_A.weight`` is saved as ``<path>.lora_A.weight``
-and ``<path>.modules_to_save.<name>.weight`` as ``<path>.weight``. Adapters other than ``"default"`` are
-saved in a subfolder named after them.
+Saved tensor names are the model's own parameter paths under ``base_model.model.``, with the adapter name
+dropped: ``<path>.lora_A.<name>.weight`` is saved as ``<path>.lora_A.weight`` and
+``<path>.modules_to_save.<name>.weight`` as ``<path>.weight``. Adapters other than ``"default"`` are saved in a
+subfolder named after them.
 
 Task classes differ only in what truly differs per task (default ``modules_to_save`` of classifier heads).
 """
