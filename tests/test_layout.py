@@ -10,7 +10,8 @@ import graftkit.methods.lora as lora
 
 PACKAGE = pathlib.Path(lora.__file__).parent
 # The order the package's docstring states: each file imports only core and the files before it.
-ORDER = ["config", "linear", "layers", "tokens", "parameters", "tying", "legacy", "method", "hotswap", "loftq", "data"]
+ORDER = ["inits", "config", "linear", "layers", "tokens", "parameters", "tying", "legacy", "method", "hotswap", "loftq",
+         "data"]
 
 
 def _relative_imports(path: pathlib.Path) -> list[tuple[int, str]]:

@@ -10,23 +10,10 @@
 here) and lets every active, unmerged adapter update the output. Merging asks each adapter to fold
 itself into the dense base weight (see ``weights.py``); unmerging undoes it in reverse order.
 
-The adapter protocol (every method meets the first line; the rest is optional):
-
-* ``adapter(x, y, base_layer) -> y'``, ``merge(w, base_layer) -> w'``, ``unmerge(w', base_layer) -> w``;
-* ``transform_input(x) -> x'``: the adapter also changes the layer's input before the base layer runs
-  (IA3 on feed-forward layers scales it); ``merge_bias(b)`` / ``unmerge_bias(b)``: merging changes the base bias too;
-* ``fused_forward(x, base_layer)`` and ``mixed_forward(...)``: faster paths for one adapter / mixed batches;
-* ``saved_tensors()`` / ``load_saved(tensors)``: the adapter saves other tensors than its ``state_dict``
-  (AdaLoRA saves only the ranks it kept);
-* ``frozen_parameters``: names of the adapter's parameters that stay frozen when it trains (MiCA's B);
-* ``restore_base(w, base_layer) -> w``: the adapter changed the base weight when attached (PiSSA, OLoRA) and gives
-  it back when it leaves unmerged;
-* ``substitute(base_layer, params) -> params`` / ``merge_params(base_layer, sign)``: the adapter replaces some of the
-  base's parameters for its forward (run with ``torch.func.functional_call``) and merges into them itself
-  (``nn.MultiheadAttention``, whose projections have no forward of their own);
-* ``attached(layer, name)`` / ``detached(layer, name)``: the adapter joined / left ``layer`` under ``name`` and
-  arranges what it keeps elsewhere (LoRA on ``nn.MultiheadAttention`` adapts the base's ``out_proj`` as a layer of
-  its own, as the ecosystem lays it out).
+Every layer adapter is a :class:`LayerAdapter`: it implements ``forward(x, y, base_layer) -> y'``,
+``merge(w, base_layer) -> w'`` and ``unmerge(w', base_layer) -> w``; the other hooks (input transforms, faster paths
+for one adapter / mixed batches, bias merging, saved tensors, frozen parameters, weight substitution, attach/detach)
+have do-nothing defaults there, listed in one place, and the wrapper calls them without probing.
 
 Names in memory: an adapter is written as a plain module (``self.lora_A = nn.Linear(...)``), but the layer registers
 what it holds under the attribute first and the adapter name second, as the ecosystem names it::
@@ -276,6 +263,94 @@ class Slot(nn.Module):
         return f"attribute {self.attr!r} of adapters {self.keys()}"
 
 
+class LayerAdapter(nn.Module):
+    """One adapter on one layer: what an :class:`AdaptedLayer` holds per adapter name.
+
+    A method implements :meth:`forward`, :meth:`merge` and :meth:`unmerge`; every other hook has a do-nothing
+    default here, and the wrapper calls the hooks without asking whether they exist. The two class flags say which
+    forward path the layer takes for this adapter kind.
+    """
+
+    changes_input: ClassVar[bool] = False  # the base layer's input goes through transform_input (IA3 feed-forward)
+    substitutes_weights: ClassVar[bool] = False  # forward replaces base parameters (substitute / merge_params)
+    frozen_parameters: tuple[str, ...] = ()  # names of this adapter's parameters that never train (MiCA's B)
+
+    def forward(self, x: Any, y: Any, base_layer: nn.Module) -> Any:
+        """The layer's output ``y`` (of input ``x``) with this adapter's part added."""
+        raise NotImplementedError(f"{type(self).__name__} does not implement forward(x, y, base_layer)")
+
+    def merge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """Fold the adapter into the dense base weight (may write ``weight`` in place) and return it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot merge into its base layer")
+
+    def unmerge(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """Take :meth:`merge` back out of the dense base weight and return it."""
+        raise NotImplementedError(f"{type(self).__name__} cannot unmerge from its base layer")
+
+    def merge_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """The base bias after merging: a new tensor, or ``bias`` itself when merging leaves it alone."""
+        return bias
+
+    def unmerge_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """The base bias after unmerging (``bias`` itself when unchanged)."""
+        return bias
+
+    def transform_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer's input, changed (called only for kinds with ``changes_input``)."""
+        return x
+
+    def fused_forward(self, x: torch.Tensor, base_layer: nn.Module) -> torch.Tensor | None:
+        """Base output plus this adapter's part in one step, when the adapter can do better than base then update;
+        ``None``: take the plain path."""
+        return None
+
+    @staticmethod
+    def mixed_forward(adapters: list[Any], index: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                      base_layer: nn.Module, cache: dict) -> torch.Tensor | None:
+        """A mixed batch in one call: row i uses ``adapters[index[i]]`` (``None``: no adapter). ``cache`` lives as
+        long as the layer's set of adapters. ``None``: the layer runs each row group through :meth:`forward`."""
+        return None
+
+    @staticmethod
+    def routed_forward(adapters: list[Any], index: torch.Tensor | None, x: Any, args: tuple, kwargs: dict,
+                       base_layer: nn.Module) -> Any:
+        """Run the base layer with weight-substituting adapters (per row when ``index`` is given) at a cost that
+        follows the rows; ``None``: not offered (one adapter falls back to :meth:`substitute`)."""
+        return None
+
+    def substitute(self, base_layer: nn.Module, params: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Parameters of ``base_layer`` (by name) to run it with, this adapter's change added to ``params``."""
+        return params
+
+    def merge_params(self, base_layer: nn.Module, sign: float) -> None:
+        """Add (``sign`` 1) or remove (-1) this adapter's change in the base's own parameters."""
+        raise NotImplementedError(f"{type(self).__name__} cannot merge into its base layer's parameters")
+
+    @property
+    def holds_base_offset(self) -> bool:
+        """Whether the adapter took something from the base weight when attached (PiSSA, OLoRA) that
+        :meth:`restore_base` gives back."""
+        return False
+
+    def restore_base(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
+        """The dense base weight with what the adapter took at attach given back (it leaves unmerged)."""
+        return weight
+
+    def saved_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors to save, by name under the layer's path (live tensors); by default the adapter's state."""
+        return self.state_dict(keep_vars=True)
+
+    def load_saved(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Take saved tensors (names and shapes checked against :meth:`saved_tensors`; some may be absent)."""
+        copy_saved(self.saved_tensors(), tensors)
+
+    def attached(self, layer: AdaptedLayer, name: str) -> None:
+        """The adapter joined ``layer`` under ``name``: arrange whatever it keeps outside its own tables."""
+
+    def detached(self, layer: AdaptedLayer, name: str) -> None:
+        """The adapter is leaving ``layer``: undo :meth:`attached`."""
+
+
 class AdaptedLayer(nn.Module):
     """Wraps ``base_layer`` and holds its adapters by name.
 
@@ -347,7 +422,7 @@ class AdaptedLayer(nn.Module):
         self.active = [n for n in names if n in self._adapters]
         for name, adapter in self._adapters.items():
             adapter.requires_grad_(name in self.active)
-            for frozen in getattr(adapter, "frozen_parameters", ()):
+            for frozen in adapter.frozen_parameters:
                 adapter.get_parameter(frozen).requires_grad_(False)
 
     # ------------------------------------------------------------------ adapters
@@ -363,7 +438,10 @@ class AdaptedLayer(nn.Module):
             raise UnsupportedError(f"an adapter attribute cannot be named {attr!r}: AdaptedLayer uses that name")
         return slot
 
-    def add(self, name: str, adapter: nn.Module) -> None:
+    def add(self, name: str, adapter: LayerAdapter) -> None:
+        if not isinstance(adapter, LayerAdapter):
+            raise UsageError(f"an adapted layer holds LayerAdapter instances, got {type(adapter).__name__}; derive "
+                             "the adapter class from graftkit.layer.LayerAdapter")
         if name in self._adapters:
             raise AdapterNameError(f"adapter '{name}' already exists on this layer; pick another name")
         for kind in _TABLES:  # check every attribute name before anything changes
@@ -382,21 +460,17 @@ class AdaptedLayer(nn.Module):
                 _raw_put(self._slot(attr).__dict__[kind], name, value)
         adapter.train(self.training)
         self._stacks.clear()
-        attached = getattr(adapter, "attached", None)
-        if attached is not None:
-            attached(self, name)
-        if hasattr(adapter, "transform_input"):
+        adapter.attached(self, name)
+        if adapter.changes_input:
             self._input_adapters = self._input_adapters | {name}
-        if hasattr(adapter, "substitute"):
+        if adapter.substitutes_weights:
             self._param_adapters = self._param_adapters | {name}
 
     def remove(self, name: str) -> None:
         if name in self.merged_adapters:
             self.unmerge()
         self.release(name)
-        detached = getattr(self._adapters[name], "detached", None)
-        if detached is not None:
-            detached(self, name)
+        self._adapters[name].detached(self, name)
         adapter = self._adapters.pop(name)
         for kind in _TABLES:  # the adapter becomes a plain module again, with all it held
             adapter.__dict__[kind] = dict(adapter.__dict__[kind])
@@ -411,7 +485,7 @@ class AdaptedLayer(nn.Module):
         self._input_adapters = self._input_adapters - {name}
         self._param_adapters = self._param_adapters - {name}
 
-    def replace(self, name: str, adapter: nn.Module) -> None:
+    def replace(self, name: str, adapter: LayerAdapter) -> None:
         """Put ``adapter`` in the place of adapter ``name`` (kept active if it was; nothing is merged)."""
         was_active = name in self.active
         active = list(self.active)
@@ -428,9 +502,9 @@ class AdaptedLayer(nn.Module):
     def release(self, name: str) -> None:
         """The unmerged adapter ``name`` leaves: it gives back what it took from the base weight at attach
         (``restore_base``: PiSSA/OLoRA's principal part), so the base is the original again."""
-        restore = getattr(self._adapters[name], "restore_base", None)
-        if restore is not None and name not in self.merged_adapters:
-            set_weight(self.base_layer, restore(get_weight(self.base_layer), self.base_layer))
+        adapter = self._adapters[name]
+        if adapter.holds_base_offset and name not in self.merged_adapters:
+            set_weight(self.base_layer, adapter.restore_base(get_weight(self.base_layer), self.base_layer))
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -453,8 +527,7 @@ class AdaptedLayer(nn.Module):
                     and not kwargs:
                 # One adapter on the layer: let it compute base + update in one fused step where it can.
                 adapter = adapters.get(self.active[0])
-                fused = getattr(adapter, "fused_forward", None) if adapter is not None else None
-                y = fused(x, base) if fused is not None else None
+                y = None if adapter is None else adapter.fused_forward(x, base)
                 if y is not None:
                     return y
             y = base(x, *args, **kwargs)
@@ -477,10 +550,9 @@ class AdaptedLayer(nn.Module):
             present = [a for a in per_name if a is not None]
             if routing is not None and not present:  # no row's adapter is on this layer (nested layers may be)
                 return self._modules["base_layer"](x, *args, **kwargs)
-            routed = getattr(type(present[0]), "routed_forward", None) if present else None
             y = None
-            if routed is not None and all(type(a) is type(present[0]) for a in present):
-                y = routed(per_name, routing.index, x, args, kwargs, self.base_layer)
+            if present and all(type(a) is type(present[0]) for a in present):
+                y = type(present[0]).routed_forward(per_name, routing.index, x, args, kwargs, self.base_layer)
             if y is None:
                 kind = type(self.base_layer).__name__
                 raise UsageError(f"mixed-adapter batches (adapter_names) cannot run through {kind}, whose adapters "
@@ -488,8 +560,7 @@ class AdaptedLayer(nn.Module):
             return y
         live = [n for n in self.active if n in self._param_adapters and n not in self.merged_adapters]
         if len(live) == 1:
-            routed = getattr(type(adapters[live[0]]), "routed_forward", None)
-            y = None if routed is None else routed([adapters[live[0]]], None, x, args, kwargs, self.base_layer)
+            y = type(adapters[live[0]]).routed_forward([adapters[live[0]]], None, x, args, kwargs, self.base_layer)
             if y is not None:
                 return y
         params: dict[str, torch.Tensor] = {}
@@ -521,9 +592,8 @@ class AdaptedLayer(nn.Module):
         if not present:
             return y
         # One batched call when the adapter kind offers it (LoRA on linear layers: gathered bmm).
-        batched = getattr(type(present[0]), "mixed_forward", None)
-        if batched is not None and all(type(a) is type(present[0]) for a in present):
-            out = batched(per_name, routing.index, x, y, self.base_layer, self._stacks)
+        if all(type(a) is type(present[0]) for a in present):
+            out = type(present[0]).mixed_forward(per_name, routing.index, x, y, self.base_layer, self._stacks)
             if out is not None:
                 return out
 
@@ -561,7 +631,7 @@ class AdaptedLayer(nn.Module):
         bias = None if bias is None else bias.detach().clone()
         for name in todo:
             merged = self._adapters[name].merge(merged, self.base_layer)
-            if bias is not None and hasattr(self._adapters[name], "merge_bias"):
+            if bias is not None:
                 bias = self._adapters[name].merge_bias(bias)
         if not all_finite(merged) or (bias is not None and not all_finite(bias)):
             raise UsageError(
@@ -585,9 +655,8 @@ class AdaptedLayer(nn.Module):
         bias = self._bias()
         for name in todo:
             merged = self._adapters[name].merge(merged, self.base_layer)
-            if bias is not None and hasattr(self._adapters[name], "merge_bias"):
-                with torch.no_grad():
-                    bias.copy_(self._adapters[name].merge_bias(bias.detach().clone()))
+            if bias is not None:
+                self._write_bias(bias, self._adapters[name].merge_bias)
         set_weight(self.base_layer, merged)
         self.merged_adapters.extend(todo)
 
@@ -604,20 +673,28 @@ class AdaptedLayer(nn.Module):
         bias = self._bias()
         for name in reversed(self.merged_adapters):
             weight = self._adapters[name].unmerge(weight, self.base_layer)
-            if bias is not None and hasattr(self._adapters[name], "unmerge_bias"):
-                with torch.no_grad():
-                    bias.copy_(self._adapters[name].unmerge_bias(bias.detach().clone()))
+            if bias is not None:
+                self._write_bias(bias, self._adapters[name].unmerge_bias)
         set_weight(self.base_layer, weight)
         self.merged_adapters = []
 
     def _merges_params(self, names: list[str]) -> bool:
         """Whether these adapters merge by writing the base's parameters themselves (``merge_params``), not
         through the dense-weight access of ``weights.py``; a layer's adapters do one or the other."""
-        kinds = {hasattr(self._adapters[n], "merge_params") for n in names}
+        kinds = {self._adapters[n].substitutes_weights for n in names}
         if len(kinds) > 1:
             raise UsageError(f"adapters {names} on {type(self.base_layer).__name__} merge in different ways; merge "
                              "them one at a time")
         return kinds == {True}
+
+    @staticmethod
+    def _write_bias(bias: torch.Tensor, change: Any) -> None:
+        """Write ``change(bias)`` into the live bias when it is a new tensor (the adapter changed the bias)."""
+        with torch.no_grad():
+            current = bias.detach().clone()
+            new = change(current)
+            if new is not current:
+                bias.copy_(new)
 
     def _bias(self) -> torch.Tensor | None:
         bias = getattr(self.base_layer, "bias", None)

@@ -112,7 +112,7 @@ def unfreeze_adapter(model: nn.Module, config: PeftConfig, name: str,
         if isinstance(module, AdaptedLayer) and name in module.adapters:
             adapter = module.adapters[name]
             adapter.requires_grad_(True)
-            for frozen in getattr(adapter, "frozen_parameters", ()):  # tensors the method keeps fixed (MiCA's B)
+            for frozen in adapter.frozen_parameters:  # tensors the method keeps fixed (MiCA's B)
                 adapter.get_parameter(frozen).requires_grad_(False)
         elif isinstance(module, ModulesToSave) and name in module.modules_to_save:
             module.modules_to_save[name].requires_grad_(True)
@@ -131,8 +131,8 @@ def adapter_tensors(model: nn.Module, name: str, config: PeftConfig,
             part = module.modules_to_save[name]
         else:
             continue
-        own = getattr(part, "saved_tensors", None) if isinstance(module, AdaptedLayer) else None
-        for key, tensor in (own() if own is not None else part.state_dict(keep_vars=True)).items():
+        saved = part.saved_tensors() if isinstance(module, AdaptedLayer) else part.state_dict(keep_vars=True)
+        for key, tensor in saved.items():
             out[f"{PREFIX}{path}.{key}"] = tensor
     for key, param in method_for(config).extra_trainable(model, config):
         out[PREFIX + key] = param
@@ -1278,14 +1278,15 @@ class PeftModel(nn.Module):
             if model_level:  # tensors of an adapter that acts on the inputs: it takes them itself
                 self.prompt_encoder[adapter_name].load_saved(model_level)
             taken = set(model_level)
-            for path, module in wrappers(self.model):  # layer adapters that save other tensors than their state
+            for path, module in wrappers(self.model):  # layer adapters take their tensors themselves
                 part = module.adapters[adapter_name] if isinstance(module, AdaptedLayer) and adapter_name in \
                     module.adapters else None
-                if part is not None and hasattr(part, "load_saved"):
+                if part is not None:
                     head = f"{PREFIX}{path}."
-                    own = {k: v for k, v in tensors.items() if k.startswith(head) and k in expected}
-                    part.load_saved({k[len(head):]: v for k, v in own.items()})
-                    taken.update(own)
+                    own = {key: tensors[head + key] for key in part.saved_tensors()
+                           if head + key in tensors and head + key in expected}
+                    part.load_saved(own)
+                    taken.update(head + key for key in own)
             with torch.no_grad():
                 for key, src in tensors.items():
                     dst = expected.get(key, optional.get(key))

@@ -38,7 +38,7 @@ from torch import nn
 from ..config import PeftType
 from ..errors import CheckpointError, ConfigError, UnsupportedError, UsageError
 from ..kernels.lora import FusedLoraLinear, LoraUpdate, can_fuse, can_seed_dropout, draw_seed
-from ..layer import AdaptedLayer
+from ..layer import AdaptedLayer, LayerAdapter
 from ..registry import Method, register
 from ..weights import get_weight, linear_features
 from .lora.config import LoraConfig
@@ -125,7 +125,7 @@ class AdaLoraConfig(LoraConfig):
         return (self.rank_pattern or {}).get(f"{module_name}.lora_E")
 
 
-class AdaLoraLinear(nn.Module):
+class AdaLoraLinear(LayerAdapter):
     """AdaLoRA on a linear layer (``nn.Linear``, ``Conv1D``, quantized linears).
 
     Attributes:

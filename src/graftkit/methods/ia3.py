@@ -25,6 +25,7 @@ from torch import nn
 
 from ..config import PeftType, TunerConfig, check_regex
 from ..errors import ConfigError, TargetError, UnsupportedError
+from ..layer import LayerAdapter
 from ..registry import Method, register
 from ..weights import get_weight, linear_features
 
@@ -80,7 +81,7 @@ class IA3Config(TunerConfig):
 _CONVS = (nn.Conv2d, nn.Conv3d)
 
 
-class IA3Vector(nn.Module):
+class IA3Vector(LayerAdapter):
     """(IA)³ output scaling on a linear layer (``nn.Linear``, ``Conv1D``, quantized linears) or ``nn.Conv2d`` /
     ``nn.Conv3d``; :class:`IA3InputVector` scales the input instead.
 
@@ -185,6 +186,8 @@ class IA3Vector(nn.Module):
 class IA3InputVector(IA3Vector):
     """(IA)³ on a feed-forward layer: the layer's input is scaled (AdaptedLayer calls ``transform_input`` before
     the base layer), so the output passes through and the bias is untouched."""
+
+    changes_input = True
 
     def transform_input(self, x: torch.Tensor) -> torch.Tensor:
         scale = self._vector(x.dtype)  # (in,)

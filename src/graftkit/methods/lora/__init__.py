@@ -4,9 +4,10 @@ older files.
 
 The files import downward in this order (each names only core and the files before it)::
 
-    config      LoraConfig and the init sub-configs
-    linear      LoRA/DoRA on linear layers; the helpers every layer kind shares
-    layers      embeddings, convolutions, nn.MultiheadAttention; the (A, B) factors of any kind
+    inits       the table of initialisations (init_lora_weights) and their sub-configs
+    config      LoraConfig, validated against the inits table
+    linear      LoRA/DoRA on linear layers; LoraFactors, what every factored layer kind answers
+    layers      embeddings, convolutions, nn.MultiheadAttention; the table of layer kinds
     tokens      trainable tokens
     parameters  LoRA on parameters (fused experts, routers)
     tying       ensure_weight_tying
@@ -20,9 +21,10 @@ Parameter names (``lora_A.weight``, ``lora_embedding_A``, ``lora_magnitude_vecto
 names of the ecosystem's format.
 """
 
-from .config import CordaConfig, EvaConfig, LoftQConfig, LoraConfig, LoraGAConfig
+from .config import LoraConfig
 from .data import get_eva_state_dict, initialize_lora_eva_weights, preprocess_corda, preprocess_loraga
 from .hotswap import hotswap_adapter, prepare_model_for_compiled_hotswap
+from .inits import CordaConfig, EvaConfig, LoftQConfig, LoraGAConfig
 from .layers import LoraConv, LoraEmbedding, LoraMultiheadAttention
 from .linear import LoraLinear
 from .loftq import replace_lora_weights_loftq

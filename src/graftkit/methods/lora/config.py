@@ -1,4 +1,4 @@
-"""LoRA's config and the sub-configs of its data-driven inits (field names and meanings as in the HF ecosystem)."""
+"""LoRA's config (field names and meanings as in the HF ecosystem); the inits and their sub-configs are in inits.py."""
 
 from __future__ import annotations
 
@@ -8,111 +8,9 @@ from typing import Any, ClassVar
 
 from ...config import PeftType, TunerConfig, check_regex
 from ...errors import ConfigError, UnsupportedError
+from .inits import INITS, NOT_YET, CordaConfig, EvaConfig, LoftQConfig, LoraGAConfig, choices, find_init
 
-_INIT_CHOICES = (True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora", "orthogonal", "loftq", "mica",
-                 "lora_ga", "corda", "eva")
-
-
-_NOT_YET: tuple[str, ...] = ()  # HF peft inits graftkit does not implement yet
-
-
-# inits computed from the base weight, its gradient, its input statistics or noise
-_FROM_WEIGHT = ("pissa", "olora", "orthogonal", "loftq", "mica", "lora_ga", "corda")
-
-
-# What a preprocessing call leaves on each target layer for the init to use (then dropped): preprocess_loraga the
-# averaged weight gradient, preprocess_corda the (S, U, V) of the context-oriented decomposition.
-_PREPARED = {"lora_ga": "_graftkit_loraga_grad", "corda": "_graftkit_corda_eigens"}
-
-
-def _known_init(init: object) -> bool:
-    if isinstance(init, bool):
-        return True
-    return isinstance(init, str) and (init in ("gaussian", "eva", *_FROM_WEIGHT)
-                                      or re.fullmatch(r"pissa_niter_\d+", init) is not None)
-
-
-@dataclasses.dataclass
-class LoftQConfig:
-    """LoftQ's settings (``LoraConfig(init_lora_weights="loftq", loftq_config=LoftQConfig(...))``).
-
-    Args:
-        loftq_bits: 4 (NF4) or 8 (LLM.int8()): the format the base will be quantized to.
-        loftq_iter: alternations of quantizing W - BA and refitting BA to W - Q.
-    """
-
-    loftq_bits: int = 4
-    loftq_iter: int = 1
-
-
-@dataclasses.dataclass
-class LoraGAConfig:
-    """LoRA-GA's settings (``LoraConfig(init_lora_weights="lora_ga", lora_ga_config=LoraGAConfig(...))``, after
-    :func:`preprocess_loraga`).
-
-    Args:
-        direction: which of the gradient's top 2r singular directions go to A and B: ``"ArB2r"`` (A the first r,
-            B the next r), ``"A2rBr"`` (the other way), ``"ArBr"`` (alternating) or ``"random"``.
-        scale: ``"stable"`` (B times out^¼ / √stable_gamma), ``"weight_svd"`` (B matched to W's top singular
-            value), ``"gd_scale"`` (both divided by the LoRA scale) or ``"unit"``.
-        stable_gamma: γ of the stable scale.
-    """
-
-    direction: str = "ArB2r"
-    scale: str = "stable"
-    stable_gamma: int = 16
-
-
-@dataclasses.dataclass
-class CordaConfig:
-    """CorDA's settings (``LoraConfig(init_lora_weights="corda", corda_config=CordaConfig(...))``, after
-    :func:`preprocess_corda`).
-
-    Args:
-        corda_method: ``"ipm"`` (instruction-previewed: the adapter takes the r directions the data uses most) or
-            ``"kpm"`` (knowledge-preserving: the r it uses least, keeping the rest in the frozen base).
-        cache_file: where the decomposition is read from if present, else written (a ``torch.save`` dict of
-            tensors, the same keys as HF peft's, so caches move between the two).
-        covariance_file: the same for the input covariances.
-        use_float16_for_covariance: accumulate the covariances in the inputs' half precision (less memory).
-        verbose: print each layer as it is decomposed.
-        prune_temporary_fields: kept for the file format; graftkit never leaves temporary fields on layers.
-    """
-
-    cache_file: str | None = None
-    covariance_file: str | None = None
-    corda_method: str = "ipm"
-    verbose: bool = False
-    use_float16_for_covariance: bool = False
-    prune_temporary_fields: bool = True
-
-
-@dataclasses.dataclass
-class EvaConfig:
-    """EVA's settings (``LoraConfig(init_lora_weights="eva", eva_config=EvaConfig(...))``, then
-    :func:`initialize_lora_eva_weights`).
-
-    Args:
-        rho: each layer may take up to round(rho·r) components; the ranks are then redistributed by explained
-            variance within the total budget (rho=1: every layer keeps r).
-        tau: a component has converged when its cosine similarity to the previous batch's is at least tau.
-        use_label_mask: leave out positions whose label is ``label_mask_value``.
-        whiten: divide each component by the square root of its singular value.
-        adjust_scaling_factors: scale lora_alpha with a layer's new rank (alpha · new_r / r), so s stays put.
-    """
-
-    rho: float = 2.0
-    tau: float = 0.99
-    use_label_mask: bool = True
-    label_mask_value: int = -100
-    whiten: bool = False
-    adjust_scaling_factors: bool = True
-
-
-def moves_base(init: object) -> bool:
-    """Whether the init moves a part of the base weight into the adapter (PiSSA, OLoRA, LoRA-GA, CorDA)."""
-    return isinstance(init, str) and (init.startswith("pissa") or init in ("olora", "lora_ga", "corda"))
-
+__all__ = ["CordaConfig", "EvaConfig", "LoftQConfig", "LoraConfig", "LoraGAConfig"]
 
 @dataclasses.dataclass
 class LoraConfig(TunerConfig):
@@ -186,14 +84,10 @@ class LoraConfig(TunerConfig):
     }
 
     def __post_init__(self) -> None:
-        if isinstance(self.loftq_config, LoftQConfig):
-            self.loftq_config = dataclasses.asdict(self.loftq_config)
-        if isinstance(self.lora_ga_config, LoraGAConfig):
-            self.lora_ga_config = dataclasses.asdict(self.lora_ga_config)
-        if isinstance(self.corda_config, CordaConfig):
-            self.corda_config = dataclasses.asdict(self.corda_config)
-        if isinstance(self.eva_config, EvaConfig):
-            self.eva_config = dataclasses.asdict(self.eva_config)
+        for name, entry in INITS.items():  # sub-configs given as their dataclasses are stored as dicts
+            field = f"{name}_config"
+            if entry.settings is not None and isinstance(getattr(self, field), entry.settings):
+                setattr(self, field, dataclasses.asdict(getattr(self, field)))
         super().__post_init__()
         self.peft_type = PeftType.LORA
         if self.r <= 0:
@@ -202,12 +96,13 @@ class LoraConfig(TunerConfig):
             raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in ("none", "all", "lora_only"):
             raise ConfigError(f"LoraConfig.bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
-        if not _known_init(self.init_lora_weights):
+        init = find_init(self.init_lora_weights)
+        if init is None:
             later = " (an HF peft initialisation graftkit does not implement yet)" \
-                if self.init_lora_weights in _NOT_YET else ""
+                if self.init_lora_weights in NOT_YET else ""
             raise UnsupportedError(
                 f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not implemented in graftkit{later}; "
-                f"use one of {list(_INIT_CHOICES)}"
+                f"use one of {choices()}"
             )
         tokens = self.trainable_token_indices
         groups = tokens.values() if isinstance(tokens, dict) else [tokens] if tokens is not None else []
@@ -223,40 +118,20 @@ class LoraConfig(TunerConfig):
                                        "an update applied to a weight has no input to drop out or bias to add")
         if self.lora_bias and self.use_dora:
             raise UnsupportedError("LoraConfig: lora_bias with use_dora is not supported in graftkit; use one of them")
-        if self.init_lora_weights == "loftq":
-            self.loftq_config = {"loftq_bits": 4, "loftq_iter": 1, **(self.loftq_config or {})}
-            bits, iters = self.loftq_config["loftq_bits"], self.loftq_config["loftq_iter"]
-            if bits not in (4, 8) or not isinstance(iters, int) or iters < 1 or set(self.loftq_config) - {
-                    "loftq_bits", "loftq_iter"}:
-                raise ConfigError(f"LoraConfig.loftq_config needs loftq_bits 4 or 8 and loftq_iter >= 1 (and no other "
-                                  f"keys), got {self.loftq_config}")
-        elif self.init_lora_weights == "lora_ga":
-            ga = {**dataclasses.asdict(LoraGAConfig()), **(self.lora_ga_config or {})}
-            if ga["direction"] not in ("ArBr", "A2rBr", "ArB2r", "random") or ga["scale"] not in (
-                    "stable", "weight_svd", "gd_scale", "unit") or set(ga) - {"direction", "scale", "stable_gamma"}:
-                raise ConfigError(f"LoraConfig.lora_ga_config={self.lora_ga_config} is not valid: direction is one of "
-                                  "ArBr, A2rBr, ArB2r, random; scale one of stable, weight_svd, gd_scale, unit")
-            self.lora_ga_config = ga
-        elif self.init_lora_weights == "corda":
-            corda = {**dataclasses.asdict(CordaConfig()), **(self.corda_config or {})}
-            if corda["corda_method"] not in ("ipm", "kpm") or set(corda) - set(dataclasses.asdict(CordaConfig())):
-                raise ConfigError(f"LoraConfig.corda_config={self.corda_config} is not valid: corda_method is 'ipm' or "
-                                  f"'kpm'; keys are {sorted(dataclasses.asdict(CordaConfig()))}")
-            self.corda_config = corda
-        elif self.init_lora_weights == "eva":
-            eva = {**dataclasses.asdict(EvaConfig()), **(self.eva_config or {})}
-            if set(eva) - set(dataclasses.asdict(EvaConfig())) or not eva["rho"] >= 1.0 or not 0 < eva["tau"] <= 1:
-                raise ConfigError(f"LoraConfig.eva_config={self.eva_config} is not valid: rho >= 1, 0 < tau <= 1, keys "
-                                  f"{sorted(dataclasses.asdict(EvaConfig()))}")
-            self.eva_config = eva
-        if self.loftq_config and self.init_lora_weights != "loftq":
-            raise ConfigError(f"LoraConfig.loftq_config={self.loftq_config} is set but init_lora_weights is "
-                              f"{self.init_lora_weights!r}; set init_lora_weights='loftq' or drop loftq_config")
-        if self.init_lora_weights == "orthogonal":
-            odd = sorted({r for r in (self.r, *self.rank_pattern.values()) if r % 2})
-            if odd:
-                raise ConfigError(f"init_lora_weights='orthogonal' needs even ranks (it splits an orthogonal matrix "
-                                  f"in two halves), got r={odd}")
+        settings = None
+        if init.settings is not None:  # the init's sub-config, defaults filled in
+            field = f"{self.init_lora_weights}_config"
+            settings = {**dataclasses.asdict(init.settings()), **(getattr(self, field) or {})}
+        problem = None if init.check is None else init.check(self, settings)
+        if problem:
+            raise ConfigError(problem)
+        if settings is not None:
+            setattr(self, field, settings)
+        for name, entry in INITS.items():
+            field = f"{name}_config"
+            if entry.settings_need_init and getattr(self, field) and self.init_lora_weights != name:
+                raise ConfigError(f"LoraConfig.{field}={getattr(self, field)} is set but init_lora_weights is "
+                                  f"{self.init_lora_weights!r}; set init_lora_weights={name!r} or drop {field}")
         self._check_patterns()
 
     def _check_patterns(self) -> None:

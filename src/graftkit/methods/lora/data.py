@@ -22,7 +22,8 @@ from torch import nn
 
 from ...errors import CheckpointError, ConfigError, TargetError, UnsupportedError, UsageError
 from ...weights import get_weight, is_quantized
-from .config import _PREPARED, EvaConfig, LoraConfig
+from .config import EvaConfig, LoraConfig
+from .inits import INITS
 from .linear import LoraLinear
 
 
@@ -89,7 +90,7 @@ def preprocess_loraga(model: nn.Module, lora_config: LoraConfig, train_step: Any
         CheckpointError: the cache file lacks a target's gradient.
         UsageError: ``train_step`` ran no backward pass through a target.
     """
-    attr = _PREPARED["lora_ga"]
+    attr = INITS["lora_ga"].prepared
     targets = _prepared_targets(model, lora_config, "lora_ga")
     cache = _read_cache(cache_file, [f"{n}._peft_loraga_grad" for n, _ in targets])
     if cache is not None:
@@ -172,7 +173,7 @@ def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model: Any =
         _write_cache(settings.get("cache_file"), cache)
     for name, module in targets:
         parts = (cache[f"{name}.eigens.{p}"].to(module.weight.device) for p in ("S_WC", "U_WC", "V_WC"))
-        setattr(module, _PREPARED["corda"], tuple(parts))
+        setattr(module, INITS["corda"].prepared, tuple(parts))
 
 
 def _input_covariances(targets: list[tuple[str, nn.Module]], hooked: nn.Module, run_model: Any,

@@ -13,8 +13,8 @@ from torch import nn
 
 from ...errors import CheckpointError, ConfigError, UsageError
 from .config import LoraConfig
-from .layers import LoraConv, LoraEmbedding, _ab, _lora_layers
-from .linear import LoraLinear, _scaling
+from .layers import _lora_layers
+from .linear import LoraFactors, _scaling
 
 
 def _unwrap_compiled(model: nn.Module) -> nn.Module:
@@ -56,25 +56,18 @@ def prepare_model_for_compiled_hotswap(model: nn.Module, *, target_rank: int | N
     if not layers:
         raise UsageError("prepare_model_for_compiled_hotswap found no LoRA adapter: load the first adapter first")
     lora = [(path, a) for path, layer in layers for a in layer.adapters.values()
-            if isinstance(a, (LoraLinear, LoraEmbedding, LoraConv))]
+            if isinstance(a, LoraFactors)]
     for path, adapter in lora:  # checked before anything changes
-        rank = _ab(adapter)[0].shape[0]
+        rank = adapter.factors()[0].shape[0]
         if target_rank is not None and rank > target_rank:
             raise UsageError(f"'{path}' has an adapter of rank {rank}, above target_rank={target_rank}; pass the "
                              "largest rank of the adapters that will be swapped in")
     for _, adapter in lora:
-        a, b = _ab(adapter)
+        a, b = adapter.factors()
         rank = a.shape[0]
         if target_rank is not None and rank < target_rank and getattr(adapter, "groups", 1) == 1:
             with torch.no_grad():
-                if isinstance(adapter, LoraEmbedding):
-                    adapter.lora_embedding_A = _padded(a, 0, target_rank)
-                    adapter.lora_embedding_B = _padded(b, 1, target_rank)
-                else:
-                    adapter.lora_A.weight = _padded(a, 0, target_rank)
-                    adapter.lora_B.weight = _padded(b, 1, target_rank)
-                    adapter.lora_A.out_channels = adapter.lora_A.out_features = target_rank
-                    adapter.lora_B.in_channels = adapter.lora_B.in_features = target_rank
+                adapter.set_factors(_padded(a, 0, target_rank), _padded(b, 1, target_rank))
         if not isinstance(adapter.scaling, torch.Tensor):  # a buffer: follows .to(), not saved
             scale = float(adapter.scaling)
             del adapter.scaling
@@ -171,7 +164,7 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike[str]
                 old[tuple(slice(0, n) for n in new.shape)].copy_(new)
         for path, layer in layers:
             adapter = layer.adapters[adapter_name]
-            if not isinstance(adapter, (LoraLinear, LoraEmbedding, LoraConv)):
+            if not isinstance(adapter, LoraFactors):
                 continue
             r, alpha = config.rank_and_alpha(path)
             scale = _scaling(r, alpha, config.use_rslora)
@@ -185,8 +178,8 @@ def hotswap_adapter(model: nn.Module, model_name_or_path: str | os.PathLike[str]
         setattr(swapped, field, copy.deepcopy(getattr(current, field)))
     for field in ("r", "lora_alpha", "rank_pattern", "alpha_pattern"):
         setattr(swapped, field, copy.deepcopy(getattr(config, field)))
-    live_ranks = {_ab(m.adapters[adapter_name])[0].shape[0] for _, m in layers
-                  if isinstance(m.adapters[adapter_name], (LoraLinear, LoraEmbedding, LoraConv))}
+    live_ranks = {m.adapters[adapter_name].factors()[0].shape[0] for _, m in layers
+                  if isinstance(m.adapters[adapter_name], LoraFactors)}
     if len(live_ranks) == 1:  # the config of what the model now holds (padded ranks, the same scales)
         _set_rank_keeping_scales(swapped, live_ranks.pop())
     else:

@@ -1,21 +1,29 @@
 """The other LoRA layer kinds: ``nn.Embedding`` (rows of Aᵀ looked up), ``nn.Conv1d/2d/3d`` (A a conv with the
-base's kernel, B a 1×1 conv) and ``nn.MultiheadAttention``; and the (A, B) factors of any kind."""
+base's kernel, B a 1×1 conv) and ``nn.MultiheadAttention``; and the table of layer kinds (``KINDS``): which base
+layers a kind takes, and its adapter class, which answers its saved shapes and builds itself. A new layer kind is
+its class plus one row."""
 
 from __future__ import annotations
 
+import dataclasses
+import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import ConfigError, UnsupportedError
-from ...layer import AdaptedLayer
+from ...errors import UnsupportedError
+from ...layer import AdaptedLayer, LayerAdapter
 from ...registry import is_loading
-from .linear import LoraLinear, _adapter_dtype, _BiasMerge, _init_pair, _Magnitude, _scaling
+from ...weights import linear_features
+from .config import LoraConfig
+from .inits import CONV, EMBEDDING, LINEAR, MULTIHEAD, InitInput, init_of
+from .linear import LoraFactors, LoraLinear, _adapter_dtype, _BiasMerge, _init_pair, _Magnitude, _scaling
 
 
-class LoraEmbedding(nn.Module):
+class LoraEmbedding(LoraFactors):
     """LoRA (optionally DoRA) on ``nn.Embedding``: the update for token t is s · B A[:, t].
 
     With DoRA the magnitude is one value per embedding dimension: m / ‖W + s·(BA)ᵀ‖ over the vocabulary scales
@@ -30,20 +38,19 @@ class LoraEmbedding(nn.Module):
         self.lora_embedding_A = nn.Parameter(torch.empty(r, num, **kw))
         self.lora_embedding_B = nn.Parameter(torch.empty(dim, r, **kw))
         self.scaling = _scaling(r, alpha, use_rslora)
-        # MiCA trains A only; B keeps the minor singular directions of the embedding matrix (dim, num) it was given.
-        self.frozen_parameters: tuple[str, ...] = ("lora_embedding_B",) if init == "mica" else ()
+        start = init_of(init)
+        self.frozen_parameters: tuple[str, ...] = tuple(v for k, v in start.frozen.items() if k == EMBEDDING)
         with torch.no_grad():
             if init is False:
                 nn.init.normal_(self.lora_embedding_A)
                 nn.init.normal_(self.lora_embedding_B)
-            elif init == "mica" and not is_loading():
-                w = weight.detach().to(torch.float32).T  # the projection the lookup computes: (dim, num)
-                if r > min(w.shape):
-                    raise ConfigError(f"init_lora_weights='mica' needs r <= min(num_embeddings, embedding_dim) = "
-                                      f"{min(w.shape)} for an embedding of shape {tuple(weight.shape)}, got r={r}; "
-                                      "lower r (rank_pattern)")
-                nn.init.zeros_(self.lora_embedding_A)
-                self.lora_embedding_B.copy_(torch.linalg.svd(w, full_matrices=False)[0][:, -r:])
+            elif start.build is not None and not (start.from_file and is_loading()):
+                # the matrix the adapter updates is the projection the lookup computes: (dim, num)
+                built = start.build(InitInput(init, weight.detach(), lambda t: t.T, dim, num, r, self.scaling, {},
+                                              None, ("min(num_embeddings, embedding_dim)",
+                                                     f"an embedding of shape {tuple(weight.shape)}")))
+                self.lora_embedding_A.copy_(built.a)
+                self.lora_embedding_B.copy_(built.b)
             else:  # A is the lookup table here, so it is the zero half
                 nn.init.zeros_(self.lora_embedding_A)
                 nn.init.normal_(self.lora_embedding_B)
@@ -53,6 +60,33 @@ class LoraEmbedding(nn.Module):
             with torch.no_grad():
                 norm = self._column_norm(weight.to(kw["dtype"]), self.delta_weight())
             self.lora_magnitude_vector = _Magnitude(self, norm)  # (dim,)
+
+    @classmethod
+    def saved_shapes(cls, base_layer: nn.Module, config: LoraConfig, r: int) -> dict[str, tuple] | None:
+        shapes = {"lora_embedding_A": (r, base_layer.num_embeddings), "lora_embedding_B": (base_layer.embedding_dim, r)}
+        if config.use_dora:
+            shapes["lora_magnitude_vector"] = (base_layer.embedding_dim,)
+        return shapes
+
+    @classmethod
+    def build(cls, base_layer: nn.Module, config: LoraConfig, module_name: str, r: int, alpha: float,
+              init: bool | str) -> LoraEmbedding:
+        if config.lora_bias:
+            raise UnsupportedError(f"lora_bias on nn.Embedding ('{module_name}') is not supported (nor in HF "
+                                   "peft); exclude the embedding or set lora_bias=False")
+        return cls(base_layer, r, alpha, config.use_rslora, init, config.use_dora)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lora_embedding_A, self.lora_embedding_B
+
+    def set_factors(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        self.lora_embedding_A, self.lora_embedding_B = a, b
+
+    def native_delta(self) -> torch.Tensor:
+        return self.delta_weight()
+
+    def as_matrix(self, delta: torch.Tensor) -> torch.Tensor:
+        return delta.T  # (num, dim) -> (dim, num)
 
     @staticmethod
     def _column_norm(weight: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -96,7 +130,7 @@ class LoraEmbedding(nn.Module):
         return weight
 
 
-class LoraMultiheadAttention(nn.Module):
+class LoraMultiheadAttention(LayerAdapter):
     """LoRA on ``nn.MultiheadAttention``: one update on the packed q/k/v input projection (B: (3·embed, r)) and one on
     the output projection, laid out as the ecosystem lays them out: this adapter holds the input projection's pair
     (``<path>.lora_A.<name>.weight``), and the output projection is an adapted layer of its own inside the base
@@ -107,6 +141,28 @@ class LoraMultiheadAttention(nn.Module):
     ``torch.func.functional_call``). Merging writes the input projection's update; the output projection's layer
     merges its own.
     """
+
+    substitutes_weights = True
+
+    @classmethod
+    def saved_shapes(cls, base_layer: nn.Module, config: LoraConfig, r: int) -> dict[str, tuple] | None:
+        embed = base_layer.embed_dim
+        return {"lora_A.weight": (r, embed), "lora_B.weight": (3 * embed, r),
+                "base_layer.out_proj.lora_A.weight": (r, embed), "base_layer.out_proj.lora_B.weight": (embed, r)}
+
+    @classmethod
+    def build(cls, base_layer: nn.Module, config: LoraConfig, module_name: str, r: int, alpha: float,
+              init: bool | str) -> LoraMultiheadAttention:
+        refused = {"key/value dimensions other than the embedding's": not base_layer._qkv_same_embed_dim,
+                   "use_dora": config.use_dora, "lora_bias": config.lora_bias}
+        for what, present in refused.items():
+            if present:
+                raise UnsupportedError(f"LoRA on nn.MultiheadAttention ('{module_name}') with {what} is not supported "
+                                       "(nor in HF peft); exclude the module or change that setting")
+        if config.lora_dropout:
+            warnings.warn(f"lora_dropout={config.lora_dropout} has no effect on nn.MultiheadAttention "
+                          f"('{module_name}'): its update is applied to the weights, as in HF peft", stacklevel=5)
+        return cls(base_layer, r, alpha, config.use_rslora, init)
 
     def __init__(self, base_layer: nn.MultiheadAttention, r: int, alpha: float, use_rslora: bool,
                  init: bool | str) -> None:
@@ -122,6 +178,10 @@ class LoraMultiheadAttention(nn.Module):
         # Not a submodule: it joins the output projection's own layer (see attached).
         self.__dict__["out_lora"] = LoraLinear(out.base_layer if isinstance(out, AdaptedLayer) else out, r, alpha,
                                                0.0, use_rslora, False, init, False)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) of the input projection's update (the output projection's layer holds its own)."""
+        return self.lora_A.weight, self.lora_B.weight
 
     def attached(self, layer: AdaptedLayer, name: str) -> None:
         """Joined ``layer`` as adapter ``name``: the output projection becomes an adapted layer holding its part."""
@@ -166,7 +226,7 @@ class LoraMultiheadAttention(nn.Module):
 _CONV = {1: (nn.Conv1d, F.conv1d), 2: (nn.Conv2d, F.conv2d), 3: (nn.Conv3d, F.conv3d)}
 
 
-class LoraConv(_BiasMerge, nn.Module):
+class LoraConv(_BiasMerge, LoraFactors):
     """LoRA (optionally DoRA) on ``nn.Conv1d`` / ``nn.Conv2d`` / ``nn.Conv3d``: A is a conv with the base's kernel,
     stride, padding and dilation (in → r), B a 1×1 conv (r → out) with the base's groups.
 
@@ -196,6 +256,30 @@ class LoraConv(_BiasMerge, nn.Module):
                 w = weight.to(kw["dtype"])
                 norm = self._channel_norm(w + self.scaling * self._norm_delta(w.shape))
             self.lora_magnitude_vector = _Magnitude(self, norm)  # (1, out, 1, ...)
+
+    @classmethod
+    def saved_shapes(cls, base_layer: nn.Module, config: LoraConfig, r: int) -> dict[str, tuple] | None:
+        ones = (1,) * (base_layer.weight.dim() - 2)
+        out = base_layer.out_channels
+        shapes = {"lora_A.weight": (r, base_layer.in_channels, *base_layer.kernel_size),
+                  "lora_B.weight": (out, r // base_layer.groups, *ones)}
+        if config.lora_bias:
+            shapes["lora_B.bias"] = (out,)
+        if config.use_dora:
+            shapes["lora_magnitude_vector"] = (1, out, *ones)
+        return shapes
+
+    @classmethod
+    def build(cls, base_layer: nn.Module, config: LoraConfig, module_name: str, r: int, alpha: float,
+              init: bool | str) -> LoraConv:
+        if r % base_layer.groups:
+            raise UnsupportedError(
+                f"LoRA on '{module_name}' ({type(base_layer).__name__}, groups={base_layer.groups}) needs a rank "
+                f"divisible by the groups, got r={r}; pick r as a multiple of {base_layer.groups} (rank_pattern can "
+                "set it)"
+            )
+        return cls(base_layer, r, alpha, config.lora_dropout, config.use_rslora, init, config.use_dora,
+                   config.lora_bias)
 
     @staticmethod
     def _channel_norm(weight: torch.Tensor) -> torch.Tensor:
@@ -265,31 +349,32 @@ class LoraConv(_BiasMerge, nn.Module):
         return weight
 
 
-def _ab(adapter: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A, B) of any LoRA adapter: A is (r, in, ...), B is (out, r, ...)."""
-    if isinstance(adapter, LoraEmbedding):
-        return adapter.lora_embedding_A, adapter.lora_embedding_B
-    return adapter.lora_A.weight, adapter.lora_B.weight
+@dataclasses.dataclass(frozen=True)
+class LayerKind:
+    """A kind of base layer LoRA adapts: its name in the inits table, which modules it takes, its adapter class."""
+
+    name: str
+    takes: Callable[[nn.Module], bool]
+    adapter: type
 
 
-def _delta_native(adapter: nn.Module) -> torch.Tensor:
-    """s·B A in the base layer's own weight layout (Conv1D: (in, out); embeddings: (num, dim); convs: 4-D).
+# First match wins: the specific kinds before the linear one, which takes any module with linear features.
+KINDS = (
+    LayerKind(MULTIHEAD, lambda m: isinstance(m, nn.MultiheadAttention), LoraMultiheadAttention),
+    LayerKind(EMBEDDING, lambda m: isinstance(m, nn.Embedding), LoraEmbedding),
+    LayerKind(CONV, lambda m: isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), LoraConv),
+    LayerKind(LINEAR, lambda m: isinstance(m, nn.Linear) or linear_features(m) is not None or hasattr(m, "in_features"),
+              LoraLinear),
+)
 
-    Random pruning (DARE) draws its mask in this layout, as the ecosystem does, so seeded results agree.
-    """
-    delta = adapter.delta_weight()
-    return delta.T if getattr(adapter, "fan_in_fan_out", False) else delta
 
-
-def _as_matrix(adapter: nn.Module, delta: torch.Tensor) -> torch.Tensor:
-    """A native-layout delta as the (out, in) matrix that B A factors (embeddings: (dim, num))."""
-    if isinstance(adapter, LoraEmbedding) or getattr(adapter, "fan_in_fan_out", False):
-        return delta.T
-    return delta.flatten(1)
+def kind_of(base_layer: nn.Module) -> LayerKind | None:
+    """The row of ``KINDS`` that takes ``base_layer``, or ``None`` (LoRA does not adapt it)."""
+    return next((kind for kind in KINDS if kind.takes(base_layer)), None)
 
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, AdaptedLayer]]:
     from ...model import wrappers
 
     return [(p, m) for p, m in wrappers(model) if isinstance(m, AdaptedLayer)
-            and any(isinstance(a, (LoraLinear, LoraEmbedding, LoraConv)) for a in m.adapters.values())]
+            and any(isinstance(a, LoraFactors) for a in m.adapters.values())]

@@ -19,6 +19,7 @@ module, bias merging, the pair initialisation, LoftQ's alternating quantization)
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -26,11 +27,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...errors import ConfigError, UnsupportedError, UsageError
+from ...errors import UnsupportedError
 from ...kernels.lora import FusedLoraLinear, LoraUpdate, can_fuse, can_seed_dropout, draw_seed
+from ...layer import LayerAdapter
 from ...registry import is_loading
 from ...weights import get_weight, is_quantized, linear_features, writable
-from .config import _FROM_WEIGHT, _PREPARED, LoraConfig, moves_base
+from .config import LoraConfig
+from .inits import LINEAR, InitInput, init_of
 
 
 def _scaling(r: int, alpha: float, use_rslora: bool) -> float:
@@ -74,8 +77,71 @@ class _BiasMerge:
         return bias if self.lora_B.bias is None else bias - self.scaling * self.lora_B.bias.detach().to(bias.dtype)
 
 
-class LoraLinear(_BiasMerge, nn.Module):
+class LoraFactors(LayerAdapter):
+    """A LoRA adapter whose update is one pair s·B A read in a layer kind's own layout (linear layers, embeddings,
+    convolutions): what combining, hot-swapping and conversions work on. A layer kind answers its saved shapes and
+    builds itself (``saved_shapes`` / ``build``, asked through the kinds table in ``layers.py``)."""
+
+    lora_A: nn.Module
+    lora_B: nn.Module
+    scaling: float | torch.Tensor
+    fan_in_fan_out = False
+
+    @classmethod
+    def saved_shapes(cls, base_layer: nn.Module, config: LoraConfig, r: int) -> dict[str, tuple] | None:
+        """The adapter's tensors on ``base_layer`` by saved name, with their shapes (``None``: not this kind)."""
+        raise NotImplementedError
+
+    @classmethod
+    def build(cls, base_layer: nn.Module, config: LoraConfig, module_name: str, r: int, alpha: float,
+              init: bool | str) -> LayerAdapter:
+        """The adapter for ``base_layer`` (``init`` already resolved for this kind by the inits table)."""
+        raise NotImplementedError
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B): A is (r, in, ...), B is (out, r, ...)."""
+        return self.lora_A.weight, self.lora_B.weight
+
+    def set_factors(self, a: torch.Tensor, b: torch.Tensor) -> None:
+        """Put new factors in place (another rank allowed)."""
+        self.lora_A.weight, self.lora_B.weight = a, b
+        self.lora_A.out_channels = self.lora_A.out_features = a.shape[0]
+        self.lora_B.in_channels = self.lora_B.in_features = a.shape[0]
+
+    def delta_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def native_delta(self) -> torch.Tensor:
+        """s·B A in the base layer's own weight layout (Conv1D: (in, out); embeddings: (num, dim); convs: 4-D)."""
+        delta = self.delta_weight()
+        return delta.T if self.fan_in_fan_out else delta
+
+    def as_matrix(self, delta: torch.Tensor) -> torch.Tensor:
+        """A native-layout delta as the (out, in) matrix that B A factors."""
+        return delta.T if self.fan_in_fan_out else delta.flatten(1)
+
+
+class LoraLinear(_BiasMerge, LoraFactors):
     """LoRA (optionally DoRA) on a linear layer: ``nn.Linear`` or transformers ``Conv1D`` (fan_in_fan_out)."""
+
+    @classmethod
+    def saved_shapes(cls, base_layer: nn.Module, config: LoraConfig, r: int) -> dict[str, tuple] | None:
+        features = linear_features(base_layer)
+        if features is None:
+            return None
+        fan_in, fan_out = features
+        shapes = {"lora_A.weight": (r, fan_in), "lora_B.weight": (fan_out, r)}
+        if config.lora_bias:
+            shapes["lora_B.bias"] = (fan_out,)
+        if config.use_dora:
+            shapes["lora_magnitude_vector"] = (fan_out,)
+        return shapes
+
+    @classmethod
+    def build(cls, base_layer: nn.Module, config: LoraConfig, module_name: str, r: int, alpha: float,
+              init: bool | str) -> LoraLinear:
+        return cls(base_layer, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora, init,
+                   type(base_layer).__name__ == "Conv1D", config.lora_bias, config)
 
     def __init__(
         self,
@@ -106,25 +172,19 @@ class LoraLinear(_BiasMerge, nn.Module):
         self.offset_applied = False
         # LoftQ: the base's new weight (its quantized values), written once every adapter is built.
         self.pending_base: torch.Tensor | None = None
-        # MiCA trains A only; B keeps the minor singular directions it was given.
-        self.frozen_parameters: tuple[str, ...] = ("lora_B.weight",) if init == "mica" else ()
+        start = init_of(init)
+        self.frozen_parameters: tuple[str, ...] = tuple(v for k, v in start.frozen.items() if k == LINEAR)
         if lora_bias:
             nn.init.zeros_(self.lora_B.bias)
-        if init in ("loftq", "mica", "lora_ga", "corda") and is_loading():
-            # A and B come from the file, fitted to the base the user saved (LoftQ: the quantized one; LoRA-GA:
-            # the residual); nothing to compute
-            _init_pair(self.lora_A.weight, self.lora_B.weight, True, r)
-        elif moves_base(init) or init in _FROM_WEIGHT:
-            if init not in ("olora", "orthogonal", "mica") and is_quantized(base_layer):
-                hint = ("quantize the model after get_peft_model, or call graftkit.replace_lora_weights_loftq on a "
-                        "model already in 4-bit" if init == "loftq" else
-                        "initialise PiSSA on the full-precision model, then quantize the residual model (as HF peft "
-                        "advises); OLoRA works on quantized bases")
-                raise UnsupportedError(f"init_lora_weights={init!r} needs a float base layer, got a quantized "
-                                       f"{type(base_layer).__name__}: {hint}")
-            self._init_from_weight(init, weight, r, options, getattr(base_layer, _PREPARED.get(init, ""), None))
+        if start.build is None or (start.from_file and is_loading()):
+            # noise; or A and B come from the file, fitted to the base the user saved (LoftQ: the quantized one;
+            # LoRA-GA: the residual): nothing to compute
+            _init_pair(self.lora_A.weight, self.lora_B.weight, init if start.build is None else True, r)
         else:
-            _init_pair(self.lora_A.weight, self.lora_B.weight, init, r)
+            if start.float_base is not None and is_quantized(base_layer):
+                raise UnsupportedError(f"init_lora_weights={init!r} needs a float base layer, got a quantized "
+                                       f"{type(base_layer).__name__}: {start.float_base}")
+            self._init_from_weight(init, weight, r, options, getattr(base_layer, start.prepared or "", None))
         self.use_dora = use_dora
         if use_dora:
             with torch.no_grad():  # W + s·BA: the weight the adapted layer computes (the base itself under PiSSA/OLoRA)
@@ -134,101 +194,24 @@ class LoraLinear(_BiasMerge, nn.Module):
         self._dora_merge_scale: torch.Tensor | None = None
         self._cast: tuple | None = None  # (key, A, B) in an activation dtype, for inference (see _weights)
 
-    def _init_from_weight(self, init: str, weight: torch.Tensor, r: int, options: LoraConfig | None = None,
-                          prepared: Any = None) -> None:
-        """PiSSA: A, B from the top-r singular triplets (B A s = the principal part of W); OLoRA: from W's QR
-        factors; orthogonal: two halves of a random orthogonal matrix, so that B A = 0 (Kaiming-scaled noise);
-        MiCA: B the r minor left singular vectors, A zero; LoftQ: see :func:`_loftq`.
-        The draws and factorizations follow HF peft's, so the same seed and weights give the same A and B."""
-        with torch.no_grad():
-            if init == "mica":
-                w = self._oi(weight).to(torch.float32)
-                if r > min(w.shape):
-                    raise ConfigError(f"init_lora_weights='mica' needs r <= min(out, in) = {min(w.shape)} for a "
-                                      f"layer of shape {tuple(w.shape)}, got r={r}; lower r (rank_pattern)")
-                b = torch.linalg.svd(w, full_matrices=False)[0][:, -r:]
-                a = torch.zeros(r, w.shape[1], dtype=w.dtype, device=w.device)
-            elif init == "lora_ga":
-                a, b = self._lora_ga(weight, prepared, r, (options.lora_ga_config if options else None) or {})
-            elif init == "corda":
-                a, b = self._corda(prepared, r)
-            elif init == "loftq":
-                loftq = (options.loftq_config if options else None) or {"loftq_bits": 4, "loftq_iter": 1}
-                q, a, b = _loftq(self._oi(weight), r, self.scaling, loftq["loftq_bits"], loftq["loftq_iter"])
-                self.pending_base = self._oi(q).to(weight.dtype).contiguous()
-            elif init == "orthogonal":
-                q, _ = torch.linalg.qr(torch.randn(r, r))
-                out_features, in_features = self.lora_B.weight.shape[0], self.lora_A.weight.shape[1]
-                a = torch.randn(in_features, r // 2).mm(q[0::2, :]).T / 10.0  # (r, in)
-                b = torch.randn(r // 2, out_features).T.mm(q[1::2, :]) / 10.0  # (out, r)
-            else:
-                w = self._oi(weight).to(torch.float32)  # (out, in)
-                if init == "olora":
-                    q, rr = torch.linalg.qr(w)
-                    a, b = rr[:r], q[:, :r]
-                else:
-                    if init == "pissa":
-                        u, sv, vh = torch.linalg.svd(w, full_matrices=False)
-                        u, sv, vh = u[:, :r], sv[:r], vh[:r]
-                    else:
-                        u, sv, v = torch.svd_lowrank(w, q=r, niter=int(init.rsplit("_", 1)[1]))
-                        vh = v.T
-                    root = torch.sqrt(sv / self.scaling)  # s·B A = U_r S_r V_rᵀ
-                    a, b = root[:, None] * vh, u * root[None, :]
-            self.lora_A.weight.copy_(a.contiguous())
-            self.lora_B.weight.copy_(b.contiguous())
-        if moves_base(init):
-            self.base_offset = (self.lora_A.weight.detach().clone(), self.lora_B.weight.detach().clone())
-
-    def _lora_ga(self, weight: torch.Tensor, grad: torch.Tensor | None, r: int,
-                 settings: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
-        """LoRA-GA (Wang et al. 2024): A and B from the top 2r singular directions of the weight's gradient, so the
-        first steps follow full fine-tuning's; the base gives up s·B A (``base_offset``). Randomized SVD and the
-        scale rules as the ecosystem computes them, so the same seed and gradient give the same A and B."""
-        if grad is None:
-            raise UsageError("init_lora_weights='lora_ga' needs the weights' gradients: call "
-                             "graftkit.preprocess_loraga(model, config, train_step) before get_peft_model")
-        g = self._oi(grad.to(torch.float32))
-        u, sv, v = torch.svd_lowrank(g, q=min(4 * r, min(g.shape)), niter=4)
-        u, sv, vh = u[:, :2 * r], sv[:2 * r], v.T[:2 * r]
-        direction = settings.get("direction", "ArB2r")
-        if direction == "ArBr":
-            pick_a, pick_b = slice(1, 2 * r, 2), slice(0, 2 * r, 2)
-        elif direction == "A2rBr":
-            pick_a, pick_b = slice(r, 2 * r), slice(0, r)
-        elif direction == "ArB2r":
-            pick_a, pick_b = slice(0, r), slice(r, 2 * r)
-        else:  # random: one draw of r of the 2r directions for both
-            pick_a = pick_b = torch.randperm(2 * r)[:r]
-        a, sv_b = vh[pick_a], sv[pick_b]
-        b = u[:, pick_b] * sv_b[None, :]
-        scale = settings.get("scale", "stable")
-        if scale == "stable":
-            b = b * (g.shape[0] ** 0.25 / settings.get("stable_gamma", 16) ** 0.5)
-        elif scale == "weight_svd":
-            top = torch.svd_lowrank(self._oi(weight).to(torch.float32), q=r, niter=4)[1][0]
-            if sv_b[0] > 0:
-                b = b * (top / sv_b[0])
-        elif scale == "gd_scale":
-            a, b = a / self.scaling, b / self.scaling
-        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
-        return a.to(dtype).to(torch.float32), b.to(dtype).to(torch.float32)
-
-    def _corda(self, eigens: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
-               r: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """CorDA (Yang et al. 2024): s·B A is the part (S, U, V) of W's context-oriented decomposition that
-        :func:`preprocess_corda` kept; the base gives it up (``base_offset``)."""
-        if eigens is None:
-            raise UsageError("init_lora_weights='corda' needs the layers' input statistics: call "
-                             "graftkit.preprocess_corda(model, config, run_model) before get_peft_model")
-        sv, u, v = (t.to(torch.float32) for t in eigens)
+    def _init_from_weight(self, init: str, weight: torch.Tensor, r: int, options: LoraConfig | None,
+                          prepared: Any) -> None:
+        """A and B (and LoftQ's new base) from the init's entry in the table (``inits.py``)."""
+        start = init_of(init)
+        settings = (getattr(options, f"{init}_config", None) if options is not None and start.settings else None)
+        if start.settings is not None and not settings:
+            settings = dataclasses.asdict(start.settings())
         out_features, in_features = self.lora_B.weight.shape[0], self.lora_A.weight.shape[1]
-        if sv.shape != (r,) or u.shape != (out_features, r) or v.shape != (in_features, r):
-            raise ConfigError(f"the CorDA decomposition holds rank {sv.shape[0]} for a ({out_features}, {in_features}) "
-                              f"layer, the adapter wants rank {r}: run preprocess_corda with the same model and config "
-                              "(a cache_file built for another rank must be deleted)")
-        root = torch.sqrt(sv / self.scaling)
-        return v.T * root[:, None], u * root[None, :]
+        ctx = InitInput(init, weight, self._oi, out_features, in_features, r, self.scaling, settings or {}, prepared,
+                        ("min(out, in)", f"a layer of shape {tuple(self._oi(weight).shape)}"))
+        with torch.no_grad():
+            built = start.build(ctx)
+            self.lora_A.weight.copy_(built.a.contiguous())
+            self.lora_B.weight.copy_(built.b.contiguous())
+            if built.base is not None:
+                self.pending_base = self._oi(built.base).to(weight.dtype).contiguous()
+        if start.moves_base:
+            self.base_offset = (self.lora_A.weight.detach().clone(), self.lora_B.weight.detach().clone())
 
     def shift_base(self, weight: torch.Tensor, sign: float) -> torch.Tensor:
         """weight + sign · s·B₀A₀ (the attach-time offset), in place."""
@@ -236,6 +219,10 @@ class LoraLinear(_BiasMerge, nn.Module):
         w = self._oi(weight)
         w.add_((b0 @ a0).mul_(sign * self.scaling).to(w.dtype))
         return weight
+
+    @property
+    def holds_base_offset(self) -> bool:
+        return self.base_offset is not None and self.offset_applied
 
     def restore_base(self, weight: torch.Tensor, base_layer: nn.Module) -> torch.Tensor:
         """Give the base back what PiSSA/OLoRA took from it at attach (the adapter is leaving unmerged)."""
@@ -426,25 +413,6 @@ def _stacked(adapters: list, live: list, dtype: torch.dtype, device: torch.devic
         cache.clear()
         cache[key] = (versions, stacks)
     return stacks
-
-
-def _loftq(weight: torch.Tensor, r: int, scaling: float, bits: int, iters: int,
-           quantized: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """LoftQ (Li et al. 2023): Q, the values W takes in the quantized format, and A, B with s·B A the rank-r part of
-    W - Q, alternating ``iters`` times (Q = quant(W - s·B A), then s·B A = SVD_r(W - Q)). ``quantized``: Q is given
-    (a base already quantized), one fit. The factors are split so that s·B A (not B A) is the fitted update: the
-    adapted layer starts at Q + SVD_r(W - Q) whatever ``lora_alpha`` is."""
-    from ...weights import quantized_values
-
-    w = weight.to(torch.float32)
-    q = quantized_values(w, bits) if quantized is None else quantized.to(torch.float32)
-    for step in range(1 if quantized is not None else iters):
-        u, sv, vh = torch.linalg.svd(w - q, full_matrices=False)
-        root = torch.sqrt(sv[:r] / scaling)
-        a, b = root[:, None] * vh[:r], u[:, :r] * root[None, :]
-        if step + 1 < iters and quantized is None:
-            q = quantized_values(w - scaling * (b @ a), bits)
-    return q, a, b
 
 
 def _init_pair(a: torch.Tensor, b: torch.Tensor, init: bool | str, r: int) -> None:

@@ -12,7 +12,8 @@ from ...errors import CheckpointError, TargetError
 from ...layer import AdaptedLayer
 from ...weights import get_weight, is_quantized
 from .config import LoraConfig
-from .linear import LoraLinear, _loftq
+from .inits import loftq_fit
+from .linear import LoraLinear
 
 
 def replace_lora_weights_loftq(peft_model: nn.Module, model_path: str | os.PathLike[str] | None = None,
@@ -58,7 +59,7 @@ def replace_lora_weights_loftq(peft_model: nn.Module, model_path: str | os.PathL
             raise CheckpointError(f"{files[key]}: '{key}' has shape {tuple(original.shape)}, the 4-bit layer "
                                   f"{tuple(quantized.shape)}; pass the model this one was quantized from")
         r = adapter.lora_A.weight.shape[0]
-        _, a, b = _loftq(adapter._oi(original.to(quantized.device)), r, adapter.scaling, 4, 1,
+        _, a, b = loftq_fit(adapter._oi(original.to(quantized.device)), r, adapter.scaling, 4, 1,
                          quantized=adapter._oi(quantized))
         before = (adapter.lora_A.weight.detach().clone(), adapter.lora_B.weight.detach().clone())
         with torch.no_grad():

@@ -17,10 +17,10 @@ from ...inject import inject
 from ...layer import AdaptedLayer
 from ...merging import COMBINATIONS, combine
 from ...registry import Method, is_loading, register
-from ...weights import get_weight, linear_features, set_weight
-from .config import _PREPARED, LoraConfig, moves_base
-from .layers import LoraConv, LoraEmbedding, LoraMultiheadAttention, _ab, _as_matrix, _delta_native, _lora_layers
-from .linear import LoraLinear
+from ...weights import get_weight, set_weight
+from .config import LoraConfig
+from .inits import init_for_kind, moves_base, prepared_attributes
+from .layers import _lora_layers, kind_of
 from .parameters import _FUSED_PATTERN, _MOE_ALL_LINEAR, add_parameter_adapters
 from .tokens import add_trainable_tokens
 from .tying import _plan_weight_tying, _tie_heads
@@ -117,7 +117,7 @@ class Lora(Method):
             if getattr(adapter, "pending_base", None) is not None:
                 set_weight(layer.base_layer, adapter.pending_base)
                 adapter.pending_base = None
-            for prepared in _PREPARED.values():  # what preprocess_loraga / preprocess_corda left there, used
+            for prepared in prepared_attributes():  # what preprocess_loraga / preprocess_corda left there, used
                 layer.base_layer.__dict__.pop(prepared, None)
 
     @classmethod
@@ -133,86 +133,20 @@ class Lora(Method):
 
     @classmethod
     def adapter_shapes(cls, base_layer: nn.Module, config: LoraConfig, module_name: str) -> dict[str, tuple] | None:
-        r = config.rank_and_alpha(module_name)[0]
-        if isinstance(base_layer, nn.MultiheadAttention):
-            embed = base_layer.embed_dim
-            return {"lora_A.weight": (r, embed), "lora_B.weight": (3 * embed, r),
-                    "base_layer.out_proj.lora_A.weight": (r, embed), "base_layer.out_proj.lora_B.weight": (embed, r)}
-        if isinstance(base_layer, nn.Embedding):
-            shapes = {"lora_embedding_A": (r, base_layer.num_embeddings),
-                      "lora_embedding_B": (base_layer.embedding_dim, r)}
-            if config.use_dora:
-                shapes["lora_magnitude_vector"] = (base_layer.embedding_dim,)
-            return shapes
-        if isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            ones = (1,) * (base_layer.weight.dim() - 2)
-            out = base_layer.out_channels
-            shapes = {"lora_A.weight": (r, base_layer.in_channels, *base_layer.kernel_size),
-                      "lora_B.weight": (out, r // base_layer.groups, *ones)}
-            if config.lora_bias:
-                shapes["lora_B.bias"] = (out,)
-            if config.use_dora:
-                shapes["lora_magnitude_vector"] = (1, out, *ones)
-            return shapes
-        features = linear_features(base_layer)
-        if features is None:
-            return None
-        fan_in, fan_out = features
-        shapes = {"lora_A.weight": (r, fan_in), "lora_B.weight": (fan_out, r)}
-        if config.lora_bias:
-            shapes["lora_B.bias"] = (fan_out,)
-        if config.use_dora:
-            shapes["lora_magnitude_vector"] = (fan_out,)
-        return shapes
+        kind = kind_of(base_layer)
+        return None if kind is None else kind.adapter.saved_shapes(base_layer, config,
+                                                                   config.rank_and_alpha(module_name)[0])
 
     @classmethod
     def create_adapter(cls, base_layer: nn.Module, config: LoraConfig, module_name: str) -> nn.Module | None:
+        kind = kind_of(base_layer)
+        if kind is None:
+            return None
         r, alpha = config.rank_and_alpha(module_name)
-        init = config.init_lora_weights
-        kind = type(base_layer).__name__
-        if isinstance(base_layer, nn.MultiheadAttention):
-            return cls._multihead(base_layer, config, module_name, r, alpha)
-        if isinstance(base_layer, nn.Embedding):
-            if config.lora_bias:
-                raise UnsupportedError(f"lora_bias on nn.Embedding ('{module_name}') is not supported (nor in HF "
-                                       "peft); exclude the embedding or set lora_bias=False")
-            if init == "loftq":
-                raise UnsupportedError(f"init_lora_weights='loftq' on nn.Embedding ('{module_name}') is not "
-                                       "implemented in graftkit (a 4-bit base keeps its embeddings in float); exclude "
-                                       "the embedding from target_modules")
-            return LoraEmbedding(base_layer, r, alpha, config.use_rslora, init, config.use_dora)
-        if isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            if r % base_layer.groups:
-                raise UnsupportedError(
-                    f"LoRA on '{module_name}' ({kind}, groups={base_layer.groups}) needs a rank divisible by the "
-                    f"groups, got r={r}; pick r as a multiple of {base_layer.groups} (rank_pattern can set it)"
-                )
-            if isinstance(init, str) and init not in ("gaussian", "eva"):
-                raise UnsupportedError(f"init_lora_weights={init!r} on {kind} ('{module_name}') is not defined (HF "
-                                       "peft refuses it too); use True or 'gaussian' for convolutions")
-            return LoraConv(base_layer, r, alpha, config.lora_dropout, config.use_rslora, init, config.use_dora,
-                            config.lora_bias)
-        if isinstance(base_layer, nn.Linear) or kind == "Conv1D" or hasattr(base_layer, "in_features"):
-            fan_in_fan_out = kind == "Conv1D"
-            return LoraLinear(base_layer, r, alpha, config.lora_dropout, config.use_rslora, config.use_dora, init,
-                              fan_in_fan_out, config.lora_bias, config)
-        return None
-
-    @classmethod
-    def _multihead(cls, base_layer: nn.MultiheadAttention, config: LoraConfig, module_name: str, r: int,
-                   alpha: float) -> LoraMultiheadAttention:
-        refused = {"key/value dimensions other than the embedding's": not base_layer._qkv_same_embed_dim,
-                   "use_dora": config.use_dora, "lora_bias": config.lora_bias,
-                   f"init_lora_weights={config.init_lora_weights!r}": isinstance(config.init_lora_weights, str)
-                   and config.init_lora_weights not in ("gaussian", "eva")}
-        for what, present in refused.items():
-            if present:
-                raise UnsupportedError(f"LoRA on nn.MultiheadAttention ('{module_name}') with {what} is not supported "
-                                       "(nor in HF peft); exclude the module or change that setting")
-        if config.lora_dropout:
-            warnings.warn(f"lora_dropout={config.lora_dropout} has no effect on nn.MultiheadAttention "
-                          f"('{module_name}'): its update is applied to the weights, as in HF peft", stacklevel=5)
-        return LoraMultiheadAttention(base_layer, r, alpha, config.use_rslora, config.init_lora_weights)
+        torch_nn = type(base_layer).__module__.startswith("torch.nn")
+        where = f"{'nn.' if torch_nn else ''}{type(base_layer).__name__} ('{module_name}')"
+        init = init_for_kind(config.init_lora_weights, kind.name, where)
+        return kind.adapter.build(base_layer, config, module_name, r, alpha, init)
 
     @classmethod
     def weighted_config(
@@ -268,7 +202,7 @@ class Lora(Method):
         """
         if getattr(target, "groups", 1) != 1:
             raise UnsupportedError("add_weighted_adapter does not combine LoRA adapters on grouped convolutions")
-        t_a, t_b = _ab(target)
+        t_a, t_b = target.factors()
         valid = [(a, w) for a, w in sources if a is not None]
         with torch.no_grad():
             t_a.zero_()
@@ -276,16 +210,16 @@ class Lora(Method):
             if not valid:
                 return
             if combination_type == "cat":
-                a_cat = torch.cat([_ab(a)[0] * (w * a.scaling) for a, w in valid], dim=0)
-                b_cat = torch.cat([_ab(a)[1] for a, _ in valid], dim=1)
+                a_cat = torch.cat([a.factors()[0] * (w * a.scaling) for a, w in valid], dim=0)
+                b_cat = torch.cat([a.factors()[1] for a, _ in valid], dim=1)
                 t_a[: a_cat.shape[0]] = a_cat
                 t_b[:, : b_cat.shape[1]] = b_cat
                 return
             weights = [w for _, w in valid]
             if combination_type == "svd" or combination_type.endswith("_svd"):
                 kind = "linear" if combination_type == "svd" else combination_type[:-4]
-                native = combine([_delta_native(a) for a, _ in valid], weights, kind, density, majority_sign_method)
-                delta = _as_matrix(valid[0][0], native)
+                native = combine([a.native_delta() for a, _ in valid], weights, kind, density, majority_sign_method)
+                delta = valid[0][0].as_matrix(native)
                 u, s, vh = torch.linalg.svd(delta, full_matrices=svd_full_matrices, driver=svd_driver)
                 r = t_a.shape[0]
                 u, vh = u[:, :r] * s[:r], vh[:r]  # B = U·diag(S), A = Vh, truncated to rank r
@@ -299,8 +233,8 @@ class Lora(Method):
             scaled = [w * a.scaling for a, w in valid]
             w_a = [math.copysign(math.sqrt(abs(v)), 1.0 if v >= 0 else -1.0) for v in scaled]
             w_b = [math.sqrt(abs(v)) for v in scaled]
-            t_a.copy_(combine([_ab(a)[0] for a, _ in valid], w_a, combination_type, density, majority_sign_method))
-            t_b.copy_(combine([_ab(a)[1] for a, _ in valid], w_b, combination_type, density, majority_sign_method))
+            t_a.copy_(combine([a.factors()[0] for a, _ in valid], w_a, combination_type, density, majority_sign_method))
+            t_b.copy_(combine([a.factors()[1] for a, _ in valid], w_b, combination_type, density, majority_sign_method))
 
     @classmethod
     def upgrade_checkpoint(cls, model: nn.Module, config: PeftConfig, tensors: dict[str, torch.Tensor], source: str

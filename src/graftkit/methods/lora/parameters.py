@@ -10,8 +10,9 @@ from torch import nn
 
 from ...errors import TargetError, UnsupportedError
 from ...experts import Pairs, fused_experts, grouped_mm, run_experts
-from ...layer import AdaptedLayer
+from ...layer import AdaptedLayer, LayerAdapter
 from .config import LoraConfig
+from .inits import PARAMETER, init_for_kind
 from .linear import _adapter_dtype, _init_pair, _scaling
 
 
@@ -75,7 +76,7 @@ def _param_chain(base: nn.Module) -> tuple[nn.Module, list[AdaptedLayer]]:
     return base, layers
 
 
-class LoraParameters(nn.Module):
+class LoraParameters(LayerAdapter):
     """LoRA on one parameter of a module that uses it directly (``target_parameters``): a fused expert weight, a
     router's weight. Several parameters of one module get one adapted layer each, nested in the module's registration
     order (the first innermost), the ecosystem's layout in memory and on disk::
@@ -87,6 +88,8 @@ class LoraParameters(nn.Module):
     Fused expert blocks run once, on the routed tokens, with every nested layer's update added on its pairs
     (:meth:`routed_forward`, ``experts.py``); other modules run with W + s·ΔW substituted (``AdaptedLayer`` uses
     ``torch.func.functional_call``). Merging writes the update into the parameter."""
+
+    substitutes_weights = True
 
     def __init__(self, base_layer: nn.Module, parameter_name: str, r: int, scaling: float, init: bool | str) -> None:
         super().__init__()
@@ -257,5 +260,5 @@ def add_parameter_adapters(model: nn.Module, config: LoraConfig, adapter_name: s
                 set_submodule(model, path, layer)
             elif adapter_name in layer.adapters:
                 raise UnsupportedError(f"adapter '{adapter_name}' already adapts parameter '{path}.{name}'")
-            layer.add(adapter_name, LoraParameters(module, name, r, _scaling(r, alpha, config.use_rslora),
-                                                   config.init_lora_weights))
+            init = init_for_kind(config.init_lora_weights, PARAMETER, f"parameter '{path}.{name}'")
+            layer.add(adapter_name, LoraParameters(module, name, r, _scaling(r, alpha, config.use_rslora), init))

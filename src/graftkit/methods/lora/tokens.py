@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from ...errors import ConfigError, TargetError, UnsupportedError
-from ...layer import AdaptedLayer, Nest
+from ...layer import AdaptedLayer, LayerAdapter, Nest
 from .config import LoraConfig
 from .linear import _adapter_dtype
 
 
-class TrainableTokens(nn.Module):
+class TrainableTokens(LayerAdapter):
     """Trains the rows of a few token ids of an embedding (or of an output layer) in full.
 
     On an ``nn.Embedding`` the trained rows replace the looked-up vectors of those ids; on a linear output layer (a

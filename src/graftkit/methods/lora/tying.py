@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from ...errors import PeftWarning, UnsupportedError
-from ...layer import AdaptedLayer, ModulesToSave
+from ...layer import AdaptedLayer, LayerAdapter, ModulesToSave
 from .config import LoraConfig
 from .layers import LoraEmbedding
 from .tokens import _base_of
@@ -140,7 +140,7 @@ class _Transposed(nn.Module):
             missing_keys.append(prefix + "weight")
 
 
-class TiedLoraHead(nn.Module):
+class TiedLoraHead(LayerAdapter):
     """LoRA on an output layer tied to the input embedding (``ensure_weight_tying``): the embedding's update,
     transposed, so the two stay one matrix. With the embedding's E + s·(B A)ᵀ the head computes
     x Eᵀ + s·(x B) A: in the ecosystem's terms ``lora_A = Bᵀ`` (r, dim) and ``lora_B = Aᵀ`` (vocab, r), which it
